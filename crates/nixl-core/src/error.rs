@@ -1,0 +1,142 @@
+use std::io;
+use std::path::PathBuf;
+
+/// The status NIXL returned for a failed call, kept intact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NixlStatus {
+    /// `NIXL_ERR_INVALID_PARAM`.
+    InvalidParam,
+    /// `NIXL_ERR_BACKEND`: the plugin failed the operation.
+    Backend,
+    /// `NIXL_ERR_NOT_FOUND`.
+    NotFound,
+    /// Any other failure the binding reports (its message is kept).
+    Other(&'static str),
+}
+
+impl NixlStatus {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, NixlStatus::Backend)
+    }
+}
+
+impl std::fmt::Display for NixlStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NixlStatus::InvalidParam => f.write_str("invalid parameter"),
+            NixlStatus::Backend => f.write_str("backend error"),
+            NixlStatus::NotFound => f.write_str("not found"),
+            NixlStatus::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+impl From<&nixl_sys::NixlError> for NixlStatus {
+    fn from(err: &nixl_sys::NixlError) -> Self {
+        use nixl_sys::NixlError as E;
+        match err {
+            E::InvalidParam | E::StringConversionError(_) => NixlStatus::InvalidParam,
+            E::BackendError => NixlStatus::Backend,
+            E::NotFound => NixlStatus::NotFound,
+            E::FailedToCreateXferRequest => NixlStatus::Other("failed to create transfer request"),
+            E::FailedToCreateBackend => NixlStatus::Other("failed to create backend"),
+            E::RegDescListCreationFailed | E::RegDescAddFailed => {
+                NixlStatus::Other("failed to build registration descriptors")
+            }
+            _ => NixlStatus::Other("unexpected NIXL binding error"),
+        }
+    }
+}
+
+/// Errors of the transport layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `libnixl_capi.so` was found nowhere.
+    #[error(
+        "NIXL runtime not found: no libnixl_capi.so in {searched:?}; run `cargo xtask setup` to \
+         install it (from the PyPI wheel nixl-cu12), or set NIXL_LIB_DIR to the folder that holds it"
+    )]
+    RuntimeNotFound {
+        /// Every folder looked in, in order.
+        searched: Vec<PathBuf>,
+    },
+
+    /// The library was found but could not be loaded.
+    #[error("loading the NIXL runtime {path} failed: {reason}")]
+    RuntimeLoad {
+        /// The library file.
+        path: PathBuf,
+        /// What the dynamic loader said.
+        reason: String,
+    },
+
+    /// The requested plugin is not among those NIXL found.
+    #[error("NIXL plugin {plugin} is not available; available plugins: {available:?}")]
+    PluginUnavailable {
+        /// The plugin asked for.
+        plugin: String,
+        /// The plugins NIXL listed.
+        available: Vec<String>,
+    },
+
+    /// A NIXL call failed.
+    #[error("NIXL {operation} failed: {status}")]
+    Nixl {
+        /// What we were doing.
+        operation: &'static str,
+        /// NIXL's status.
+        status: NixlStatus,
+    },
+
+    /// A buffer handed to a transfer does not lie inside any live registration.
+    #[error("buffer at {addr:#x} ({len} bytes) is not inside registered memory")]
+    UnregisteredMemory {
+        /// Start address of the buffer.
+        addr: usize,
+        /// Length of the buffer.
+        len: usize,
+    },
+
+    /// A transfer names a storage device id that is not registered.
+    #[error("storage device id {dev_id} is not registered with this transport")]
+    UnregisteredStorage {
+        /// The device id (a file descriptor for file backends).
+        dev_id: u64,
+    },
+
+    /// A transfer batch did not complete in time.
+    #[error("transfer of {descriptors} descriptors did not complete within {timeout:?}")]
+    Timeout {
+        /// Descriptors in the batch.
+        descriptors: usize,
+        /// The time allowed.
+        timeout: std::time::Duration,
+    },
+
+    /// An I/O error outside NIXL (opening files, probing folders).
+    #[error("{operation} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        operation: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn nixl(operation: &'static str) -> impl FnOnce(nixl_sys::NixlError) -> Error {
+        move |err| Error::Nixl {
+            operation,
+            status: NixlStatus::from(&err),
+        }
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,495 @@
+//! [`Transport`] over the real NIXL library.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nixl_sys::{
+    Agent, AgentConfig, Backend, MemType, NixlDescriptor, OptArgs, RegistrationHandle,
+    XferDescList, XferOp, XferStatus,
+};
+use pinned_alloc::MemoryRegion;
+
+use crate::error::{Error, Result};
+use crate::runtime::NixlRuntime;
+use crate::transport::{Registration, StorageExtent, Transport};
+
+/// How the NIXL agent synchronises calls from several threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ThreadSync {
+    /// No locking inside NIXL; the caller serialises.
+    None,
+    /// One lock around every agent call.
+    #[default]
+    Strict,
+    /// A reader/writer lock: transfers in parallel, registrations exclusive.
+    ReadWrite,
+}
+
+impl From<ThreadSync> for nixl_sys::ThreadSync {
+    fn from(sync: ThreadSync) -> Self {
+        match sync {
+            ThreadSync::None => nixl_sys::ThreadSync::None,
+            ThreadSync::Strict => nixl_sys::ThreadSync::Strict,
+            ThreadSync::ReadWrite => nixl_sys::ThreadSync::Rw,
+        }
+    }
+}
+
+/// Configuration of a [`NixlTransport`].
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NixlConfig {
+    /// Agent name; must be unique among agents that talk to each other.
+    pub agent_name: String,
+    /// NIXL plugin to create one backend of (`POSIX`, `GDS_MT`, `OBJ`, …).
+    pub backend: String,
+    /// Parameters passed to the plugin, over its defaults (`nixl_backend_params`).
+    pub backend_params: BTreeMap<String, String>,
+    /// Thread synchronisation inside the agent.
+    pub thread_sync: ThreadSync,
+    /// Whether NIXL runs its own progress thread (`nixl_enable_prog_thread`).
+    pub progress_thread: bool,
+    /// How long one batch may take before it fails with [`Error::Timeout`].
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for NixlConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Backend params may carry credentials (secret_key, connection_string): print keys only.
+        f.debug_struct("NixlConfig")
+            .field("agent_name", &self.agent_name)
+            .field("backend", &self.backend)
+            .field(
+                "backend_params",
+                &self.backend_params.keys().collect::<Vec<_>>(),
+            )
+            .field("thread_sync", &self.thread_sync)
+            .field("progress_thread", &self.progress_thread)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+static AGENT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl NixlConfig {
+    /// One backend of `plugin` with its default parameters, under a process-unique agent name.
+    pub fn new(plugin: impl Into<String>) -> Self {
+        Self {
+            agent_name: format!(
+                "kv-{}-{}",
+                std::process::id(),
+                AGENT_SEQ.fetch_add(1, Ordering::Relaxed)
+            ),
+            backend: plugin.into(),
+            backend_params: BTreeMap::new(),
+            thread_sync: ThreadSync::default(),
+            progress_thread: false,
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Sets one backend parameter.
+    pub fn with_param(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.backend_params.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the agent's thread synchronisation.
+    pub fn with_thread_sync(mut self, sync: ThreadSync) -> Self {
+        self.thread_sync = sync;
+        self
+    }
+
+    /// Enables or disables NIXL's progress thread.
+    pub fn with_progress_thread(mut self, enabled: bool) -> Self {
+        self.progress_thread = enabled;
+        self
+    }
+
+    /// Sets the time one batch may take.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// What one registration covers, to validate transfers against.
+#[derive(Debug, Default)]
+struct Registry {
+    next_id: u64,
+    /// Registration id → (start address, length) of host memory.
+    memory: HashMap<u64, (usize, usize)>,
+    /// Storage device id → number of live registrations.
+    storage: HashMap<u64, usize>,
+}
+
+impl Registry {
+    fn covers(&self, addr: usize, len: usize) -> bool {
+        self.memory
+            .values()
+            .any(|&(start, size)| addr >= start && addr.saturating_add(len) <= start + size)
+    }
+}
+
+struct Shared {
+    agent: Agent,
+    backend: Backend,
+    config: NixlConfig,
+    registry: Mutex<Registry>,
+}
+
+impl Shared {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn opt_args(&self) -> Result<OptArgs> {
+        let mut args = OptArgs::new().map_err(Error::nixl("create optional arguments"))?;
+        args.add_backend(&self.backend)
+            .map_err(Error::nixl("select backend"))?;
+        Ok(args)
+    }
+}
+
+/// A [`Transport`] over one NIXL agent with one backend.
+#[derive(Clone)]
+pub struct NixlTransport {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for NixlTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NixlTransport")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A descriptor handed to `Agent::register_memory`.
+#[derive(Debug)]
+struct Descriptor {
+    addr: usize,
+    len: usize,
+    dev_id: u64,
+    mem_type: MemType,
+}
+
+impl nixl_sys::MemoryRegion for Descriptor {
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.addr as *const u8
+    }
+
+    fn size(&self) -> usize {
+        self.len
+    }
+}
+
+impl NixlDescriptor for Descriptor {
+    fn mem_type(&self) -> MemType {
+        self.mem_type
+    }
+
+    fn device_id(&self) -> u64 {
+        self.dev_id
+    }
+}
+
+/// Deregisters from NIXL, then forgets the range, then lets go of what it kept alive.
+struct Guard<T: Send + Sync + 'static> {
+    handle: Option<RegistrationHandle>,
+    shared: Arc<Shared>,
+    entry: RegistryEntry,
+    _keep_alive: T,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RegistryEntry {
+    Memory(u64),
+    Storage(u64),
+}
+
+impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NixlRegistration")
+            .field("entry", &self.entry)
+            .finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Guard<T> {
+    fn drop(&mut self) {
+        {
+            let mut registry = self.shared.registry();
+            match self.entry {
+                RegistryEntry::Memory(id) => {
+                    registry.memory.remove(&id);
+                }
+                RegistryEntry::Storage(dev_id) => {
+                    if let Some(count) = registry.storage.get_mut(&dev_id) {
+                        *count -= 1;
+                        if *count == 0 {
+                            registry.storage.remove(&dev_id);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(mut handle) = self.handle.take() {
+            if let Err(err) = handle.deregister() {
+                tracing::warn!(entry = ?self.entry, error = %err, "NIXL deregistration failed");
+            }
+        }
+    }
+}
+
+impl NixlTransport {
+    /// Loads the NIXL runtime (see [`NixlRuntime::load`]), creates an agent and one backend.
+    pub fn new(config: NixlConfig) -> Result<Self> {
+        NixlRuntime::load()?;
+        Self::with_loaded_runtime(config)
+    }
+
+    fn with_loaded_runtime(config: NixlConfig) -> Result<Self> {
+        let agent_config = AgentConfig {
+            enable_prog_thread: config.progress_thread,
+            thread_sync: config.thread_sync.into(),
+            ..AgentConfig::default()
+        };
+        let agent = Agent::new_configured(&config.agent_name, &agent_config)
+            .map_err(Error::nixl("create agent"))?;
+        let available = plugins_of(&agent)?;
+        if !available.iter().any(|p| p == &config.backend) {
+            return Err(Error::PluginUnavailable {
+                plugin: config.backend.clone(),
+                available,
+            });
+        }
+        let (_mems, mut params) = agent
+            .get_plugin_params(&config.backend)
+            .map_err(Error::nixl("read plugin parameters"))?;
+        for (key, value) in &config.backend_params {
+            params
+                .set(key, value)
+                .map_err(Error::nixl("set plugin parameter"))?;
+        }
+        let backend = agent
+            .create_backend(&config.backend, &params)
+            .map_err(Error::nixl("create backend"))?;
+        tracing::debug!(agent = %config.agent_name, backend = %config.backend, "NIXL backend ready");
+        Ok(Self {
+            shared: Arc::new(Shared {
+                agent,
+                backend,
+                config,
+                registry: Mutex::new(Registry::default()),
+            }),
+        })
+    }
+
+    /// The plugins NIXL finds, loading the runtime first if needed.
+    pub fn available_plugins() -> Result<Vec<String>> {
+        NixlRuntime::load()?;
+        let agent = Agent::new(&NixlConfig::new("probe").agent_name)
+            .map_err(Error::nixl("create agent"))?;
+        plugins_of(&agent)
+    }
+
+    /// The configuration this transport was built with.
+    pub fn config(&self) -> &NixlConfig {
+        &self.shared.config
+    }
+
+    fn register(
+        &self,
+        descriptor: Descriptor,
+        entry: impl FnOnce(&mut Registry) -> RegistryEntry,
+        keep_alive: impl Send + Sync + 'static,
+    ) -> Result<Registration> {
+        let dev_id = descriptor.dev_id;
+        let opt_args = self.shared.opt_args()?;
+        let handle = self
+            .shared
+            .agent
+            .register_memory(&descriptor, Some(&opt_args))
+            .map_err(Error::nixl("register memory"))?;
+        let entry = entry(&mut self.shared.registry());
+        let guard = Guard {
+            handle: Some(handle),
+            shared: Arc::clone(&self.shared),
+            entry,
+            _keep_alive: keep_alive,
+        };
+        Ok(Registration::new(dev_id, Box::new(guard)))
+    }
+
+    fn check_host(&self, buffers: impl Iterator<Item = (usize, usize)>) -> Result<()> {
+        let registry = self.shared.registry();
+        for (addr, len) in buffers {
+            if !registry.covers(addr, len) {
+                return Err(Error::UnregisteredMemory { addr, len });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_storage(&self, extents: impl Iterator<Item = u64>) -> Result<()> {
+        let registry = self.shared.registry();
+        for dev_id in extents {
+            if !registry.storage.contains_key(&dev_id) {
+                return Err(Error::UnregisteredStorage { dev_id });
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts one request for the whole batch and waits for it.
+    fn transfer(&self, op: XferOp, batch: &[(usize, usize, StorageExtent)]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.check_host(batch.iter().map(|&(addr, len, _)| (addr, len)))?;
+        self.check_storage(batch.iter().map(|(_, _, extent)| extent.dev_id))?;
+        let mut local =
+            XferDescList::new(MemType::Dram).map_err(Error::nixl("build descriptors"))?;
+        let mut remote =
+            XferDescList::new(MemType::File).map_err(Error::nixl("build descriptors"))?;
+        for &(addr, len, extent) in batch {
+            local.add_desc(addr, len, 0);
+            let offset = usize::try_from(extent.offset).map_err(|_| Error::Nixl {
+                operation: "build descriptors",
+                status: crate::error::NixlStatus::InvalidParam,
+            })?;
+            remote.add_desc(offset, len, extent.dev_id);
+        }
+        let agent = &self.shared.agent;
+        let opt_args = self.shared.opt_args()?;
+        let request = agent
+            .create_xfer_req(
+                op,
+                &local,
+                &remote,
+                &self.shared.config.agent_name,
+                Some(&opt_args),
+            )
+            .map_err(Error::nixl("create transfer request"))?;
+        let in_progress = agent
+            .post_xfer_req(&request, Some(&opt_args))
+            .map_err(Error::nixl("post transfer"))?;
+        if in_progress {
+            self.wait(&request, batch.len())?;
+        }
+        Ok(())
+    }
+
+    /// Polls for completion with a growing back-off, so a waiting thread does not burn a core.
+    fn wait(&self, request: &nixl_sys::XferRequest, descriptors: usize) -> Result<()> {
+        let started = Instant::now();
+        let timeout = self.shared.config.timeout;
+        let mut pause = Duration::from_micros(2);
+        let mut polls = 0u32;
+        loop {
+            match self
+                .shared
+                .agent
+                .get_xfer_status(request)
+                .map_err(Error::nixl("transfer"))?
+            {
+                XferStatus::Success => return Ok(()),
+                XferStatus::InProgress => {}
+            }
+            if started.elapsed() > timeout {
+                return Err(Error::Timeout {
+                    descriptors,
+                    timeout,
+                });
+            }
+            polls += 1;
+            if polls < 16 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_micros(500));
+            }
+        }
+    }
+}
+
+fn plugins_of(agent: &Agent) -> Result<Vec<String>> {
+    let list = agent
+        .get_available_plugins()
+        .map_err(Error::nixl("list plugins"))?;
+    list.iter()
+        .map(|name| name.map(str::to_owned).map_err(Error::nixl("list plugins")))
+        .collect()
+}
+
+impl Transport for NixlTransport {
+    fn backend(&self) -> &str {
+        &self.shared.config.backend
+    }
+
+    fn register_memory(&self, region: Arc<dyn MemoryRegion>) -> Result<Registration> {
+        let addr = region.base().as_ptr() as usize;
+        let len = region.len();
+        let descriptor = Descriptor {
+            addr,
+            len,
+            dev_id: 0,
+            mem_type: MemType::Dram,
+        };
+        self.register(
+            descriptor,
+            |registry| {
+                let id = registry.next_id;
+                registry.next_id += 1;
+                registry.memory.insert(id, (addr, len));
+                RegistryEntry::Memory(id)
+            },
+            region,
+        )
+    }
+
+    fn register_file(&self, file: Arc<File>) -> Result<Registration> {
+        let fd = file.as_raw_fd();
+        let dev_id = u64::try_from(fd).map_err(|_| Error::UnregisteredStorage { dev_id: 0 })?;
+        let descriptor = Descriptor {
+            addr: 0,
+            len: 0,
+            dev_id,
+            mem_type: MemType::File,
+        };
+        self.register(
+            descriptor,
+            |registry| {
+                *registry.storage.entry(dev_id).or_insert(0) += 1;
+                RegistryEntry::Storage(dev_id)
+            },
+            file,
+        )
+    }
+
+    fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {
+        let descs: Vec<_> = batch
+            .iter()
+            .map(|(buf, extent)| (buf.as_ptr() as usize, buf.len(), *extent))
+            .collect();
+        self.transfer(XferOp::Write, &descs)
+    }
+
+    fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
+        let descs: Vec<_> = batch
+            .iter_mut()
+            .map(|(buf, extent)| (buf.as_mut_ptr() as usize, buf.len(), *extent))
+            .collect();
+        self.transfer(XferOp::Read, &descs)
+    }
+}

@@ -1,0 +1,62 @@
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! - `setup`: installs what builds and tests need on a fresh machine (libclang for bindgen, the
+//!   NIXL runtime from the PyPI wheel `nixl-cu12`); idempotent.
+//! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
+//! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
+
+mod nixl_runtime;
+mod system;
+mod test_run;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one folder below the workspace root")
+        .to_path_buf()
+}
+
+fn setup(root: &Path) -> Result<()> {
+    system::ensure_libclang()?;
+    let runtime = nixl_runtime::ensure_installed(root)?;
+    println!("NIXL runtime: {}", runtime.lib_dir.display());
+    println!("NIXL plugins: {}", runtime.plugins.join(", "));
+    Ok(())
+}
+
+fn ci(root: &Path) -> Result<()> {
+    setup(root)?;
+    system::cargo(root, &["fmt", "--all", "--check"])?;
+    system::cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    test_run::run_suite(root, &[])
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(&root),
+        Some("test") => {
+            setup(&root)?;
+            test_run::run_suite(&root, &args[1..])
+        }
+        Some("ci") => ci(&root),
+        Some(other) => bail!("unknown command `{other}`; commands: setup, test, ci"),
+        None => bail!("usage: cargo xtask <setup|test|ci>"),
+    }
+}
