@@ -8,6 +8,7 @@
 mod nixl_runtime;
 mod system;
 mod test_run;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 
