@@ -4,6 +4,7 @@
 //!   NIXL runtime from the PyPI wheel `nixl-cu12`); idempotent.
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
+//! - `fuzz [SECONDS]`: fuzzes the configuration parsers (default ten minutes).
 
 mod nixl_runtime;
 mod system;
@@ -57,7 +58,23 @@ fn main() -> Result<()> {
             test_run::run_suite(&root, &args[1..])
         }
         Some("ci") => ci(&root),
-        Some(other) => bail!("unknown command `{other}`; commands: setup, test, ci"),
-        None => bail!("usage: cargo xtask <setup|test|ci>"),
+        Some("fuzz") => {
+            let seconds = args.get(1).map_or("600", String::as_str);
+            system::cargo(
+                &root,
+                &[
+                    "run",
+                    "--release",
+                    "--package",
+                    "kv-config",
+                    "--example",
+                    "fuzz_config",
+                    "--",
+                    seconds,
+                ],
+            )
+        }
+        Some(other) => bail!("unknown command `{other}`; commands: setup, test, ci, fuzz"),
+        None => bail!("usage: cargo xtask <setup|test|ci|fuzz>"),
     }
 }

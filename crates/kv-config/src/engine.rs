@@ -320,6 +320,7 @@ impl Provider for Layer {
 #[derive(Debug, Clone, Default)]
 pub struct ConfigLoader {
     file: Option<PathBuf>,
+    yaml: Option<(String, String)>,
     env: Vec<(String, String)>,
     overrides: BTreeMap<String, serde_json::Value>,
 }
@@ -333,6 +334,12 @@ impl ConfigLoader {
     /// Reads this YAML file (an empty file is an empty configuration).
     pub fn with_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.file = Some(path.into());
+        self
+    }
+
+    /// Reads YAML text in place of a file; `name` stands for the file in messages.
+    pub fn with_yaml(mut self, name: impl Into<String>, text: impl Into<String>) -> Self {
+        self.yaml = Some((name.into(), text.into()));
         self
     }
 
@@ -373,19 +380,25 @@ impl ConfigLoader {
             path: path.to_path_buf(),
             source,
         })?;
-        let name = format!("YAML file {}", path.display());
+        let mut layer = Self::yaml_layer(&path.display().to_string(), &text, warnings)?;
+        layer.source = Some(Source::File(path.to_path_buf()));
+        Ok(layer)
+    }
+
+    fn yaml_layer(name: &str, text: &str, warnings: &mut Warnings) -> Result<Layer> {
         let mut dict = if text.trim().is_empty() {
             Dict::new()
         } else {
-            let mut data = Yaml::string(&text)
+            let mut data = Yaml::string(text)
                 .data()
-                .map_err(|e| figment::Error::from(format!("{}: {e}", path.display())))?;
+                .map_err(|e| figment::Error::from(format!("{name}: {e}")))?;
             data.remove(&Profile::Default).unwrap_or_default()
         };
+        let name = format!("YAML file {name}");
         normalise_layer(&mut dict, &name, warnings)?;
         Ok(Layer {
             name,
-            source: Some(Source::File(path.to_path_buf())),
+            source: None,
             dict,
         })
     }
@@ -441,6 +454,9 @@ impl ConfigLoader {
         let mut layers = Vec::new();
         if let Some(path) = &self.file {
             layers.push(Self::file_layer(path, warnings)?);
+        }
+        if let Some((name, text)) = &self.yaml {
+            layers.push(Self::yaml_layer(name, text, warnings)?);
         }
         layers.push(self.env_layer(warnings)?);
         layers.push(self.override_layer(warnings)?);
