@@ -5,7 +5,9 @@
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers (default ten minutes).
+//! - `memcheck`: runs the tests of the crates with `unsafe` code under valgrind's memcheck.
 
+mod memcheck;
 mod nixl_runtime;
 mod system;
 mod test_run;
@@ -33,18 +35,15 @@ fn setup(root: &Path) -> Result<()> {
 fn ci(root: &Path) -> Result<()> {
     setup(root)?;
     system::cargo(root, &["fmt", "--all", "--check"])?;
-    system::cargo(
-        root,
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--locked",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
+    for features in [
+        &["--workspace"][..],
+        &["--package", "pinned-alloc", "--features", "cuda"],
+    ] {
+        let mut args = vec!["clippy", "--all-targets", "--locked"];
+        args.extend_from_slice(features);
+        args.extend_from_slice(&["--", "-D", "warnings"]);
+        system::cargo(root, &args)?;
+    }
     test_run::run_suite(root, &[])
 }
 
@@ -74,7 +73,10 @@ fn main() -> Result<()> {
                 ],
             )
         }
-        Some(other) => bail!("unknown command `{other}`; commands: setup, test, ci, fuzz"),
-        None => bail!("usage: cargo xtask <setup|test|ci|fuzz>"),
+        Some("memcheck") => memcheck::run(&root),
+        Some(other) => {
+            bail!("unknown command `{other}`; commands: setup, test, ci, fuzz, memcheck")
+        }
+        None => bail!("usage: cargo xtask <setup|test|ci|fuzz|memcheck>"),
     }
 }

@@ -73,6 +73,22 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// No usable CUDA driver: the library is missing or no device answers.
+    #[error("CUDA not available: {reason}")]
+    CudaUnavailable {
+        /// Why (library missing, no device, driver error).
+        reason: String,
+    },
+
+    /// A CUDA driver call failed.
+    #[error("CUDA {operation} failed: {status}")]
+    Cuda {
+        /// What we were doing.
+        operation: &'static str,
+        /// The driver's status name (`CUDA_ERROR_OUT_OF_MEMORY`, …).
+        status: String,
+    },
+
     /// The pool has fewer free pages than were asked for.
     #[error("page pool exhausted: asked for {requested} pages, {free} free of {total}")]
     Exhausted {

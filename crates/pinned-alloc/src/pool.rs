@@ -27,6 +27,49 @@ pub enum LockMode {
     Required,
 }
 
+/// The shape of a model's KV cache, which fixes the bytes of one chunk (one page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    /// Transformer layers.
+    pub layers: u32,
+    /// KV heads per layer.
+    pub kv_heads: u32,
+    /// Dimension of one head.
+    pub head_dim: u32,
+    /// Bytes of one element (2 for bf16/fp16, 1 for fp8).
+    pub dtype_bytes: u32,
+    /// Whether K and V are stored separately (2) or as one latent (MLA: 1).
+    pub kv_tensors: u32,
+}
+
+impl KvShape {
+    /// A multi-head-attention shape (K and V tensors).
+    pub fn new(layers: u32, kv_heads: u32, head_dim: u32, dtype_bytes: u32) -> Self {
+        Self {
+            layers,
+            kv_heads,
+            head_dim,
+            dtype_bytes,
+            kv_tensors: 2,
+        }
+    }
+
+    /// Bytes of the KV of `tokens` tokens: one chunk of `chunk_size` tokens is one page.
+    pub fn chunk_bytes(&self, tokens: u32) -> u64 {
+        [
+            self.kv_tensors,
+            self.layers,
+            tokens,
+            self.kv_heads,
+            self.head_dim,
+            self.dtype_bytes,
+        ]
+        .iter()
+        .map(|&n| u64::from(n))
+        .product()
+    }
+}
+
 /// Configuration of a [`PagePool`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -60,6 +103,16 @@ impl PoolConfig {
             capacity_bytes,
             ..Self::default()
         }
+    }
+
+    /// A pool of `capacity_bytes` in pages of one chunk of `chunk_tokens` tokens of `shape`.
+    pub fn for_chunks(shape: KvShape, chunk_tokens: u32, capacity_bytes: u64) -> Result<Self> {
+        let bytes = shape.chunk_bytes(chunk_tokens);
+        let page_bytes = usize::try_from(bytes).map_err(|_| Error::TooManyPages {
+            pages: bytes,
+            max: usize::MAX as u64,
+        })?;
+        Ok(Self::new(page_bytes, capacity_bytes))
     }
 
     /// Back the pool with 2 MiB hugepages.
@@ -369,6 +422,14 @@ mod tests {
         .with_lock(LockMode::Off)
         .build()
         .unwrap()
+    }
+
+    #[test]
+    fn llama_8b_chunk_is_32_mib() {
+        let shape = KvShape::new(32, 8, 128, 2);
+        assert_eq!(shape.chunk_bytes(256), 32 << 20);
+        let config = PoolConfig::for_chunks(shape, 256, 5 << 30).unwrap();
+        assert_eq!(config.page_count().unwrap(), 160);
     }
 
     #[test]
