@@ -107,6 +107,27 @@ pub enum Error {
         dev_id: u64,
     },
 
+    /// Another live registration already uses this object id (NIXL issue 1794: the OBJ plugin
+    /// maps device ids to objects without reference counting).
+    #[error("object id {dev_id} is already registered; ids of live registrations must be unique")]
+    DeviceIdInUse {
+        /// The object id.
+        dev_id: u64,
+    },
+
+    /// A file operation on an object backend, or the reverse.
+    #[error("backend {backend} does not store {wanted}")]
+    WrongStorageKind {
+        /// The backend.
+        backend: String,
+        /// What was asked for.
+        wanted: &'static str,
+    },
+
+    /// A transfer failed for a reason outside NIXL's own status.
+    #[error("transfer failed: {0}")]
+    Failed(String),
+
     /// A transfer batch did not complete in time.
     #[error("transfer of {descriptors} descriptors did not complete within {timeout:?}")]
     Timeout {

@@ -4,19 +4,25 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nixl_sys::{
-    Agent, AgentConfig, Backend, MemType, NixlDescriptor, OptArgs, RegistrationHandle,
-    XferDescList, XferOp, XferStatus,
+    Agent, AgentConfig, Backend, MemType, NixlDescriptor, OptArgs, RegDescList, RegistrationHandle,
+    XferDescList, XferOp, XferRequest, XferStatus,
 };
 use pinned_alloc::MemoryRegion;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, NixlStatus, Result};
 use crate::runtime::NixlRuntime;
-use crate::transport::{Registration, StorageExtent, Transport};
+use crate::transport::{
+    Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
+};
+
+/// Plugins whose storage is objects (NIXL memory type OBJ) rather than files.
+const OBJECT_PLUGINS: &[&str] = &["OBJ", "AZURE_BLOB", "DOCA_MEMOS"];
 
 /// How the NIXL agent synchronises calls from several threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -142,6 +148,7 @@ struct Shared {
     agent: Agent,
     backend: Backend,
     config: NixlConfig,
+    storage_mem: MemType,
     registry: Mutex<Registry>,
 }
 
@@ -285,11 +292,17 @@ impl NixlTransport {
             .create_backend(&config.backend, &params)
             .map_err(Error::nixl("create backend"))?;
         tracing::debug!(agent = %config.agent_name, backend = %config.backend, "NIXL backend ready");
+        let storage_mem = if OBJECT_PLUGINS.contains(&config.backend.as_str()) {
+            MemType::Object
+        } else {
+            MemType::File
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 agent,
                 backend,
                 config,
+                storage_mem,
                 registry: Mutex::new(Registry::default()),
             }),
         })
@@ -351,24 +364,32 @@ impl NixlTransport {
         Ok(())
     }
 
-    /// Posts one request for the whole batch and waits for it.
-    fn transfer(&self, op: XferOp, batch: &[(usize, usize, StorageExtent)]) -> Result<()> {
+    /// Checks the batch, builds one request for all of it and posts it.
+    fn post(
+        &self,
+        op: XferOp,
+        batch: &[(usize, usize, StorageExtent)],
+    ) -> Result<Option<XferRequest>> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         self.check_host(batch.iter().map(|&(addr, len, _)| (addr, len)))?;
         self.check_storage(batch.iter().map(|(_, _, extent)| extent.dev_id))?;
+        let invalid = |_| Error::Nixl {
+            operation: "build descriptors",
+            status: NixlStatus::InvalidParam,
+        };
         let mut local =
             XferDescList::new(MemType::Dram).map_err(Error::nixl("build descriptors"))?;
         let mut remote =
-            XferDescList::new(MemType::File).map_err(Error::nixl("build descriptors"))?;
+            XferDescList::new(self.shared.storage_mem).map_err(Error::nixl("build descriptors"))?;
         for &(addr, len, extent) in batch {
             local.add_desc(addr, len, 0);
-            let offset = usize::try_from(extent.offset).map_err(|_| Error::Nixl {
-                operation: "build descriptors",
-                status: crate::error::NixlStatus::InvalidParam,
-            })?;
-            remote.add_desc(offset, len, extent.dev_id);
+            remote.add_desc(
+                usize::try_from(extent.offset).map_err(invalid)?,
+                len,
+                extent.dev_id,
+            );
         }
         let agent = &self.shared.agent;
         let opt_args = self.shared.opt_args()?;
@@ -381,44 +402,159 @@ impl NixlTransport {
                 Some(&opt_args),
             )
             .map_err(Error::nixl("create transfer request"))?;
-        let in_progress = agent
+        // Completed at once or still in progress: the status poll answers either way.
+        agent
             .post_xfer_req(&request, Some(&opt_args))
             .map_err(Error::nixl("post transfer"))?;
-        if in_progress {
-            self.wait(&request, batch.len())?;
-        }
-        Ok(())
+        Ok(Some(request))
     }
 
-    /// Polls for completion with a growing back-off, so a waiting thread does not burn a core.
-    fn wait(&self, request: &nixl_sys::XferRequest, descriptors: usize) -> Result<()> {
-        let started = Instant::now();
-        let timeout = self.shared.config.timeout;
-        let mut pause = Duration::from_micros(2);
-        let mut polls = 0u32;
-        loop {
-            match self
-                .shared
-                .agent
-                .get_xfer_status(request)
-                .map_err(Error::nixl("transfer"))?
-            {
-                XferStatus::Success => return Ok(()),
-                XferStatus::InProgress => {}
+    /// Posts the batch and waits for it.
+    fn transfer(&self, op: XferOp, batch: &[(usize, usize, StorageExtent)]) -> Result<()> {
+        match self.post(op, batch)? {
+            Some(request) => wait_request(&self.shared, &request, batch.len()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One status check: `Ok(true)` when done.
+fn poll_request(shared: &Shared, request: &XferRequest) -> Result<bool> {
+    match shared
+        .agent
+        .get_xfer_status(request)
+        .map_err(Error::nixl("transfer"))?
+    {
+        XferStatus::Success => Ok(true),
+        XferStatus::InProgress => Ok(false),
+    }
+}
+
+/// Polls for completion with a growing back-off, so a waiting thread does not burn a core.
+fn wait_request(shared: &Shared, request: &XferRequest, descriptors: usize) -> Result<()> {
+    let started = Instant::now();
+    let timeout = shared.config.timeout;
+    let mut pause = Duration::from_micros(2);
+    let mut polls = 0u32;
+    loop {
+        if poll_request(shared, request)? {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            return Err(Error::Timeout {
+                descriptors,
+                timeout,
+            });
+        }
+        polls += 1;
+        if polls < 16 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_micros(500));
+        }
+    }
+}
+
+/// Where a submitted batch stands.
+#[derive(Debug)]
+enum State {
+    InFlight,
+    Succeeded,
+    /// Failed; the error is handed out once.
+    Failed(Option<Error>),
+}
+
+/// A batch in flight, owning its pages.
+struct NixlPending {
+    shared: Arc<Shared>,
+    request: Option<XferRequest>,
+    pages: Option<PageBatch>,
+    state: State,
+}
+
+impl fmt::Debug for NixlPending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NixlPending")
+            .field("pages", &self.pages.as_ref().map_or(0, Vec::len))
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl NixlPending {
+    fn finish(&mut self, outcome: Result<()>) {
+        self.state = match outcome {
+            Ok(()) => State::Succeeded,
+            Err(err @ Error::Timeout { .. }) => {
+                // NIXL may still touch these pages: keep them out of their pool for good rather
+                // than hand them to another chunk.
+                if let Some(pages) = self.pages.take() {
+                    tracing::error!(
+                        pages = pages.len(),
+                        "transfer timed out; its pages are withdrawn from the pool"
+                    );
+                    std::mem::forget(pages);
+                }
+                if let Some(request) = self.request.take() {
+                    std::mem::forget(request);
+                }
+                State::Failed(Some(err))
             }
-            if started.elapsed() > timeout {
-                return Err(Error::Timeout {
-                    descriptors,
-                    timeout,
-                });
-            }
-            polls += 1;
-            if polls < 16 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_micros(500));
-            }
+            Err(err) => State::Failed(Some(err)),
+        };
+    }
+
+    /// Waits (bounded by the transport's timeout) until the batch is over.
+    fn settle(&mut self) {
+        if matches!(self.state, State::InFlight) {
+            let descriptors = self.pages.as_ref().map_or(0, Vec::len);
+            let outcome = match &self.request {
+                Some(request) => wait_request(&self.shared, request, descriptors),
+                None => Ok(()),
+            };
+            self.finish(outcome);
+        }
+    }
+
+    fn status(&mut self) -> Result<()> {
+        match &mut self.state {
+            State::InFlight | State::Succeeded => Ok(()),
+            State::Failed(err) => Err(err
+                .take()
+                .unwrap_or_else(|| Error::Failed("the batch failed (reported before)".to_owned()))),
+        }
+    }
+}
+
+impl PendingTransfer for NixlPending {
+    fn poll(&mut self) -> Result<bool> {
+        if matches!(self.state, State::InFlight) {
+            let outcome = match &self.request {
+                None => Ok(()),
+                Some(request) => match poll_request(&self.shared, request) {
+                    Ok(false) => return Ok(false),
+                    Ok(true) => Ok(()),
+                    Err(err) => Err(err),
+                },
+            };
+            self.finish(outcome);
+        }
+        self.status().map(|()| true)
+    }
+
+    fn wait(mut self: Box<Self>) -> (PageBatch, Result<()>) {
+        self.settle();
+        let status = self.status();
+        (self.pages.take().unwrap_or_default(), status)
+    }
+}
+
+impl Drop for NixlPending {
+    fn drop(&mut self) {
+        self.settle();
+        if let State::Failed(Some(err)) = &self.state {
+            tracing::debug!(error = %err, "dropped transfer ended in error");
         }
     }
 }
@@ -459,6 +595,12 @@ impl Transport for NixlTransport {
     }
 
     fn register_file(&self, file: Arc<File>) -> Result<Registration> {
+        if self.shared.storage_mem != MemType::File {
+            return Err(Error::WrongStorageKind {
+                backend: self.shared.config.backend.clone(),
+                wanted: "files",
+            });
+        }
         let fd = file.as_raw_fd();
         let dev_id = u64::try_from(fd).map_err(|_| Error::UnregisteredStorage { dev_id: 0 })?;
         let descriptor = Descriptor {
@@ -475,6 +617,113 @@ impl Transport for NixlTransport {
             },
             file,
         )
+    }
+
+    fn register_object(&self, object_id: u64, len: usize) -> Result<Registration> {
+        if self.shared.storage_mem != MemType::Object {
+            return Err(Error::WrongStorageKind {
+                backend: self.shared.config.backend.clone(),
+                wanted: "objects",
+            });
+        }
+        if self.shared.registry().storage.contains_key(&object_id) {
+            return Err(Error::DeviceIdInUse { dev_id: object_id });
+        }
+        let descriptor = Descriptor {
+            addr: 0,
+            len,
+            dev_id: object_id,
+            mem_type: MemType::Object,
+        };
+        self.register(
+            descriptor,
+            |registry| {
+                *registry.storage.entry(object_id).or_insert(0) += 1;
+                RegistryEntry::Storage(object_id)
+            },
+            (),
+        )
+    }
+
+    fn submit(&self, direction: Direction, mut batch: PageBatch) -> Box<dyn PendingTransfer> {
+        let (op, descs): (XferOp, Vec<_>) = match direction {
+            Direction::Write => (
+                XferOp::Write,
+                batch
+                    .iter()
+                    .map(|(page, extent)| (page.as_slice().as_ptr() as usize, page.len(), *extent))
+                    .collect(),
+            ),
+            Direction::Read => (
+                XferOp::Read,
+                batch
+                    .iter_mut()
+                    .map(|(page, extent)| {
+                        (
+                            page.as_mut_slice().as_mut_ptr() as usize,
+                            page.len(),
+                            *extent,
+                        )
+                    })
+                    .collect(),
+            ),
+        };
+        let (request, state) = match self.post(op, &descs) {
+            Ok(request) => (request, State::InFlight),
+            Err(err) => (None, State::Failed(Some(err))),
+        };
+        Box::new(NixlPending {
+            shared: Arc::clone(&self.shared),
+            request,
+            pages: Some(batch),
+            state,
+        })
+    }
+
+    fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut descs =
+            RegDescList::new(self.shared.storage_mem).map_err(Error::nixl("build query"))?;
+        for item in items {
+            match (item, self.shared.storage_mem) {
+                (StorageName::File(path), MemType::File) => {
+                    descs.add_desc_with_meta(0, 0, 0, path.as_os_str().as_bytes());
+                }
+                (StorageName::Object(id), MemType::Object) => {
+                    descs.add_desc_with_meta(0, 0, 0, id.to_string().as_bytes());
+                }
+                _ => {
+                    return Err(Error::WrongStorageKind {
+                        backend: self.shared.config.backend.clone(),
+                        wanted: match item {
+                            StorageName::File(_) => "files",
+                            StorageName::Object(_) => "objects",
+                        },
+                    });
+                }
+            }
+        }
+        let opt_args = self.shared.opt_args()?;
+        let responses = self
+            .shared
+            .agent
+            .query_mem(&descs, Some(&opt_args))
+            .map_err(Error::nixl("query storage"))?;
+        let found: Vec<bool> = responses
+            .iter()
+            .map_err(Error::nixl("query storage"))?
+            .map(|response| response.has_value().map_err(Error::nixl("query storage")))
+            .collect::<Result<_>>()?;
+        if found.len() != items.len() {
+            return Err(Error::Failed(format!(
+                "NIXL answered {} of {} existence queries",
+                found.len(),
+                items.len()
+            )));
+        }
+        Ok(found)
     }
 
     fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {

@@ -2,14 +2,15 @@
 
 use std::fmt::Debug;
 use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 
-use pinned_alloc::MemoryRegion;
+use pinned_alloc::{MemoryRegion, Page};
 
 use crate::error::Result;
 
 /// Where one chunk lives in storage: the registered device id (a file descriptor for file
-/// backends) and the byte offset inside it.
+/// backends, the object id for object backends) and the byte offset inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StorageExtent {
     /// Device id of a live storage registration ([`Registration::dev_id`]).
@@ -24,6 +25,27 @@ impl StorageExtent {
         Self { dev_id, offset }
     }
 }
+
+/// Which way a batch moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Host pages to storage.
+    Write,
+    /// Storage to host pages.
+    Read,
+}
+
+/// A storage item whose existence can be queried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageName<'a> {
+    /// A file, by path.
+    File(&'a Path),
+    /// An object, by its 64-bit id (the object name is its decimal form).
+    Object(u64),
+}
+
+/// A batch of pages with their extents, owned by a transfer while it is in flight.
+pub type PageBatch = Vec<(Page, StorageExtent)>;
 
 /// A live registration of memory or storage. Dropping it deregisters.
 #[derive(Debug)]
@@ -48,23 +70,39 @@ impl Registration {
     }
 }
 
+/// A submitted batch. It owns the batch's pages until the transfer is over, so no page can be
+/// reused while the engine may still touch it.
+///
+/// # Contract
+///
+/// - [`poll`](PendingTransfer::poll) MUST NOT block; `Ok(true)` means the whole batch completed.
+/// - An error covers the whole batch: callers treat every chunk in it as missing.
+/// - Dropping an unfinished transfer MUST NOT return its pages to their pool while the engine
+///   may still access them: implementations wait (bounded) and otherwise keep the pages out of
+///   circulation.
+pub trait PendingTransfer: Send + Debug {
+    /// Whether the batch is complete; an error when it failed.
+    fn poll(&mut self) -> Result<bool>;
+
+    /// Blocks until the batch is over and gives the pages back with its status.
+    fn wait(self: Box<Self>) -> (PageBatch, Result<()>);
+}
+
 /// Moves KV chunks between registered host memory and registered storage.
 ///
 /// # Contract
 ///
 /// - Implementations MUST refuse (with an error, never undefined behaviour) a transfer whose
-///   host buffer does not lie wholly inside memory registered with [`register_memory`], or whose
-///   [`StorageExtent::dev_id`] is not a live storage registration.
-/// - [`write`] and [`read`] MUST NOT return before the whole batch is complete or has failed;
-///   the caller's buffers stay borrowed until then.
+///   host buffer does not lie wholly inside memory registered with
+///   [`register_memory`](Transport::register_memory), or whose [`StorageExtent::dev_id`] is not
+///   a live storage registration.
+/// - [`write`](Transport::write) and [`read`](Transport::read) MUST NOT return before the whole
+///   batch is complete or has failed; the caller's buffers stay borrowed until then.
 /// - A failed batch MUST be reported as an error for the whole batch: callers treat every chunk
-///   in it as missing.
+///   in it as missing, never as present.
 /// - Dropping a [`Registration`] MUST deregister it, and MUST keep the memory or storage it
 ///   covers alive until then.
-///
-/// [`register_memory`]: Transport::register_memory
-/// [`write`]: Transport::write
-/// [`read`]: Transport::read
+/// - Two live object registrations MUST NOT share a device id.
 pub trait Transport: Send + Sync + Debug + 'static {
     /// Name of the storage backend (`POSIX`, `GDS_MT`, `OBJ`, …).
     fn backend(&self) -> &str;
@@ -75,9 +113,19 @@ pub trait Transport: Send + Sync + Debug + 'static {
     /// Registers an open file as storage; its device id is the file descriptor.
     fn register_file(&self, file: Arc<File>) -> Result<Registration>;
 
-    /// Writes every buffer to its extent, as one batch.
+    /// Registers the object named by `object_id` (in decimal), `len` bytes long.
+    fn register_object(&self, object_id: u64, len: usize) -> Result<Registration>;
+
+    /// Writes every buffer to its extent, as one batch, and waits for it.
     fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()>;
 
-    /// Reads every extent into its buffer, as one batch.
+    /// Reads every extent into its buffer, as one batch, and waits for it.
     fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()>;
+
+    /// Starts one batch without waiting; a batch that cannot start comes back as a pending
+    /// transfer that has already failed.
+    fn submit(&self, direction: Direction, batch: PageBatch) -> Box<dyn PendingTransfer>;
+
+    /// Whether each storage item exists, in order.
+    fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>>;
 }
