@@ -5,6 +5,7 @@
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers (default ten minutes).
+//! - `bench [--quick]`: the macro benchmarks (release build), table in `target/bench/latest.md`.
 //! - `memcheck`: runs the tests of the crates with `unsafe` code under valgrind's memcheck.
 
 mod memcheck;
@@ -74,9 +75,18 @@ fn main() -> Result<()> {
             )
         }
         Some("memcheck") => memcheck::run(&root),
-        Some(other) => {
-            bail!("unknown command `{other}`; commands: setup, test, ci, fuzz, memcheck")
+        Some("bench") => {
+            setup(&root)?;
+            let out = root.join("target/bench/latest.md");
+            let out = out.to_string_lossy();
+            let mut cargo_args = vec!["run", "--release", "--package", "kv-bench", "--", "--out"];
+            cargo_args.push(&out);
+            cargo_args.extend(args[1..].iter().map(String::as_str));
+            system::cargo(&root, &cargo_args)
         }
-        None => bail!("usage: cargo xtask <setup|test|ci|fuzz|memcheck>"),
+        Some(other) => {
+            bail!("unknown command `{other}`; commands: setup, test, ci, bench, fuzz, memcheck")
+        }
+        None => bail!("usage: cargo xtask <setup|test|ci|bench|fuzz|memcheck>"),
     }
 }

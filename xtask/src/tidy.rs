@@ -33,6 +33,7 @@ mod tests {
             .collect();
         manifests.push(root.join("xtask/Cargo.toml"));
         manifests.push(root.join("tests/Cargo.toml"));
+        manifests.push(root.join("bench/Cargo.toml"));
         for manifest in manifests {
             let text = read(&manifest);
             assert!(
@@ -51,7 +52,11 @@ mod tests {
     #[test]
     fn test_and_tool_packages_are_not_published() {
         let root = workspace_root();
-        for manifest in [root.join("xtask/Cargo.toml"), root.join("tests/Cargo.toml")] {
+        for manifest in [
+            root.join("xtask/Cargo.toml"),
+            root.join("tests/Cargo.toml"),
+            root.join("bench/Cargo.toml"),
+        ] {
             assert!(
                 read(&manifest).contains("publish = false"),
                 "{} must set publish = false",
@@ -90,6 +95,7 @@ mod tests {
             .filter(|p| p.is_file())
             .collect();
         roots.push(root.join("tests/src/lib.rs"));
+        roots.push(root.join("bench/src/main.rs"));
         for path in roots {
             assert!(
                 read(&path).contains("#![forbid(unsafe_code)]"),
