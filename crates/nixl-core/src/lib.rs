@@ -5,12 +5,14 @@ mod error;
 mod nixl;
 mod probe;
 mod runtime;
+mod table;
 mod transport;
 
 pub use error::{Error, NixlStatus, Result};
 pub use nixl::{NixlConfig, NixlTransport, ThreadSync};
 pub use probe::{PluginInfo, direct_io_supported, plugins};
 pub use runtime::{NixlRuntime, RuntimeLocator};
+pub use table::{RegistrationTable, TableEntry};
 pub use transport::{
     Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
 };

@@ -1,12 +1,12 @@
 //! [`Transport`] over the real NIXL library.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nixl_sys::{
@@ -17,6 +17,7 @@ use pinned_alloc::MemoryRegion;
 
 use crate::error::{Error, NixlStatus, Result};
 use crate::runtime::NixlRuntime;
+use crate::table::{RegistrationTable, TableEntry};
 use crate::transport::{
     Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
 };
@@ -126,39 +127,15 @@ impl NixlConfig {
     }
 }
 
-/// What one registration covers, to validate transfers against.
-#[derive(Debug, Default)]
-struct Registry {
-    next_id: u64,
-    /// Registration id → (start address, length) of host memory.
-    memory: HashMap<u64, (usize, usize)>,
-    /// Storage device id → number of live registrations.
-    storage: HashMap<u64, usize>,
-}
-
-impl Registry {
-    fn covers(&self, addr: usize, len: usize) -> bool {
-        self.memory
-            .values()
-            .any(|&(start, size)| addr >= start && addr.saturating_add(len) <= start + size)
-    }
-}
-
 struct Shared {
     agent: Agent,
     backend: Backend,
     config: NixlConfig,
     storage_mem: MemType,
-    registry: Mutex<Registry>,
+    table: RegistrationTable,
 }
 
 impl Shared {
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn opt_args(&self) -> Result<OptArgs> {
         let mut args = OptArgs::new().map_err(Error::nixl("create optional arguments"))?;
         args.add_backend(&self.backend)
@@ -210,18 +187,12 @@ impl NixlDescriptor for Descriptor {
     }
 }
 
-/// Deregisters from NIXL, then forgets the range, then lets go of what it kept alive.
+/// Deregisters from NIXL, then forgets the table entry, then lets go of what it kept alive.
 struct Guard<T: Send + Sync + 'static> {
     handle: Option<RegistrationHandle>,
     shared: Arc<Shared>,
-    entry: RegistryEntry,
+    entry: TableEntry,
     _keep_alive: T,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum RegistryEntry {
-    Memory(u64),
-    Storage(u64),
 }
 
 impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
@@ -234,27 +205,12 @@ impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
 
 impl<T: Send + Sync + 'static> Drop for Guard<T> {
     fn drop(&mut self) {
-        {
-            let mut registry = self.shared.registry();
-            match self.entry {
-                RegistryEntry::Memory(id) => {
-                    registry.memory.remove(&id);
-                }
-                RegistryEntry::Storage(dev_id) => {
-                    if let Some(count) = registry.storage.get_mut(&dev_id) {
-                        *count -= 1;
-                        if *count == 0 {
-                            registry.storage.remove(&dev_id);
-                        }
-                    }
-                }
-            }
-        }
         if let Some(mut handle) = self.handle.take() {
             if let Err(err) = handle.deregister() {
                 tracing::warn!(entry = ?self.entry, error = %err, "NIXL deregistration failed");
             }
         }
+        self.shared.table.remove(self.entry);
     }
 }
 
@@ -303,7 +259,7 @@ impl NixlTransport {
                 backend,
                 config,
                 storage_mem,
-                registry: Mutex::new(Registry::default()),
+                table: RegistrationTable::new(),
             }),
         })
     }
@@ -321,20 +277,28 @@ impl NixlTransport {
         &self.shared.config
     }
 
+    /// Records the entry first (so two racing registrations of one object id cannot both pass),
+    /// then registers with NIXL, undoing the entry if NIXL refuses.
     fn register(
         &self,
         descriptor: Descriptor,
-        entry: impl FnOnce(&mut Registry) -> RegistryEntry,
+        entry: TableEntry,
         keep_alive: impl Send + Sync + 'static,
     ) -> Result<Registration> {
         let dev_id = descriptor.dev_id;
-        let opt_args = self.shared.opt_args()?;
-        let handle = self
-            .shared
-            .agent
-            .register_memory(&descriptor, Some(&opt_args))
-            .map_err(Error::nixl("register memory"))?;
-        let entry = entry(&mut self.shared.registry());
+        let registered = self.shared.opt_args().and_then(|opt_args| {
+            self.shared
+                .agent
+                .register_memory(&descriptor, Some(&opt_args))
+                .map_err(Error::nixl("register memory"))
+        });
+        let handle = match registered {
+            Ok(handle) => handle,
+            Err(err) => {
+                self.shared.table.remove(entry);
+                return Err(err);
+            }
+        };
         let guard = Guard {
             handle: Some(handle),
             shared: Arc::clone(&self.shared),
@@ -342,26 +306,6 @@ impl NixlTransport {
             _keep_alive: keep_alive,
         };
         Ok(Registration::new(dev_id, Box::new(guard)))
-    }
-
-    fn check_host(&self, buffers: impl Iterator<Item = (usize, usize)>) -> Result<()> {
-        let registry = self.shared.registry();
-        for (addr, len) in buffers {
-            if !registry.covers(addr, len) {
-                return Err(Error::UnregisteredMemory { addr, len });
-            }
-        }
-        Ok(())
-    }
-
-    fn check_storage(&self, extents: impl Iterator<Item = u64>) -> Result<()> {
-        let registry = self.shared.registry();
-        for dev_id in extents {
-            if !registry.storage.contains_key(&dev_id) {
-                return Err(Error::UnregisteredStorage { dev_id });
-            }
-        }
-        Ok(())
     }
 
     /// Checks the batch, builds one request for all of it and posts it.
@@ -373,8 +317,11 @@ impl NixlTransport {
         if batch.is_empty() {
             return Ok(None);
         }
-        self.check_host(batch.iter().map(|&(addr, len, _)| (addr, len)))?;
-        self.check_storage(batch.iter().map(|(_, _, extent)| extent.dev_id))?;
+        self.shared.table.check(
+            batch
+                .iter()
+                .map(|&(addr, len, extent)| (addr, len, extent.dev_id)),
+        )?;
         let invalid = |_| Error::Nixl {
             operation: "build descriptors",
             status: NixlStatus::InvalidParam,
@@ -582,16 +529,8 @@ impl Transport for NixlTransport {
             dev_id: 0,
             mem_type: MemType::Dram,
         };
-        self.register(
-            descriptor,
-            |registry| {
-                let id = registry.next_id;
-                registry.next_id += 1;
-                registry.memory.insert(id, (addr, len));
-                RegistryEntry::Memory(id)
-            },
-            region,
-        )
+        let entry = self.shared.table.add_memory(addr, len);
+        self.register(descriptor, entry, region)
     }
 
     fn register_file(&self, file: Arc<File>) -> Result<Registration> {
@@ -609,14 +548,8 @@ impl Transport for NixlTransport {
             dev_id,
             mem_type: MemType::File,
         };
-        self.register(
-            descriptor,
-            |registry| {
-                *registry.storage.entry(dev_id).or_insert(0) += 1;
-                RegistryEntry::Storage(dev_id)
-            },
-            file,
-        )
+        let entry = self.shared.table.add_storage(dev_id, false)?;
+        self.register(descriptor, entry, file)
     }
 
     fn register_object(&self, object_id: u64, len: usize) -> Result<Registration> {
@@ -626,23 +559,14 @@ impl Transport for NixlTransport {
                 wanted: "objects",
             });
         }
-        if self.shared.registry().storage.contains_key(&object_id) {
-            return Err(Error::DeviceIdInUse { dev_id: object_id });
-        }
         let descriptor = Descriptor {
             addr: 0,
             len,
             dev_id: object_id,
             mem_type: MemType::Object,
         };
-        self.register(
-            descriptor,
-            |registry| {
-                *registry.storage.entry(object_id).or_insert(0) += 1;
-                RegistryEntry::Storage(object_id)
-            },
-            (),
-        )
+        let entry = self.shared.table.add_storage(object_id, true)?;
+        self.register(descriptor, entry, ())
     }
 
     fn submit(&self, direction: Direction, mut batch: PageBatch) -> Box<dyn PendingTransfer> {
