@@ -4,12 +4,13 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport};
-use nixl_file::{FileOptions, open_storage_file};
+use nixl_file::{FileOptions, UringConfig, UringTransport, open_storage_file};
 use pinned_alloc::{MemoryRegion, Page, PagePool, PoolConfig};
 
 const PASSES: usize = 3;
@@ -35,10 +36,14 @@ impl Workload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Engine {
-    /// One `pwrite`/`pread` per chunk on an O_DIRECT file: the baseline.
+    /// fio with io_uring, O_DIRECT, queue depth 32: the raw figure everything is compared to.
+    Fio,
+    /// One `pwrite`/`pread` per chunk on an O_DIRECT file, one thread.
     RawPwrite,
     /// NIXL's POSIX plugin through nixl-core, one batched request per pass.
     NixlPosix,
+    /// The native io_uring engine of nixl-file, one batched request per pass.
+    Uring,
 }
 
 pub(crate) struct Measurement {
@@ -92,12 +97,27 @@ impl Buffers {
 }
 
 impl Engine {
-    pub(crate) const ALL: [Engine; 2] = [Engine::RawPwrite, Engine::NixlPosix];
+    pub(crate) const ALL: [Engine; 4] = [
+        Engine::Fio,
+        Engine::RawPwrite,
+        Engine::NixlPosix,
+        Engine::Uring,
+    ];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
-            Engine::RawPwrite => "raw pwrite/pread (baseline)",
+            Engine::Fio => "fio io_uring QD32 (raw)",
+            Engine::RawPwrite => "pwrite/pread, 1 thread",
             Engine::NixlPosix => "NIXL POSIX (nixl-core)",
+            Engine::Uring => "native io_uring (nixl-file)",
+        }
+    }
+
+    /// Whether this engine can run here (fio must be installed).
+    pub(crate) fn available(self) -> bool {
+        match self {
+            Engine::Fio => fio_installed(),
+            _ => true,
         }
     }
 
@@ -111,8 +131,20 @@ impl Engine {
         )?;
         let mut buffers = Buffers::new(workload)?;
         let result = match self {
+            Engine::Fio => fio(workload, &path),
             Engine::RawPwrite => raw(workload, &file, &mut buffers),
-            Engine::NixlPosix => nixl_posix(workload, file, &mut buffers),
+            Engine::NixlPosix => transport(
+                workload,
+                file,
+                &mut buffers,
+                Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?),
+            ),
+            Engine::Uring => transport(
+                workload,
+                file,
+                &mut buffers,
+                Arc::new(UringTransport::new(UringConfig::default())?),
+            ),
         };
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         let (put_gbps, get_gbps) = result?;
@@ -144,6 +176,62 @@ fn passes(
     Ok((best_put, best_get))
 }
 
+fn fio_installed() -> bool {
+    Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// One fio pass over the file: `rw` is `write` or `read`; returns bytes per second.
+fn fio_pass(workload: &Workload, path: &Path, rw: &str) -> Result<f64> {
+    let output = Command::new("fio")
+        .args([
+            "--name=kv",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--iodepth=32",
+            "--output-format=json",
+            "--fallocate=none",
+        ])
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={}", workload.chunk_bytes))
+        .arg(format!("--size={}", workload.bytes()))
+        .arg(format!("--filename={}", path.display()))
+        .output()
+        .context("running fio")?;
+    ensure!(
+        output.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = String::from_utf8_lossy(&output.stdout);
+    let key = "\"bw_bytes\" : ";
+    let section = json
+        .find(&format!("\"{rw}\" : {{"))
+        .context("fio output has no section for the pass")?;
+    let start = json[section..]
+        .find(key)
+        .context("fio output has no bw_bytes")?
+        + section
+        + key.len();
+    let end = start
+        + json[start..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(0);
+    let bytes_per_second: f64 = json[start..end].parse().context("fio bw_bytes")?;
+    Ok(bytes_per_second / 1e9)
+}
+
+fn fio(workload: &Workload, path: &Path) -> Result<(f64, f64)> {
+    let (mut best_put, mut best_get) = (0f64, 0f64);
+    for _ in 0..PASSES {
+        best_put = best_put.max(fio_pass(workload, path, "write")?);
+        best_get = best_get.max(fio_pass(workload, path, "read")?);
+    }
+    Ok((best_put, best_get))
+}
+
 fn raw(workload: &Workload, file: &File, buffers: &mut Buffers) -> Result<(f64, f64)> {
     let size = workload.chunk_bytes as u64;
     passes(
@@ -164,8 +252,12 @@ fn raw(workload: &Workload, file: &File, buffers: &mut Buffers) -> Result<(f64, 
     )
 }
 
-fn nixl_posix(workload: &Workload, file: File, buffers: &mut Buffers) -> Result<(f64, f64)> {
-    let transport = NixlTransport::new(NixlConfig::new("POSIX"))?;
+fn transport(
+    workload: &Workload,
+    file: File,
+    buffers: &mut Buffers,
+    transport: Arc<dyn Transport>,
+) -> Result<(f64, f64)> {
     let _memory = transport.register_memory(Arc::clone(&buffers.pool) as Arc<dyn MemoryRegion>)?;
     let storage = transport.register_file(Arc::new(file))?;
     let extent = |i: usize| StorageExtent::new(storage.dev_id(), (i * workload.chunk_bytes) as u64);
@@ -202,7 +294,7 @@ mod tests {
     fn every_engine_runs_and_verifies_a_tiny_workload() {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         for workload in [Workload::new(2, 1 << 20), Workload::new(16, 64 << 10)] {
-            for engine in Engine::ALL {
+            for engine in Engine::ALL.into_iter().filter(|e| e.available()) {
                 let m = engine.measure(&workload, dir.path()).unwrap();
                 assert!(m.put_gbps > 0.0 && m.get_gbps > 0.0, "{}", engine.label());
             }

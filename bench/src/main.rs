@@ -44,7 +44,10 @@ fn table(rows: &[(Workload, Vec<Measurement>)]) -> String {
         "| chunk | engine | put GB/s | get GB/s | put vs raw | get vs raw |\n|---|---|---|---|---|---|\n",
     );
     for (workload, measurements) in rows {
-        let Some(raw) = measurements.iter().find(|m| m.engine == Engine::RawPwrite) else {
+        let baseline = [Engine::Fio, Engine::RawPwrite]
+            .into_iter()
+            .find_map(|engine| measurements.iter().find(|m| m.engine == engine));
+        let Some(raw) = baseline else {
             continue;
         };
         for m in measurements {
@@ -84,6 +87,13 @@ fn main() -> Result<()> {
     for workload in workloads {
         let mut measurements = Vec::new();
         for engine in Engine::ALL {
+            if !engine.available() {
+                eprintln!(
+                    "bench: {} not installed; skipped (cargo xtask setup installs it)",
+                    engine.label()
+                );
+                continue;
+            }
             eprintln!(
                 "bench: {} x {} KiB through {}",
                 workload.chunks,
@@ -95,7 +105,7 @@ fn main() -> Result<()> {
         rows.push((workload, measurements));
     }
     let report = format!(
-        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to raw pwrite/pread of the same bytes in the same run.\n\n{}",
+        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}",
         dir.display(),
         table(&rows)
     );

@@ -1,6 +1,13 @@
 //! Shared helpers of the integration tests.
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
+use nixl_core::{NixlConfig, NixlTransport, Transport};
+use nixl_file::{UringConfig, UringTransport};
+
+pub mod suite;
+
 /// Deterministic, chunk-specific content: every byte depends on the chunk index and its position,
 /// so a chunk read from the wrong place or a stale page never compares equal.
 pub fn fill_chunk(chunk: usize, buf: &mut [u8]) {
@@ -12,4 +19,14 @@ pub fn fill_chunk(chunk: usize, buf: &mut [u8]) {
         let bytes = state.to_le_bytes();
         word.copy_from_slice(&bytes[..word.len()]);
     }
+}
+
+/// NIXL's POSIX plugin; a missing runtime fails with the message naming `cargo xtask setup`.
+pub fn nixl_posix() -> Arc<dyn Transport> {
+    Arc::new(NixlTransport::new(NixlConfig::new("POSIX")).unwrap_or_else(|err| panic!("{err}")))
+}
+
+/// The native io_uring engine.
+pub fn uring() -> Arc<dyn Transport> {
+    Arc::new(UringTransport::new(UringConfig::default()).unwrap_or_else(|err| panic!("{err}")))
 }

@@ -77,6 +77,7 @@ fn main() -> Result<()> {
         Some("memcheck") => memcheck::run(&root),
         Some("bench") => {
             setup(&root)?;
+            system::ensure_fio();
             let out = root.join("target/bench/latest.md");
             let out = out.to_string_lossy();
             let mut cargo_args = vec!["run", "--release", "--package", "kv-bench", "--", "--out"];

@@ -80,6 +80,35 @@ fn is_root() -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
+/// Installs a Debian package with apt-get, when this process may (root, apt-get present).
+fn apt_install(package: &str) -> Result<()> {
+    if !(Path::new("/usr/bin/apt-get").exists() && is_root()) {
+        bail!("cannot install {package}: apt-get as root is not available here");
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// fio is the raw baseline of `cargo xtask bench`; without it the bench falls back to plain
+/// pwrite/pread, so failing to install it is a warning, not an error.
+pub(crate) fn ensure_fio() {
+    let installed = || {
+        Command::new("fio")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if installed() {
+        return;
+    }
+    println!("fio not found: installing it with apt-get (the benchmark baseline)");
+    if let Err(err) = apt_install("fio") {
+        println!("warning: {err:#}; cargo xtask bench will compare against pwrite/pread instead");
+    }
+}
+
 /// bindgen (in nixl-sys's build) needs libclang: install Debian's libclang-dev when missing.
 pub(crate) fn ensure_libclang() -> Result<()> {
     if let Some(lib) = find_libclang() {

@@ -7,6 +7,10 @@
 
 mod error;
 mod open;
+#[cfg(target_os = "linux")]
+mod uring;
 
 pub use error::{Error, Result};
 pub use open::{FileOptions, open_storage_file};
+#[cfg(target_os = "linux")]
+pub use uring::{UringConfig, UringTransport};

@@ -1,0 +1,487 @@
+//! `UringTransport`: the native engine. It implements nixl-core's [`Transport`] over io_uring,
+//! needs no NIXL, and serves as the embedded default and as a yardstick for NIXL's POSIX plugin.
+//!
+//! Every batch is a set of reads or writes at file offsets; up to `queue_depth` run at once, and
+//! short completions are resubmitted for the rest. Buffers are checked against the registration
+//! table before any submission, and an SQE is only ever pushed for a buffer that stays borrowed
+//! (blocking calls) or owned (submitted batches) until its completion has been reaped.
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, opcode, types};
+use nixl_core::{
+    Direction, Error, PageBatch, PendingTransfer, Registration, RegistrationTable, Result,
+    StorageExtent, StorageName, TableEntry, Transport,
+};
+use pinned_alloc::MemoryRegion;
+
+/// Largest single submission; longer extents continue through the short-I/O path.
+const MAX_SQE_BYTES: usize = 1 << 30;
+
+/// Configuration of a [`UringTransport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UringConfig {
+    /// Operations in flight per batch (ring size).
+    pub queue_depth: u32,
+    /// How long one batch may take before it fails.
+    pub timeout: Duration,
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        Self {
+            queue_depth: 64,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl UringConfig {
+    /// Sets the queue depth.
+    pub fn with_queue_depth(mut self, depth: u32) -> Self {
+        self.queue_depth = depth.max(1);
+        self
+    }
+}
+
+struct Inner {
+    config: UringConfig,
+    table: RegistrationTable,
+    /// Idle rings, reused across batches (creating one costs a few system calls).
+    rings: Mutex<Vec<IoUring>>,
+}
+
+impl Inner {
+    fn take_ring(&self) -> Result<IoUring> {
+        let idle = self
+            .rings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        match idle {
+            Some(ring) => Ok(ring),
+            None => IoUring::new(self.config.queue_depth.next_power_of_two()).map_err(|source| {
+                Error::Io {
+                    operation: "creating an io_uring",
+                    path: "io_uring".into(),
+                    source,
+                }
+            }),
+        }
+    }
+
+    fn give_ring(&self, ring: IoUring) {
+        self.rings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(ring);
+    }
+}
+
+/// The native io_uring engine.
+#[derive(Clone)]
+pub struct UringTransport {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for UringTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UringTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UringTransport {
+    /// Creates the engine, checking that the kernel lets this process use io_uring.
+    pub fn new(config: UringConfig) -> Result<Self> {
+        let inner = Inner {
+            config,
+            table: RegistrationTable::new(),
+            rings: Mutex::new(Vec::new()),
+        };
+        let ring = inner.take_ring()?;
+        inner.give_ring(ring);
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+/// Forgets the table entry, then lets go of what it kept alive.
+struct Guard<T: Send + Sync + 'static> {
+    inner: Arc<Inner>,
+    entry: TableEntry,
+    _keep_alive: T,
+}
+
+impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UringRegistration")
+            .field("entry", &self.entry)
+            .finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Guard<T> {
+    fn drop(&mut self) {
+        self.inner.table.remove(self.entry);
+    }
+}
+
+/// One extent of a batch.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    fd: i32,
+    addr: usize,
+    len: usize,
+    offset: u64,
+    done: usize,
+}
+
+/// The state of one batch on one ring.
+struct Run {
+    write: bool,
+    ops: Vec<Op>,
+    /// Indices of ops with bytes left to submit, in order.
+    queue: std::collections::VecDeque<usize>,
+    in_flight: usize,
+    error: Option<Error>,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl Run {
+    fn new(write: bool, ops: Vec<Op>, timeout: Duration) -> Self {
+        let queue = (0..ops.len()).collect();
+        Self {
+            write,
+            ops,
+            queue,
+            in_flight: 0,
+            error: None,
+            started: Instant::now(),
+            timeout,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.in_flight == 0 && (self.queue.is_empty() || self.error.is_some())
+    }
+
+    fn fail(&mut self, err: Error) {
+        if self.error.is_none() {
+            self.error = Some(err);
+        }
+    }
+
+    /// Submits what fits, reaps what completed; with `block`, waits for at least one completion
+    /// when nothing else can be done. Returns whether the batch is over.
+    fn pump(&mut self, ring: &mut IoUring, block: bool) -> bool {
+        loop {
+            while self.error.is_none() && (self.in_flight as u32) < ring.params().sq_entries() {
+                let Some(index) = self.queue.pop_front() else {
+                    break;
+                };
+                let op = self.ops[index];
+                let len = (op.len - op.done).min(MAX_SQE_BYTES) as u32;
+                let addr = op.addr + op.done;
+                let offset = op.offset + op.done as u64;
+                let entry = if self.write {
+                    opcode::Write::new(types::Fd(op.fd), addr as *const u8, len)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Read::new(types::Fd(op.fd), addr as *mut u8, len)
+                        .offset(offset)
+                        .build()
+                }
+                .user_data(index as u64);
+                // SAFETY: `addr..addr+len` lies in registered memory (checked against the table
+                // before the run was built) and stays borrowed or owned by the caller of this
+                // run until `finished()`, which requires every pushed entry to have completed.
+                if unsafe { ring.submission().push(&entry) }.is_err() {
+                    self.queue.push_front(index);
+                    break;
+                }
+                self.in_flight += 1;
+            }
+            if self.finished() {
+                return true;
+            }
+            let want = usize::from(block && self.in_flight > 0);
+            if let Err(source) = ring.submit_and_wait(want) {
+                if source.raw_os_error() != Some(libc::EINTR) {
+                    self.fail(Error::Io {
+                        operation: "submitting to io_uring",
+                        path: "io_uring".into(),
+                        source,
+                    });
+                }
+            }
+            let mut reaped = 0;
+            let completions: Vec<(u64, i32)> = ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result()))
+                .collect();
+            for (user_data, result) in completions {
+                reaped += 1;
+                self.in_flight -= 1;
+                let index = user_data as usize;
+                self.complete(index, result);
+            }
+            if self.finished() {
+                return true;
+            }
+            if self.started.elapsed() > self.timeout && self.error.is_none() {
+                self.fail(Error::Timeout {
+                    descriptors: self.ops.len(),
+                    timeout: self.timeout,
+                });
+            }
+            if !block && reaped == 0 {
+                return false;
+            }
+        }
+    }
+
+    fn complete(&mut self, index: usize, result: i32) {
+        let op = self.ops[index];
+        if result <= 0 {
+            let source = if result == 0 {
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
+            } else {
+                std::io::Error::from_raw_os_error(-result)
+            };
+            self.fail(Error::Io {
+                operation: if self.write { "writing" } else { "reading" },
+                path: format!("fd {} at offset {}", op.fd, op.offset + op.done as u64).into(),
+                source,
+            });
+            return;
+        }
+        self.ops[index].done += result as usize;
+        if self.ops[index].done < op.len {
+            self.queue.push_back(index);
+        }
+    }
+
+    fn outcome(&mut self) -> Result<()> {
+        match self.error.take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+impl UringTransport {
+    fn run_blocking(&self, write: bool, ops: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .table
+            .check(ops.iter().map(|op| (op.addr, op.len, op.fd as u64)))?;
+        let mut ring = self.inner.take_ring()?;
+        let mut run = Run::new(write, ops, self.inner.config.timeout);
+        while !run.pump(&mut ring, true) {}
+        self.inner.give_ring(ring);
+        run.outcome()
+    }
+}
+
+fn ops_of(batch: impl Iterator<Item = (usize, usize, StorageExtent)>) -> Result<Vec<Op>> {
+    batch
+        .map(|(addr, len, extent)| {
+            let fd = i32::try_from(extent.dev_id).map_err(|_| Error::UnregisteredStorage {
+                dev_id: extent.dev_id,
+            })?;
+            Ok(Op {
+                fd,
+                addr,
+                len,
+                offset: extent.offset,
+                done: 0,
+            })
+        })
+        .collect()
+}
+
+/// A submitted batch: owns its pages and its ring until every completion is reaped.
+struct UringPending {
+    inner: Arc<Inner>,
+    ring: Option<IoUring>,
+    run: Option<Run>,
+    pages: Option<PageBatch>,
+    failed: Option<Error>,
+}
+
+impl fmt::Debug for UringPending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UringPending")
+            .field("pages", &self.pages.as_ref().map_or(0, Vec::len))
+            .finish_non_exhaustive()
+    }
+}
+
+impl UringPending {
+    /// Drives the run to its end and gives the ring back; returns the batch status.
+    fn settle(&mut self, block: bool) -> Result<bool> {
+        if let Some(err) = self.failed.take() {
+            return Err(err);
+        }
+        let (Some(ring), Some(run)) = (self.ring.as_mut(), self.run.as_mut()) else {
+            return Ok(true);
+        };
+        if !run.pump(ring, block) {
+            return Ok(false);
+        }
+        let outcome = run.outcome();
+        if let Some(ring) = self.ring.take() {
+            self.inner.give_ring(ring);
+        }
+        self.run = None;
+        outcome.map(|()| true)
+    }
+}
+
+impl PendingTransfer for UringPending {
+    fn poll(&mut self) -> Result<bool> {
+        self.settle(false)
+    }
+
+    fn wait(mut self: Box<Self>) -> (PageBatch, Result<()>) {
+        let status = loop {
+            match self.settle(true) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(err) => break Err(err),
+            }
+        };
+        (self.pages.take().unwrap_or_default(), status)
+    }
+}
+
+impl Drop for UringPending {
+    fn drop(&mut self) {
+        // Every submitted entry must complete before the pages can go back to their pool.
+        while self.run.is_some() {
+            if let Err(err) = self.settle(true) {
+                tracing::debug!(error = %err, "dropped io_uring batch ended in error");
+            }
+        }
+    }
+}
+
+impl Transport for UringTransport {
+    fn backend(&self) -> &str {
+        "URING"
+    }
+
+    fn register_memory(&self, region: Arc<dyn MemoryRegion>) -> Result<Registration> {
+        let entry = self
+            .inner
+            .table
+            .add_memory(region.base().as_ptr() as usize, region.len());
+        Ok(Registration::new(
+            0,
+            Box::new(Guard {
+                inner: Arc::clone(&self.inner),
+                entry,
+                _keep_alive: region,
+            }),
+        ))
+    }
+
+    fn register_file(&self, file: Arc<File>) -> Result<Registration> {
+        let dev_id = file.as_raw_fd() as u64;
+        let entry = self.inner.table.add_storage(dev_id, false)?;
+        Ok(Registration::new(
+            dev_id,
+            Box::new(Guard {
+                inner: Arc::clone(&self.inner),
+                entry,
+                _keep_alive: file,
+            }),
+        ))
+    }
+
+    fn register_object(&self, _object_id: u64, _len: usize) -> Result<Registration> {
+        Err(Error::WrongStorageKind {
+            backend: "URING".to_owned(),
+            wanted: "objects",
+        })
+    }
+
+    fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {
+        let ops = ops_of(
+            batch
+                .iter()
+                .map(|(b, e)| (b.as_ptr() as usize, b.len(), *e)),
+        )?;
+        self.run_blocking(true, ops)
+    }
+
+    fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
+        let ops = ops_of(
+            batch
+                .iter_mut()
+                .map(|(b, e)| (b.as_mut_ptr() as usize, b.len(), *e)),
+        )?;
+        self.run_blocking(false, ops)
+    }
+
+    fn submit(&self, direction: Direction, mut batch: PageBatch) -> Box<dyn PendingTransfer> {
+        let write = direction == Direction::Write;
+        let spans: Vec<_> = batch
+            .iter_mut()
+            .map(|(page, extent)| {
+                (
+                    page.as_mut_slice().as_mut_ptr() as usize,
+                    page.len(),
+                    *extent,
+                )
+            })
+            .collect();
+        let prepared = ops_of(spans.into_iter()).and_then(|ops| {
+            self.inner
+                .table
+                .check(ops.iter().map(|op| (op.addr, op.len, op.fd as u64)))?;
+            let ring = self.inner.take_ring()?;
+            Ok((ring, Run::new(write, ops, self.inner.config.timeout)))
+        });
+        let (ring, run, failed) = match prepared {
+            Ok((ring, run)) => (Some(ring), Some(run), None),
+            Err(err) => (None, None, Some(err)),
+        };
+        let mut pending = UringPending {
+            inner: Arc::clone(&self.inner),
+            ring,
+            run,
+            pages: Some(batch),
+            failed,
+        };
+        if let (Some(ring), Some(run)) = (pending.ring.as_mut(), pending.run.as_mut()) {
+            run.pump(ring, false);
+        }
+        Box::new(pending)
+    }
+
+    fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>> {
+        items
+            .iter()
+            .map(|item| match item {
+                StorageName::File(path) => Ok(path.exists()),
+                StorageName::Object(_) => Err(Error::WrongStorageKind {
+                    backend: "URING".to_owned(),
+                    wanted: "objects",
+                }),
+            })
+            .collect()
+    }
+}
