@@ -6,6 +6,7 @@ use std::sync::Arc;
 use nixl_core::{NixlConfig, NixlTransport, Transport};
 use nixl_file::{UringConfig, UringTransport};
 
+pub mod file_suite;
 pub mod suite;
 
 /// Deterministic, chunk-specific content: every byte depends on the chunk index and its position,

@@ -15,4 +15,5 @@ pub use runtime::{NixlRuntime, RuntimeLocator};
 pub use table::{RegistrationTable, TableEntry};
 pub use transport::{
     Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
+    TransportExt,
 };

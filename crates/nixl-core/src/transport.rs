@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use pinned_alloc::{MemoryRegion, Page};
+use pinned_alloc::{MemoryRegion, Page, PagePool};
 
 use crate::error::Result;
 
@@ -129,3 +129,13 @@ pub trait Transport: Send + Sync + Debug + 'static {
     /// Whether each storage item exists, in order.
     fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>>;
 }
+
+/// Conveniences over any [`Transport`], for callers (implementers never override them).
+pub trait TransportExt: Transport {
+    /// Registers a page pool, the usual host memory of a transport.
+    fn register_pool(&self, pool: &Arc<PagePool>) -> Result<Registration> {
+        self.register_memory(Arc::clone(pool) as Arc<dyn MemoryRegion>)
+    }
+}
+
+impl<T: Transport + ?Sized> TransportExt for T {}

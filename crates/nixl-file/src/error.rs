@@ -28,6 +28,55 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// Any other file-system operation failed.
+    #[error("{operation} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        operation: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A key that cannot name a file safely (path separators, NUL, `..`, too long, …).
+    #[error("invalid key: {reason}")]
+    InvalidKey {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The transport failed the transfer (the whole batch counts as failed).
+    #[error("transfer failed: {0}")]
+    Transport(#[from] nixl_core::Error),
+
+    /// The batch this key was part of failed as a whole; every key in it shares the cause.
+    #[error("the batch failed: {0}")]
+    Batch(#[source] std::sync::Arc<nixl_core::Error>),
+
+    /// The configuration cannot work.
+    #[error("invalid file backend configuration: {0}")]
+    Config(String),
+
+    /// No header page came free in time (too many concurrent batches for the header pool).
+    #[error("no header buffer became free within {0:?}")]
+    Busy(std::time::Duration),
+}
+
+impl Error {
+    pub(crate) fn io(
+        operation: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(io::Error) -> Error {
+        let path = path.to_path_buf();
+        move |source| Error::Io {
+            operation,
+            path,
+            source,
+        }
+    }
 }
 
 /// Result with this crate's [`Error`].

@@ -1,16 +1,34 @@
-//! File backends over [`nixl_core::Transport`]: NIXL's POSIX, GDS, GDS_MT and HF3FS plugins.
+//! File backends over any [`nixl_core::Transport`]: NIXL's POSIX, GDS, GDS_MT and HF3FS plugins,
+//! or the native io_uring engine ([`UringTransport`]) where NIXL is not installed.
 //!
-//! This first layer opens the files chunks live in: optionally with `O_DIRECT`, and
-//! preallocated, because small `O_DIRECT` writes that grow a fresh file are several times slower
-//! than writes into allocated space.
+//! - [`StaticFilePool`]: `pool_size` files opened and registered once, carved into page slots.
+//! - [`DynamicFileStore`]: one file per key ([`FileKey`]), atomic publish, a checked header, found
+//!   again after a restart.
+//!
+//! Files are preallocated, because small `O_DIRECT` writes that grow a fresh file are several
+//! times slower than writes into allocated space, and `O_DIRECT` falls back to buffered I/O per
+//! folder where the file system refuses it.
+//!
+//! # Safety
+//!
+//! The io_uring engine hands the kernel raw buffer addresses. It checks every buffer against its
+//! registration table first, and keeps each buffer borrowed (blocking calls) or owned (submitted
+//! batches) until the completion of every entry that names it has been reaped.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod dynamic;
 mod error;
+mod header;
+mod key;
 mod open;
+mod static_pool;
 #[cfg(target_os = "linux")]
 mod uring;
 
+pub use dynamic::{DynamicConfig, DynamicFileStore, StoredChunk};
 pub use error::{Error, Result};
+pub use key::FileKey;
 pub use open::{FileOptions, open_storage_file};
+pub use static_pool::{SlotId, StaticConfig, StaticFilePool};
 #[cfg(target_os = "linux")]
 pub use uring::{UringConfig, UringTransport};

@@ -57,7 +57,7 @@ pub fn open_storage_file(path: &Path, options: FileOptions) -> Result<File> {
     Ok(file)
 }
 
-fn preallocate(file: &File, bytes: u64) -> io::Result<()> {
+pub(crate) fn preallocate(file: &File, bytes: u64) -> io::Result<()> {
     let len = libc::off_t::try_from(bytes)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size exceeds off_t"))?;
     // SAFETY: the descriptor belongs to `file`, which is borrowed for the whole call.

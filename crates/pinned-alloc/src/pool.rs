@@ -378,6 +378,26 @@ impl Page {
         self.len
     }
 
+    /// The view rounded up to whole 4 KiB blocks, as `O_DIRECT` transfers need. The bytes past
+    /// [`len`](Page::len) are this page's own padding (pages are 4 KiB apart), never another's.
+    pub fn io_slice(&self) -> &[u8] {
+        let len = self.io_len();
+        // SAFETY: `io_len() <= stride`: `len <= page_bytes`, rounded up to 4 KiB, never exceeds
+        // the stride (page_bytes rounded up to 4 KiB). The rest as in `as_slice`.
+        unsafe { std::slice::from_raw_parts(self.start(), len) }
+    }
+
+    /// The padded view, writable.
+    pub fn io_slice_mut(&mut self) -> &mut [u8] {
+        let len = self.io_len();
+        // SAFETY: as in `io_slice`; `&mut self` makes this the only live view of the page.
+        unsafe { std::slice::from_raw_parts_mut(self.start(), len) }
+    }
+
+    fn io_len(&self) -> usize {
+        self.len.next_multiple_of(PAGE_ALIGN)
+    }
+
     /// The pool this page belongs to.
     pub fn pool(&self) -> &Arc<PagePool> {
         &self.pool
@@ -525,6 +545,21 @@ mod tests {
             4096,
             "a view never grows past the page"
         );
+    }
+
+    #[test]
+    fn io_slices_pad_to_4k_within_the_page() {
+        let pool = pool(5000, 2);
+        let mut pages = pool.allocate_batch(2).unwrap();
+        assert_eq!(pages[0].io_slice().len(), 8192);
+        pages[0].io_slice_mut().fill(1);
+        pages[1].io_slice_mut().fill(2);
+        assert!(
+            pages[0].io_slice().iter().all(|&b| b == 1),
+            "padding never overlaps"
+        );
+        pages[0].set_len(100);
+        assert_eq!(pages[0].io_slice().len(), 4096);
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! The 4 KiB header at the start of every dynamic chunk file: format version, the full key, the
+//! payload length and checksums. A file whose header does not check out is a miss, never data.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Bytes reserved for the header; the payload starts here, O_DIRECT-aligned.
+pub(crate) const HEADER_BYTES: usize = 4096;
+const MAGIC: &[u8; 8] = b"KVL2CHNK";
+const VERSION: u32 = 1;
+/// magic, version, key length, payload length, payload checksum, header checksum.
+const FIXED: usize = 8 + 4 + 4 + 8 + 8 + 8;
+/// Longest key a header holds.
+pub(crate) const MAX_KEY_BYTES: usize = HEADER_BYTES - FIXED;
+
+/// Why a header was refused (logged with the file's path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Magic,
+    Version(u32),
+    HeaderChecksum,
+    KeyLength,
+    ForeignKey,
+    PayloadLength { stored: u64, expected: u64 },
+    PayloadChecksum,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Magic => f.write_str("not a KV chunk file"),
+            Refusal::Version(v) => write!(f, "unknown format version {v}"),
+            Refusal::HeaderChecksum => f.write_str("header checksum mismatch (torn or corrupted)"),
+            Refusal::KeyLength => f.write_str("key length out of range"),
+            Refusal::ForeignKey => f.write_str("file holds another key"),
+            Refusal::PayloadLength { stored, expected } => {
+                write!(f, "payload is {stored} bytes, expected {expected}")
+            }
+            Refusal::PayloadChecksum => {
+                f.write_str("payload checksum mismatch (torn or corrupted)")
+            }
+        }
+    }
+}
+
+/// Fills `out` (at least [`HEADER_BYTES`]) with the header of `payload` stored under `key`.
+pub(crate) fn write(out: &mut [u8], key: &[u8], payload: &[u8]) {
+    debug_assert!(key.len() <= MAX_KEY_BYTES && out.len() >= HEADER_BYTES);
+    out[..HEADER_BYTES].fill(0);
+    out[0..8].copy_from_slice(MAGIC);
+    out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&(key.len() as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[24..32].copy_from_slice(&xxh3_64(payload).to_le_bytes());
+    out[FIXED..FIXED + key.len()].copy_from_slice(key);
+    let checksum = header_checksum(out);
+    out[32..40].copy_from_slice(&checksum.to_le_bytes());
+}
+
+fn header_checksum(header: &[u8]) -> u64 {
+    let mut copy = [0u8; HEADER_BYTES];
+    copy.copy_from_slice(&header[..HEADER_BYTES]);
+    copy[32..40].fill(0);
+    xxh3_64(&copy)
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default())
+}
+
+/// Checks a header read back: the key it carries and the payload length it announces.
+/// Returns the payload checksum to verify once the payload is in memory.
+pub(crate) fn check(header: &[u8], key: &[u8], payload_len: u64) -> Result<u64, Refusal> {
+    let (stored_key, stored_len, checksum) = parse(header)?;
+    if stored_key != key {
+        return Err(Refusal::ForeignKey);
+    }
+    if stored_len != payload_len {
+        return Err(Refusal::PayloadLength {
+            stored: stored_len,
+            expected: payload_len,
+        });
+    }
+    Ok(checksum)
+}
+
+/// Parses a header: `(key, payload length, payload checksum)`.
+pub(crate) fn parse(header: &[u8]) -> Result<(&[u8], u64, u64), Refusal> {
+    if header.len() < HEADER_BYTES || &header[0..8] != MAGIC {
+        return Err(Refusal::Magic);
+    }
+    let version = u32_at(header, 8);
+    if version != VERSION {
+        return Err(Refusal::Version(version));
+    }
+    if u64_at(header, 32) != header_checksum(header) {
+        return Err(Refusal::HeaderChecksum);
+    }
+    let key_len = u32_at(header, 12) as usize;
+    if key_len > MAX_KEY_BYTES {
+        return Err(Refusal::KeyLength);
+    }
+    Ok((
+        &header[FIXED..FIXED + key_len],
+        u64_at(header, 16),
+        u64_at(header, 24),
+    ))
+}
+
+/// Verifies the payload against the checksum from [`check`].
+pub(crate) fn verify_payload(payload: &[u8], checksum: u64) -> Result<(), Refusal> {
+    if xxh3_64(payload) == checksum {
+        Ok(())
+    } else {
+        Err(Refusal::PayloadChecksum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut header = vec![0u8; HEADER_BYTES];
+        write(&mut header, b"model\x001\x000\x00ab\x00", b"payload bytes");
+        header
+    }
+
+    #[test]
+    fn a_written_header_checks_out() {
+        let header = sample();
+        let checksum = check(&header, b"model\x001\x000\x00ab\x00", 13).unwrap();
+        assert!(verify_payload(b"payload bytes", checksum).is_ok());
+        assert_eq!(
+            verify_payload(b"payload bytez", checksum),
+            Err(Refusal::PayloadChecksum)
+        );
+    }
+
+    #[test]
+    fn every_kind_of_damage_is_refused() {
+        let key = b"model\x001\x000\x00ab\x00";
+        assert_eq!(check(&sample(), b"other", 13), Err(Refusal::ForeignKey));
+        assert!(matches!(
+            check(&sample(), key, 14),
+            Err(Refusal::PayloadLength { .. })
+        ));
+        let mut flipped = sample();
+        flipped[100] ^= 1;
+        assert_eq!(check(&flipped, key, 13), Err(Refusal::HeaderChecksum));
+        let mut foreign = sample();
+        foreign[0] = b'X';
+        assert_eq!(check(&foreign, key, 13), Err(Refusal::Magic));
+        assert_eq!(check(&[0u8; 10], key, 13), Err(Refusal::Magic));
+        let zeros = vec![0u8; HEADER_BYTES];
+        assert_eq!(
+            check(&zeros, key, 13),
+            Err(Refusal::Magic),
+            "a torn file of zeros"
+        );
+    }
+}
