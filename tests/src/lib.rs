@@ -7,6 +7,7 @@ use nixl_core::{NixlConfig, NixlTransport, Transport};
 use nixl_file::{UringConfig, UringTransport};
 
 pub mod file_suite;
+pub mod services;
 pub mod suite;
 
 /// Deterministic, chunk-specific content: every byte depends on the chunk index and its position,

@@ -1,7 +1,8 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
 //! - `setup`: installs what builds and tests need on a fresh machine (libclang for bindgen, the
-//!   NIXL runtime from the PyPI wheel `nixl-cu12`); idempotent.
+//!   NIXL runtime from the PyPI wheel `nixl-cu12`, moto's S3 server and Azurite for the object
+//!   store tests); idempotent.
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers (default ten minutes).
@@ -10,6 +11,7 @@
 
 mod memcheck;
 mod nixl_runtime;
+mod services;
 mod system;
 mod test_run;
 mod tidy;
@@ -30,6 +32,8 @@ fn setup(root: &Path) -> Result<()> {
     let runtime = nixl_runtime::ensure_installed(root)?;
     println!("NIXL runtime: {}", runtime.lib_dir.display());
     println!("NIXL plugins: {}", runtime.plugins.join(", "));
+    services::ensure_python_services(root)?;
+    services::ensure_azurite(root)?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod error;
+pub mod header;
 mod nixl;
 mod probe;
 mod runtime;

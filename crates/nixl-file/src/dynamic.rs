@@ -19,9 +19,9 @@ use nixl_core::{Registration, StorageExtent, Transport};
 use pinned_alloc::{LockMode, MemoryRegion, PAGE_ALIGN, Page, PagePool, PoolConfig};
 
 use crate::error::{Error, Result};
-use crate::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
 use crate::key::FileKey;
 use crate::open::preallocate;
+use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
 
 const TEMP_MARKER: &str = ".tmp.";
 const HEADER_WAIT: Duration = Duration::from_secs(30);

@@ -18,7 +18,6 @@
 
 mod dynamic;
 mod error;
-mod header;
 mod key;
 mod open;
 mod static_pool;

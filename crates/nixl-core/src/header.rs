@@ -1,26 +1,40 @@
-//! The 4 KiB header at the start of every dynamic chunk file: format version, the full key, the
-//! payload length and checksums. A file whose header does not check out is a miss, never data.
+//! The 4 KiB header at the start of every dynamic chunk file or object: format version, the full
+//! key, the payload length and checksums. Storage whose header does not check out is a miss,
+//! never data.
 
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Bytes reserved for the header; the payload starts here, O_DIRECT-aligned.
-pub(crate) const HEADER_BYTES: usize = 4096;
+pub const HEADER_BYTES: usize = 4096;
 const MAGIC: &[u8; 8] = b"KVL2CHNK";
 const VERSION: u32 = 1;
 /// magic, version, key length, payload length, payload checksum, header checksum.
 const FIXED: usize = 8 + 4 + 4 + 8 + 8 + 8;
 /// Longest key a header holds.
-pub(crate) const MAX_KEY_BYTES: usize = HEADER_BYTES - FIXED;
+pub const MAX_KEY_BYTES: usize = HEADER_BYTES - FIXED;
 
-/// Why a header was refused (logged with the file's path).
+/// Why a header was refused (logged with the file's or object's name).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Refusal {
+#[non_exhaustive]
+pub enum Refusal {
+    /// Not a chunk header at all.
     Magic,
+    /// A format version this build does not read.
     Version(u32),
+    /// The header itself is torn or corrupted.
     HeaderChecksum,
+    /// The key length field is out of range.
     KeyLength,
+    /// The header holds another key.
     ForeignKey,
-    PayloadLength { stored: u64, expected: u64 },
+    /// The payload length differs from the one expected.
+    PayloadLength {
+        /// Length in the header.
+        stored: u64,
+        /// Length expected.
+        expected: u64,
+    },
+    /// The payload is torn or corrupted.
     PayloadChecksum,
 }
 
@@ -43,7 +57,7 @@ impl std::fmt::Display for Refusal {
 }
 
 /// Fills `out` (at least [`HEADER_BYTES`]) with the header of `payload` stored under `key`.
-pub(crate) fn write(out: &mut [u8], key: &[u8], payload: &[u8]) {
+pub fn write(out: &mut [u8], key: &[u8], payload: &[u8]) {
     debug_assert!(key.len() <= MAX_KEY_BYTES && out.len() >= HEADER_BYTES);
     out[..HEADER_BYTES].fill(0);
     out[0..8].copy_from_slice(MAGIC);
@@ -73,7 +87,7 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 
 /// Checks a header read back: the key it carries and the payload length it announces.
 /// Returns the payload checksum to verify once the payload is in memory.
-pub(crate) fn check(header: &[u8], key: &[u8], payload_len: u64) -> Result<u64, Refusal> {
+pub fn check(header: &[u8], key: &[u8], payload_len: u64) -> Result<u64, Refusal> {
     let (stored_key, stored_len, checksum) = parse(header)?;
     if stored_key != key {
         return Err(Refusal::ForeignKey);
@@ -88,7 +102,7 @@ pub(crate) fn check(header: &[u8], key: &[u8], payload_len: u64) -> Result<u64, 
 }
 
 /// Parses a header: `(key, payload length, payload checksum)`.
-pub(crate) fn parse(header: &[u8]) -> Result<(&[u8], u64, u64), Refusal> {
+pub fn parse(header: &[u8]) -> Result<(&[u8], u64, u64), Refusal> {
     if header.len() < HEADER_BYTES || &header[0..8] != MAGIC {
         return Err(Refusal::Magic);
     }
@@ -111,7 +125,7 @@ pub(crate) fn parse(header: &[u8]) -> Result<(&[u8], u64, u64), Refusal> {
 }
 
 /// Verifies the payload against the checksum from [`check`].
-pub(crate) fn verify_payload(payload: &[u8], checksum: u64) -> Result<(), Refusal> {
+pub fn verify_payload(payload: &[u8], checksum: u64) -> Result<(), Refusal> {
     if xxh3_64(payload) == checksum {
         Ok(())
     } else {

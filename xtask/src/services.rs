@@ -1,0 +1,75 @@
+//! The test servers the object-store tests start on 127.0.0.1: moto's S3 server (PyPI) and
+//! Microsoft's Azurite blob emulator (npm), installed under `target/test-services/`.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::system::run;
+
+const MOTO: &str = "moto[server]==5.1.*";
+const AZURE_BLOB_CLIENT: &str = "azure-storage-blob==12.*";
+const AZURITE: &str = "azurite@3.37.0";
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// A virtual environment with moto's server and the Azure blob client (used only to create the
+/// test container, which NIXL's plugin does not do).
+pub(crate) fn ensure_python_services(root: &Path) -> Result<()> {
+    let venv = root.join("target/test-services/venv");
+    let ready = venv.join("bin/moto_server").exists()
+        && Command::new(venv.join("bin/python"))
+            .args(["-c", "import azure.storage.blob, moto"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if ready {
+        println!("moto S3 server: {}", venv.join("bin/moto_server").display());
+        return Ok(());
+    }
+    println!(
+        "installing moto's S3 server and the Azure blob client into {}",
+        venv.display()
+    );
+    run(Command::new(python()).args(["-m", "venv"]).arg(&venv))
+        .context("creating the test-services virtual environment (is python3-venv installed?)")?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        MOTO,
+        AZURE_BLOB_CLIENT,
+    ]))?;
+    println!("moto S3 server: {}", venv.join("bin/moto_server").display());
+    Ok(())
+}
+
+/// Azurite from npm.
+pub(crate) fn ensure_azurite(root: &Path) -> Result<()> {
+    let dir = root.join("target/test-services/azurite");
+    let bin = dir.join("node_modules/.bin/azurite-blob");
+    if bin.exists() {
+        println!("Azurite: {}", bin.display());
+        return Ok(());
+    }
+    println!(
+        "installing Azurite ({AZURITE}) from npm into {}",
+        dir.display()
+    );
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("package.json"), "{ \"private\": true }\n")?;
+    run(Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            AZURITE,
+        ])
+        .current_dir(&dir))
+    .context("installing Azurite with npm (is Node.js installed?)")?;
+    println!("Azurite: {}", bin.display());
+    Ok(())
+}
