@@ -5,15 +5,18 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, NixlDescriptor, OptArgs, RegDescList, RegistrationHandle,
     XferDescList, XferOp, XferRequest, XferStatus,
 };
-use pinned_alloc::MemoryRegion;
+use pinned_alloc::{MemoryRegion, Quarantine};
+
+/// How long the pages of a failed batch stay out of their pool.
+const FAILED_PAGE_GRACE: Duration = Duration::from_secs(60);
 
 use crate::error::{Error, NixlStatus, Result};
 use crate::runtime::NixlRuntime;
@@ -133,9 +136,35 @@ struct Shared {
     config: NixlConfig,
     storage_mem: MemType,
     table: RegistrationTable,
+    /// Registered host memory, to quarantine when a transfer fails.
+    live_regions: Mutex<Vec<(TableEntry, Arc<dyn MemoryRegion>)>>,
+    /// Base addresses of regions kept mapped for good because a failed transfer may still touch
+    /// them.
+    pinned_for_good: Mutex<std::collections::HashSet<usize>>,
+    /// Pages of failed submitted batches, held back from their pool for a grace period.
+    held_pages: Quarantine,
 }
 
 impl Shared {
+    /// After a failed request, a plugin may still be working on some of its descriptors (a
+    /// storage SDK retrying in the background, seen with NIXL OBJ against a missing bucket).
+    /// The request handle is never released under it (which also keeps the agent alive), and
+    /// every registered region stays mapped for the rest of the process: a bounded leak that only
+    /// failures pay, instead of a use-after-unmap.
+    fn quarantine(&self, request: XferRequest) {
+        std::mem::forget(request);
+        let live = self.live_regions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pinned = self
+            .pinned_for_good
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (_, region) in live.iter() {
+            if pinned.insert(region.base().as_ptr() as usize) {
+                std::mem::forget(Arc::clone(region));
+            }
+        }
+    }
+
     fn opt_args(&self) -> Result<OptArgs> {
         let mut args = OptArgs::new().map_err(Error::nixl("create optional arguments"))?;
         args.add_backend(&self.backend)
@@ -211,6 +240,11 @@ impl<T: Send + Sync + 'static> Drop for Guard<T> {
             }
         }
         self.shared.table.remove(self.entry);
+        self.shared
+            .live_regions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(entry, _)| *entry != self.entry);
     }
 }
 
@@ -260,6 +294,9 @@ impl NixlTransport {
                 config,
                 storage_mem,
                 table: RegistrationTable::new(),
+                live_regions: Mutex::new(Vec::new()),
+                pinned_for_good: Mutex::new(std::collections::HashSet::new()),
+                held_pages: Quarantine::new(FAILED_PAGE_GRACE),
             }),
         })
     }
@@ -358,10 +395,14 @@ impl NixlTransport {
 
     /// Posts the batch and waits for it.
     fn transfer(&self, op: XferOp, batch: &[(usize, usize, StorageExtent)]) -> Result<()> {
-        match self.post(op, batch)? {
-            Some(request) => wait_request(&self.shared, &request, batch.len()),
-            None => Ok(()),
+        let Some(request) = self.post(op, batch)? else {
+            return Ok(());
+        };
+        let outcome = wait_request(&self.shared, &request, batch.len());
+        if outcome.is_err() {
+            self.shared.quarantine(request);
         }
+        outcome
     }
 }
 
@@ -433,22 +474,24 @@ impl NixlPending {
     fn finish(&mut self, outcome: Result<()>) {
         self.state = match outcome {
             Ok(()) => State::Succeeded,
-            Err(err @ Error::Timeout { .. }) => {
-                // NIXL may still touch these pages: keep them out of their pool for good rather
-                // than hand them to another chunk.
-                if let Some(pages) = self.pages.take() {
-                    tracing::error!(
-                        pages = pages.len(),
-                        "transfer timed out; its pages are withdrawn from the pool"
-                    );
-                    std::mem::forget(pages);
-                }
+            Err(err) => {
+                // The plugin may still touch these pages: hold them back from their pool for a
+                // grace period rather than hand them to another chunk now.
                 if let Some(request) = self.request.take() {
-                    std::mem::forget(request);
+                    self.shared.quarantine(request);
+                    if let Some(pages) = self.pages.take() {
+                        tracing::warn!(
+                            pages = pages.len(),
+                            error = %err,
+                            "transfer failed; its pages are held back from the pool for a while"
+                        );
+                        self.shared
+                            .held_pages
+                            .hold(pages.into_iter().map(|(p, _)| p).collect());
+                    }
                 }
                 State::Failed(Some(err))
             }
-            Err(err) => State::Failed(Some(err)),
         };
     }
 
@@ -530,6 +573,11 @@ impl Transport for NixlTransport {
             mem_type: MemType::Dram,
         };
         let entry = self.shared.table.add_memory(addr, len);
+        self.shared
+            .live_regions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((entry, Arc::clone(&region)));
         self.register(descriptor, entry, region)
     }
 

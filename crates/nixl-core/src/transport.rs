@@ -80,6 +80,9 @@ impl Registration {
 /// - Dropping an unfinished transfer MUST NOT return its pages to their pool while the engine
 ///   may still access them: implementations wait (bounded) and otherwise keep the pages out of
 ///   circulation.
+/// - After a failure, an engine that may still be touching the pages (a storage SDK retrying in
+///   the background) keeps them: [`wait`](PendingTransfer::wait) then gives back fewer pages,
+///   or none, and the engine lets them return to their pool once that is safe.
 pub trait PendingTransfer: Send + Debug {
     /// Whether the batch is complete; an error when it failed.
     fn poll(&mut self) -> Result<bool>;

@@ -1,0 +1,314 @@
+//! Dynamic mode: one object per key, registered per operation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
+use nixl_core::{Registration, StorageExtent, StorageName, Transport, TransportExt};
+use pinned_alloc::{LockMode, Page, PagePool, PoolConfig, Quarantine};
+
+use crate::error::{Error, Result};
+use crate::naming::object_id;
+
+const BUFFER_WAIT: Duration = Duration::from_secs(30);
+/// How long the buffers of a failed batch stay out of use (an SDK may retry in the background).
+const FAILED_BUFFER_GRACE: Duration = Duration::from_secs(60);
+
+/// Configuration of an [`ObjectStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ObjectConfig {
+    /// Bytes of one chunk (the payload of one object).
+    pub chunk_bytes: usize,
+    /// Objects per transfer batch; also the number of staging buffers.
+    pub max_batch: usize,
+}
+
+impl ObjectConfig {
+    /// Chunks of `chunk_bytes`, batches of 16.
+    pub fn new(chunk_bytes: usize) -> Self {
+        Self {
+            chunk_bytes,
+            max_batch: 16,
+        }
+    }
+
+    /// Sets the batch size.
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
+        self
+    }
+}
+
+/// Chunk objects in one bucket or container, through a NIXL object transport.
+#[derive(Debug)]
+pub struct ObjectStore {
+    transport: Arc<dyn Transport>,
+    config: ObjectConfig,
+    /// Header + payload, contiguous: objects are written whole.
+    staging: Arc<PagePool>,
+    /// Headers read back (ranged reads land payloads in the caller's pages directly).
+    headers: Arc<PagePool>,
+    held: Quarantine,
+    _registrations: [Registration; 2],
+}
+
+fn wait_for_pages(pool: &Arc<PagePool>, n: usize) -> Option<Vec<Page>> {
+    let started = Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        if let Ok(pages) = pool.allocate_batch(n) {
+            return Some(pages);
+        }
+        if started.elapsed() > BUFFER_WAIT {
+            return None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(2));
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(Error::InvalidKey(format!(
+            "a key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+impl ObjectStore {
+    /// Creates the staging and header buffers and registers them once.
+    pub fn open(transport: Arc<dyn Transport>, config: ObjectConfig) -> Result<Self> {
+        if config.chunk_bytes == 0 {
+            return Err(Error::Config("chunk size must be positive".to_owned()));
+        }
+        let batch = config.max_batch.max(1) as u64;
+        let object_bytes = HEADER_BYTES + config.chunk_bytes;
+        let staging = PoolConfig::new(
+            object_bytes,
+            batch * object_bytes.next_multiple_of(4096) as u64,
+        )
+        .with_lock(LockMode::BestEffort)
+        .build()
+        .map_err(|e| Error::Config(format!("staging buffers: {e}")))?;
+        let headers = PoolConfig::new(HEADER_BYTES, batch * 4 * HEADER_BYTES as u64)
+            .with_lock(LockMode::BestEffort)
+            .build()
+            .map_err(|e| Error::Config(format!("header buffers: {e}")))?;
+        let registrations = [
+            transport.register_pool(&staging)?,
+            transport.register_pool(&headers)?,
+        ];
+        Ok(Self {
+            transport,
+            config,
+            staging,
+            headers,
+            held: Quarantine::new(FAILED_BUFFER_GRACE),
+            _registrations: registrations,
+        })
+    }
+
+    /// The object id (and name, in decimal) of a key.
+    pub fn id_of(key: &[u8]) -> u64 {
+        object_id(key)
+    }
+
+    /// Stores every page under its key (canonical key bytes). One result per item.
+    pub fn put(&self, items: &[(&[u8], &Page)]) -> Vec<Result<u64>> {
+        let mut results: Vec<Result<u64>> = Vec::with_capacity(items.len());
+        for piece in items.chunks(self.config.max_batch) {
+            results.extend(self.put_piece(piece));
+        }
+        results
+    }
+
+    fn put_piece(&self, piece: &[(&[u8], &Page)]) -> Vec<Result<u64>> {
+        let Some(mut staging) = wait_for_pages(&self.staging, piece.len()) else {
+            return piece
+                .iter()
+                .map(|_| Err(Error::Config("no staging buffer came free".to_owned())))
+                .collect();
+        };
+        let mut results: Vec<Result<u64>> = Vec::with_capacity(piece.len());
+        let mut ready = Vec::new();
+        for ((key, page), buffer) in piece.iter().zip(staging.iter_mut()) {
+            let prepared = check_key(key).and_then(|()| {
+                if page.len() > self.config.chunk_bytes {
+                    return Err(Error::Config(format!(
+                        "a chunk of {} bytes does not fit objects of {}",
+                        page.len(),
+                        self.config.chunk_bytes
+                    )));
+                }
+                buffer.set_len(HEADER_BYTES + page.len());
+                let (head, body) = buffer.as_mut_slice().split_at_mut(HEADER_BYTES);
+                header::write(head, key, page.as_slice());
+                body.copy_from_slice(page.as_slice());
+                Ok(self
+                    .transport
+                    .register_object(object_id(key), buffer.len())?)
+            });
+            match prepared {
+                Ok(registration) => {
+                    ready.push((results.len(), registration));
+                    results.push(Ok(page.len() as u64));
+                }
+                Err(err) => results.push(Err(err)),
+            }
+        }
+        if ready.is_empty() {
+            return results;
+        }
+        let batch: Vec<_> = ready
+            .iter()
+            .map(|(i, r)| (staging[*i].as_slice(), StorageExtent::new(r.dev_id(), 0)))
+            .collect();
+        if let Err(err) = self.transport.write(&batch) {
+            drop(batch);
+            self.held.hold(staging);
+            let err = Arc::new(err);
+            for (i, _) in &ready {
+                results[*i] = Err(Error::Batch(Arc::clone(&err)));
+            }
+        }
+        results
+    }
+
+    /// Which keys have an object (one batched existence query: an S3 HEAD per key).
+    pub fn contains(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        let names: Vec<StorageName<'_>> = keys
+            .iter()
+            .map(|k| StorageName::Object(object_id(k)))
+            .collect();
+        Ok(self.transport.exists(&names)?)
+    }
+
+    /// Loads every key into its page (whose length is the expected payload size). One result per
+    /// item: `Ok(true)` loaded and verified, `Ok(false)` a miss (absent, foreign, damaged),
+    /// `Err` when the store could not be read.
+    pub fn get(&self, items: &mut [(&[u8], &mut Page)]) -> Vec<Result<bool>> {
+        let mut results: Vec<Result<bool>> = Vec::with_capacity(items.len());
+        for piece in items.chunks_mut(self.config.max_batch) {
+            results.extend(self.get_piece(piece));
+        }
+        results
+    }
+
+    fn get_piece(&self, piece: &mut [(&[u8], &mut Page)]) -> Vec<Result<bool>> {
+        let keys: Vec<&[u8]> = piece.iter().map(|(k, _)| *k).collect();
+        let present = match self.contains(&keys) {
+            Ok(present) => present,
+            Err(err) => {
+                let err = Arc::new(match err {
+                    Error::Transport(inner) => inner,
+                    other => nixl_core::Error::Failed(other.to_string()),
+                });
+                return piece
+                    .iter()
+                    .map(|_| Err(Error::Batch(Arc::clone(&err))))
+                    .collect();
+            }
+        };
+        let wanted: Vec<usize> = (0..piece.len()).filter(|&i| present[i]).collect();
+        let mut results: Vec<Result<bool>> = (0..piece.len()).map(|_| Ok(false)).collect();
+        if wanted.is_empty() {
+            return results;
+        }
+        let outcome = self.read_verified(piece, &wanted);
+        match outcome {
+            Ok(verdicts) => {
+                for (i, verdict) in wanted.iter().zip(verdicts) {
+                    results[*i] = Ok(verdict);
+                }
+            }
+            Err(_) if wanted.len() > 1 => {
+                // Something in the batch failed (a short foreign object, a vanished one): isolate
+                // each key so one bad object cannot fail its neighbours.
+                for &i in &wanted {
+                    results[i] = Ok(self.read_verified(piece, &[i]).is_ok_and(|v| v[0]));
+                }
+            }
+            Err(err) => {
+                // The object was there a moment ago (HEAD answered) but cannot be read as a
+                // chunk: a short or damaged object, or one that just vanished. A miss is safe.
+                tracing::warn!(
+                    object = object_id(piece[wanted[0]].0),
+                    error = %err,
+                    "object present but unreadable; treated as a miss"
+                );
+            }
+        }
+        results
+    }
+
+    /// Reads header and payload of `which` in one batch and verifies them.
+    fn read_verified(
+        &self,
+        piece: &mut [(&[u8], &mut Page)],
+        which: &[usize],
+    ) -> Result<Vec<bool>> {
+        let Some(mut headers) = wait_for_pages(&self.headers, which.len()) else {
+            return Err(Error::Config("no header buffer came free".to_owned()));
+        };
+        let mut registrations = Vec::with_capacity(which.len());
+        for &i in which {
+            let (key, page) = &piece[i];
+            registrations.push(
+                self.transport
+                    .register_object(object_id(key), HEADER_BYTES + page.len())?,
+            );
+        }
+        {
+            let mut targets: Vec<Option<&mut Page>> =
+                piece.iter_mut().map(|(_, p)| Some(&mut **p)).collect();
+            let mut batch = Vec::with_capacity(which.len() * 2);
+            for ((&i, registration), head) in
+                which.iter().zip(&registrations).zip(headers.iter_mut())
+            {
+                let dev_id = registration.dev_id();
+                batch.push((head.as_mut_slice(), StorageExtent::new(dev_id, 0)));
+                if let Some(page) = targets[i].take() {
+                    batch.push((
+                        page.as_mut_slice(),
+                        StorageExtent::new(dev_id, HEADER_BYTES as u64),
+                    ));
+                }
+            }
+            if let Err(err) = self.transport.read(&mut batch) {
+                drop(batch);
+                self.held.hold(headers);
+                return Err(Error::Batch(Arc::new(err)));
+            }
+        }
+        Ok(which
+            .iter()
+            .zip(&headers)
+            .map(|(&i, head)| {
+                let (key, page) = &piece[i];
+                let verdict = header::check(head.as_slice(), key, page.len() as u64)
+                    .and_then(|sum| header::verify_payload(page.as_slice(), sum));
+                if let Err(refusal) = &verdict {
+                    tracing::warn!(
+                        object = object_id(key),
+                        reason = %refusal,
+                        "object refused; treated as a miss"
+                    );
+                }
+                verdict.is_ok()
+            })
+            .collect())
+    }
+
+    /// NIXL cannot delete objects: retention is the bucket's. This forgets nothing remotely and
+    /// says so; it exists so callers treat file and object stores alike.
+    pub fn delete(&self, key: &[u8]) -> bool {
+        tracing::debug!(
+            object = object_id(key),
+            "object stores keep data; delete is a no-op"
+        );
+        false
+    }
+}

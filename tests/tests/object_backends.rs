@@ -1,0 +1,298 @@
+//! Object stores through NIXL OBJ (moto) and AZURE_BLOB (Azurite), servers started by the tests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kv_config::{ConfigLoader, Deployment};
+use kv_integration_tests::fill_chunk;
+use kv_integration_tests::services::{AzuriteServer, S3Server};
+use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport, TransportExt};
+use nixl_obj::{ObjectConfig, ObjectStore, StaticObjectPool, object_id};
+use pinned_alloc::{Page, PagePool, PoolConfig};
+
+const CHUNK: usize = 128 << 10;
+
+fn key(i: usize) -> Vec<u8> {
+    format!("org/model\u{0}1\u{0}0\u{0}{i:016x}\u{0}").into_bytes()
+}
+
+fn s3(server: &S3Server) -> NixlConfig {
+    NixlConfig::new("OBJ")
+        .with_param("endpoint_override", &server.endpoint)
+        .with_param("scheme", "http")
+        .with_param("bucket", &server.bucket)
+        .with_param("access_key", &server.access_key)
+        .with_param("secret_key", &server.secret_key)
+        .with_param("region", "us-east-1")
+}
+
+fn azure(server: &AzuriteServer) -> NixlConfig {
+    NixlConfig::new("AZURE_BLOB")
+        .with_param("connection_string", server.connection_string())
+        .with_param("container_name", &server.container)
+}
+
+fn transport(config: NixlConfig) -> Arc<dyn Transport> {
+    Arc::new(NixlTransport::new(config).unwrap_or_else(|err| panic!("{err}")))
+}
+
+struct Rig {
+    store: ObjectStore,
+    pool: Arc<PagePool>,
+    _memory: nixl_core::Registration,
+    transport: Arc<dyn Transport>,
+}
+
+fn rig(config: NixlConfig) -> Rig {
+    let transport = transport(config);
+    let pool = PoolConfig::new(CHUNK, 32 * CHUNK as u64).build().unwrap();
+    let memory = transport.register_pool(&pool).unwrap();
+    let store = ObjectStore::open(
+        Arc::clone(&transport),
+        ObjectConfig::new(CHUNK).with_max_batch(8),
+    )
+    .unwrap();
+    Rig {
+        store,
+        pool,
+        _memory: memory,
+        transport,
+    }
+}
+
+impl Rig {
+    fn put(&self, indices: &[usize]) -> Vec<Result<u64, nixl_obj::Error>> {
+        let keys: Vec<Vec<u8>> = indices.iter().map(|&i| key(i)).collect();
+        let pages: Vec<Page> = indices
+            .iter()
+            .map(|&i| {
+                let mut page = self.pool.allocate().unwrap();
+                fill_chunk(i, page.as_mut_slice());
+                page
+            })
+            .collect();
+        let items: Vec<_> = keys.iter().map(Vec::as_slice).zip(&pages).collect();
+        self.store.put(&items)
+    }
+
+    fn get(&self, indices: &[usize]) -> Vec<bool> {
+        let keys: Vec<Vec<u8>> = indices.iter().map(|&i| key(i)).collect();
+        let mut pages: Vec<Page> = indices
+            .iter()
+            .map(|_| self.pool.allocate().unwrap())
+            .collect();
+        let mut items: Vec<_> = keys
+            .iter()
+            .map(Vec::as_slice)
+            .zip(pages.iter_mut())
+            .collect();
+        let results = self.store.get(&mut items);
+        let mut expected = vec![0u8; CHUNK];
+        results
+            .into_iter()
+            .zip(indices)
+            .zip(&pages)
+            .map(|((r, &i), page)| {
+                let hit = r.unwrap_or_else(|e| panic!("get {i}: {e}"));
+                if hit {
+                    fill_chunk(i, &mut expected);
+                    assert!(
+                        page.as_slice() == &expected[..],
+                        "object {i} loaded wrong bytes"
+                    );
+                }
+                hit
+            })
+            .collect()
+    }
+}
+
+fn round_trip_restart_and_foreign(make: &dyn Fn() -> NixlConfig) {
+    {
+        let rig = rig(make());
+        for result in rig.put(&(0..12).collect::<Vec<_>>()) {
+            assert_eq!(result.unwrap(), CHUNK as u64);
+        }
+        assert_eq!(rig.get(&[0, 5, 11, 12]), vec![true, true, true, false]);
+        let contains = rig
+            .store
+            .contains(&[key(3).as_slice(), key(40).as_slice()])
+            .unwrap();
+        assert_eq!(contains, vec![true, false]);
+    }
+    let rig = rig(make());
+    assert_eq!(
+        rig.get(&[1, 2, 3]),
+        vec![true, true, true],
+        "found again after a restart"
+    );
+
+    // A foreign object under key 20's name, and a too-short one under key 21's: misses, and
+    // their batch neighbours still load.
+    let mut foreign = rig.pool.allocate().unwrap();
+    foreign.as_mut_slice().fill(0x42);
+    let short = rig.pool.allocate().unwrap();
+    for (i, page, len) in [(20, &foreign, CHUNK), (21, &short, 100)] {
+        let registration = rig
+            .transport
+            .register_object(object_id(&key(i)), len)
+            .unwrap();
+        rig.transport
+            .write(&[(
+                &page.as_slice()[..len],
+                StorageExtent::new(registration.dev_id(), 0),
+            )])
+            .unwrap();
+    }
+    assert_eq!(rig.get(&[4, 20, 21, 6]), vec![true, false, false, true]);
+}
+
+#[test]
+fn s3_dynamic_objects() {
+    let server = S3Server::start();
+    round_trip_restart_and_foreign(&|| s3(&server));
+}
+
+#[test]
+fn azure_dynamic_blobs() {
+    let server = AzuriteServer::start();
+    round_trip_restart_and_foreign(&|| azure(&server));
+}
+
+fn static_pool(config: NixlConfig) {
+    let transport = transport(config);
+    let pool = PoolConfig::new(CHUNK, 8 * CHUNK as u64).build().unwrap();
+    let _memory = transport.register_pool(&pool).unwrap();
+    let slots = StaticObjectPool::open(Arc::clone(&transport), 4, CHUNK).unwrap();
+    assert_eq!(slots.len(), 4);
+    let mut pages = pool.allocate_batch(4).unwrap();
+    for (i, page) in pages.iter_mut().enumerate() {
+        fill_chunk(i, page.as_mut_slice());
+    }
+    let writes: Vec<_> = pages.iter().zip(0u32..).collect();
+    slots.write(&writes).unwrap();
+    let mut targets = pool.allocate_batch(4).unwrap();
+    let mut reads: Vec<_> = targets.iter_mut().zip([3u32, 2, 1, 0]).collect();
+    slots.read(&mut reads).unwrap();
+    for (target, source) in targets.iter().zip(pages.iter().rev()) {
+        assert!(target.as_slice() == source.as_slice());
+    }
+}
+
+#[test]
+fn s3_static_pool() {
+    let server = S3Server::start();
+    static_pool(s3(&server));
+}
+
+#[test]
+fn azure_static_pool() {
+    let server = AzuriteServer::start();
+    static_pool(azure(&server));
+}
+
+#[test]
+fn missing_bucket_fails_per_batch_in_bounded_time() {
+    let server = S3Server::start();
+    let rig = rig(s3(&server).with_param("bucket", "no-such-bucket"));
+    let started = Instant::now();
+    for result in rig.put(&[0, 1]) {
+        assert!(result.is_err(), "nothing may be stored in a missing bucket");
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn server_down_fails_per_batch_in_bounded_time_and_reports_nothing_present() {
+    let mut server = S3Server::start();
+    let rig = rig(s3(&server).with_timeout(Duration::from_secs(30)));
+    for result in rig.put(&[0]) {
+        result.unwrap();
+    }
+    server.stop();
+    let started = Instant::now();
+    for result in rig.put(&[1, 2]) {
+        assert!(
+            result.is_err(),
+            "a write to a stopped server cannot succeed"
+        );
+    }
+    let found = rig.store.contains(&[key(0).as_slice()]);
+    assert!(
+        found.is_err() || found.as_ref().is_ok_and(|f| f == &vec![false]),
+        "a stopped server reports nothing present: {found:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn wrong_azure_key_fails_typed() {
+    let server = AzuriteServer::start();
+    let bad = server
+        .connection_string()
+        .replace("AccountKey=Eby8", "AccountKey=AAAA");
+    let rig = rig(azure(&server).with_param("connection_string", bad));
+    for result in rig.put(&[0]) {
+        assert!(
+            matches!(result, Err(nixl_obj::Error::Batch(_))),
+            "{result:?}"
+        );
+    }
+}
+
+/// Two S3 servers in `nixl_endpoint_list`, two workers: each worker's objects land on its own
+/// endpoint, as kv-config resolves it.
+#[test]
+fn endpoint_list_spreads_two_workers_over_two_servers() {
+    let servers = [S3Server::start(), S3Server::start()];
+    let bucket = &servers[0].bucket;
+    assert_eq!(
+        crate_bucket_on(&servers[1], bucket),
+        200,
+        "the second server needs the same bucket"
+    );
+    let yaml = format!(
+        "nixl_buffer_device: cpu\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 0\n  nixl_endpoint_list: [{}, {}]\n  nixl_backend_params:\n    bucket: {bucket}\n    scheme: http\n    region: us-east-1\n    access_key: testing\n    secret_key: testing\n",
+        servers[0].endpoint, servers[1].endpoint
+    );
+    let engine = ConfigLoader::new()
+        .with_yaml("endpoints.yaml", yaml)
+        .load()
+        .unwrap()
+        .value;
+    for worker in 0..2u32 {
+        let spec = engine
+            .storage_spec(&Deployment::new().with_worker(worker, worker))
+            .unwrap()
+            .value;
+        let mut config = NixlConfig::new("OBJ");
+        for (k, v) in spec.backend_params.expose() {
+            config = config.with_param(k, v);
+        }
+        let rig = rig(config);
+        for result in rig.put(&[100 + worker as usize]) {
+            result.unwrap();
+        }
+    }
+    let on = |server: &S3Server, i: usize| {
+        let rig = rig(s3(server).with_param("bucket", bucket));
+        rig.store.contains(&[key(i).as_slice()]).unwrap()[0]
+    };
+    assert!(
+        on(&servers[0], 100) && !on(&servers[1], 100),
+        "worker 0 uses endpoint 0"
+    );
+    assert!(
+        on(&servers[1], 101) && !on(&servers[0], 101),
+        "worker 1 uses endpoint 1"
+    );
+}
+
+fn crate_bucket_on(server: &S3Server, bucket: &str) -> u16 {
+    let host = server.endpoint.trim_start_matches("http://");
+    kv_integration_tests::services::http_status(host, "PUT", &format!("/{bucket}")).unwrap()
+}
