@@ -1,3 +1,43 @@
-//! The L2 KV-chunk store that inference engines embed: store, lookup and pin, unlock, load and
-//! delete over any backend, with eviction, a presence cache, async put and persistence.
+//! The L2 KV-chunk store that inference engines embed, with the behaviour of LMCache's NIXL
+//! backend and `nixl_store` / `nixl_store_dynamic` adapters, and SGLang's HiCache connector.
+//!
+//! - [`L2Adapter`]: store, lookup-and-pin, unlock, load, delete, prefix `batched_contains`,
+//!   usage and status; safe to call from several threads.
+//! - [`DynamicAdapter`] (`nixl_store_dynamic`): one file or object per key, capacity reserved
+//!   before writing (a batch that does not fit stops at the first key that does not), lazy
+//!   recovery after a restart, presence cache and presence-cache-only mode, background puts,
+//!   `persist_enabled: false` deleting its data on close.
+//! - [`StaticAdapter`] (`nixl_store`): a slot pool, LRU eviction at store time, batches refused
+//!   when everything is pinned.
+//! - [`EvictionController`]: watermark eviction (LRU, IsolatedLRU, noop) on its own thread.
+//! - [`AdapterFactory`]: `--l2-adapter` JSON to adapters, with downstream types registered.
+//! - [`HiCache`]: SGLang's `set` / `get` / `exists` and batch forms.
+//!
+//! Keys are LMCache's [`CacheEngineKey`] and [`ObjectKey`], and SGLang's [`PageKey`]; all become
+//! a [`ChunkKey`]. Unlike LMCache's presence cache (chunk hash only), the whole key counts.
 #![forbid(unsafe_code)]
+
+mod adapter;
+mod dynamic;
+mod error;
+mod eviction;
+mod hicache;
+mod index;
+mod keys;
+mod registry;
+mod static_adapter;
+mod storage;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+pub use adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
+pub use dynamic::{DynamicAdapter, DynamicOptions};
+pub use error::{Error, Result};
+pub use eviction::{EvictionController, eviction_pass};
+pub use hicache::HiCache;
+pub use keys::{CacheEngineKey, ChunkKey, ObjectKey, PageKey};
+pub use registry::{
+    AdapterConstructor, AdapterContext, AdapterFactory, Engine, build_storage, transport_for,
+};
+pub use static_adapter::{SlotStorage, StaticAdapter};
+pub use storage::{ChunkStorage, Objects};

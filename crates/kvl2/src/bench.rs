@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport};
-use nixl_file::{FileOptions, open_storage_file};
+use nixl_file::{FileOptions, UringConfig, UringTransport, open_storage_file};
 use pinned_alloc::{MemoryRegion, Page, PoolConfig};
 
 /// Options of `kvl2 bench`.
@@ -25,6 +25,35 @@ pub(crate) struct BenchArgs {
     /// Use buffered I/O instead of O_DIRECT.
     #[arg(long)]
     buffered: bool,
+    /// Engine: `auto` (NIXL POSIX when the NIXL runtime is installed, else the native io_uring
+    /// engine), `nixl` or `uring`.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+}
+
+/// The engine asked for; `auto` prefers NIXL and falls back to the native engine, saying why.
+fn engine(name: &str) -> Result<(Box<dyn Transport>, String)> {
+    let uring = || -> Result<(Box<dyn Transport>, String)> {
+        Ok((
+            Box::new(UringTransport::new(UringConfig::default())?),
+            "native io_uring (nixl-file)".to_owned(),
+        ))
+    };
+    match name {
+        "nixl" => Ok((
+            Box::new(NixlTransport::new(NixlConfig::new("POSIX"))?),
+            "NIXL POSIX".to_owned(),
+        )),
+        "uring" => uring(),
+        "auto" => match NixlTransport::new(NixlConfig::new("POSIX")) {
+            Ok(nixl) => Ok((Box::new(nixl), "NIXL POSIX".to_owned())),
+            Err(err) => {
+                eprintln!("kvl2: NIXL unavailable ({err}); using the native io_uring engine");
+                uring()
+            }
+        },
+        other => anyhow::bail!("unknown engine {other:?}: use auto, nixl or uring"),
+    }
 }
 
 fn fill(chunk: usize, page: &mut Page) {
@@ -56,7 +85,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let total = (args.chunks * args.chunk_bytes) as u64;
     let direct_io = !args.buffered;
 
-    let transport = NixlTransport::new(NixlConfig::new("POSIX"))?;
+    let (transport, engine_label) = engine(&args.engine)?;
     let pool = PoolConfig::new(args.chunk_bytes, 2 * total).build()?;
     let _memory = transport.register_memory(Arc::clone(&pool) as Arc<dyn MemoryRegion>)?;
     let path = dir.join("kvl2-bench.chunks");
@@ -102,10 +131,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     drop(storage);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
 
-    println!(
-        "engine     NIXL {} (O_DIRECT: {direct_io})",
-        transport.backend()
-    );
+    println!("engine     {engine_label} (O_DIRECT: {direct_io})");
     println!(
         "chunks     {} x {} KiB = {:.2} GB",
         args.chunks,

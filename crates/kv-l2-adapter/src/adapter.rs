@@ -1,0 +1,161 @@
+//! The adapter contract, as LMCache's L2 adapter interface defines it, in blocking form.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use pinned_alloc::Page;
+
+use crate::error::Result;
+use crate::keys::ChunkKey;
+
+/// What happened to one key of a store.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum KeyOutcome {
+    /// Written now.
+    Stored {
+        /// Bytes written.
+        bytes: u64,
+    },
+    /// Already stored (or being stored by another task): nothing written.
+    AlreadyPresent,
+    /// Not written, and why (capacity, a failed batch, a bad key).
+    Failed(crate::error::Error),
+}
+
+impl KeyOutcome {
+    /// Whether the key is stored after this call.
+    pub fn is_stored(&self) -> bool {
+        !matches!(self, KeyOutcome::Failed(_))
+    }
+}
+
+/// The result of one store task: per key, plus the task's verdict as LMCache reports it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct StoreReport {
+    /// One outcome per key, in order.
+    pub keys: Vec<KeyOutcome>,
+}
+
+impl StoreReport {
+    /// Bytes written by this task.
+    pub fn bytes(&self) -> u64 {
+        self.keys
+            .iter()
+            .map(|k| match k {
+                KeyOutcome::Stored { bytes } => *bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Whether every key is stored (LMCache's `L2StoreResult.is_successful()`).
+    pub fn is_successful(&self) -> bool {
+        self.keys.iter().all(KeyOutcome::is_stored)
+    }
+}
+
+/// Bytes in use and where.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Bytes stored.
+    pub used_bytes: u64,
+    /// Capacity, 0 when unknown or unlimited (object stores).
+    pub capacity_bytes: u64,
+    /// Bytes per cache salt (`""` for unsalted keys).
+    pub bytes_by_salt: BTreeMap<String, u64>,
+    /// Keys stored.
+    pub keys: usize,
+    /// Keys pinned.
+    pub pinned: usize,
+}
+
+impl Usage {
+    /// `used / capacity`, or -1.0 when the capacity is unknown (LMCache's convention).
+    pub fn fraction(&self) -> f64 {
+        if self.capacity_bytes == 0 {
+            -1.0
+        } else {
+            self.used_bytes as f64 / self.capacity_bytes as f64
+        }
+    }
+
+    /// Whether global eviction means anything here (a known capacity).
+    pub fn supports_global_eviction(&self) -> bool {
+        self.capacity_bytes > 0
+    }
+}
+
+/// Health and identity, for `report_status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// Whether the adapter serves requests.
+    pub is_healthy: bool,
+    /// `nixl_store`, `nixl_store_dynamic`, or a downstream type.
+    pub adapter_type: String,
+    /// The storage backend (`POSIX`, `OBJ`, …).
+    pub backend: String,
+    /// Keys stored.
+    pub stored_object_count: usize,
+    /// Keys pinned.
+    pub pinned_object_count: usize,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct EvictionReport {
+    /// Keys deleted.
+    pub evicted: usize,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Candidates skipped because they were pinned.
+    pub skipped_pinned: usize,
+}
+
+/// An L2 store of KV chunks.
+///
+/// # Contract
+///
+/// - A key MUST NOT be reported present (by [`lookup_and_pin`](L2Adapter::lookup_and_pin) or
+///   [`batched_contains`](L2Adapter::batched_contains)) before its data is completely stored,
+///   nor after a failed store of it.
+/// - [`load`](L2Adapter::load) MUST NOT report success for data that does not check out.
+/// - [`delete`](L2Adapter::delete) and eviction MUST skip pinned keys.
+/// - Usage MUST never go negative and MUST match what is indexed.
+/// - Every method is safe to call from several threads at once.
+pub trait L2Adapter: Send + Sync + Debug + 'static {
+    /// Stores pages under keys, in order; per-key outcomes.
+    fn store(&self, keys: &[ChunkKey], pages: &[&Page]) -> StoreReport;
+
+    /// Which keys are present; each hit is pinned until [`unlock`](L2Adapter::unlock).
+    fn lookup_and_pin(&self, keys: &[ChunkKey]) -> Vec<bool>;
+
+    /// Releases one pin of each key; unknown keys are ignored.
+    fn unlock(&self, keys: &[ChunkKey]);
+
+    /// Loads keys into pages (each page's length is the expected chunk size); per-key success.
+    fn load(&self, keys: &[ChunkKey], pages: &mut [&mut Page]) -> Vec<bool>;
+
+    /// Deletes keys, skipping pinned ones; returns how many were deleted.
+    fn delete(&self, keys: &[ChunkKey]) -> usize;
+
+    /// How many keys, from the first, are present (prefix semantics).
+    fn batched_contains(&self, keys: &[ChunkKey]) -> usize;
+
+    /// Bytes in use.
+    fn usage(&self) -> Usage;
+
+    /// One LRU pass: deletes the least recently used `ratio` of the keys (of `salt` only, when
+    /// given), skipping pinned ones.
+    fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport;
+
+    /// Health and counts.
+    fn status(&self) -> Status;
+
+    /// Finishes background work and, without persistence, deletes what this adapter stored.
+    fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,75 @@
+use std::sync::Arc;
+
+/// Errors of the L2 adapters.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration cannot build an adapter.
+    #[error("configuration: {0}")]
+    Config(#[from] kv_config::Error),
+
+    /// A file backend failed.
+    #[error(transparent)]
+    File(#[from] nixl_file::Error),
+
+    /// An object backend failed.
+    #[error(transparent)]
+    Object(#[from] nixl_obj::Error),
+
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] nixl_core::Error),
+
+    /// The page pool failed.
+    #[error(transparent)]
+    Memory(#[from] pinned_alloc::Error),
+
+    /// A static pool is full and nothing in it can be evicted (everything is pinned).
+    #[error(
+        "the static pool is full ({total} slots) and no unpinned key can be evicted for a batch \
+         of {needed}; unlock keys or grow nixl_pool_size"
+    )]
+    PoolFull {
+        /// Slots needed.
+        needed: usize,
+        /// Slots in the pool.
+        total: usize,
+    },
+
+    /// Storing this key would exceed the configured capacity.
+    #[error(
+        "storage capacity exceeded: {used} + {size} bytes > {capacity} bytes (max_capacity_gb)"
+    )]
+    CapacityExceeded {
+        /// Bytes in use.
+        used: u64,
+        /// Bytes of this key.
+        size: u64,
+        /// The capacity.
+        capacity: u64,
+    },
+
+    /// The batch this key was in failed as a whole.
+    #[error("the batch failed: {0}")]
+    Batch(Arc<Error>),
+
+    /// A page that does not fit the adapter's chunks.
+    #[error("page of {len} bytes does not fit chunks of {chunk} bytes")]
+    PageSize {
+        /// The page's length.
+        len: usize,
+        /// The adapter's chunk size.
+        chunk: usize,
+    },
+
+    /// An adapter type is registered twice, or not at all.
+    #[error("{0}")]
+    Registry(String),
+
+    /// The adapter was closed.
+    #[error("the adapter is closed")]
+    Closed,
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

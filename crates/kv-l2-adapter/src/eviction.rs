@@ -1,0 +1,104 @@
+//! The eviction controller: one thread, every interval, checks each adapter's usage against its
+//! watermark and runs an eviction pass where it is over (LRU, IsolatedLRU per cache salt, noop).
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kv_config::{EvictionPolicy, EvictionSpec};
+
+use crate::adapter::{EvictionReport, L2Adapter};
+
+/// One pass over one adapter; returns what it evicted.
+pub fn eviction_pass(adapter: &dyn L2Adapter, spec: &EvictionSpec) -> EvictionReport {
+    let usage = adapter.usage();
+    match spec.policy {
+        EvictionPolicy::Noop => EvictionReport::default(),
+        EvictionPolicy::Lru => {
+            let fraction = usage.fraction();
+            if fraction < 0.0 || fraction < spec.trigger_watermark {
+                return EvictionReport::default();
+            }
+            tracing::info!(
+                usage = fraction,
+                watermark = spec.trigger_watermark,
+                "L2 usage above watermark; triggering eviction"
+            );
+            adapter.evict(spec.eviction_ratio, None)
+        }
+        EvictionPolicy::IsolatedLru => {
+            // Each salt gets an equal share of the capacity; a salt over its watermark evicts
+            // only its own keys, so one tenant cannot push another out.
+            let salts = usage.bytes_by_salt.len().max(1) as u64;
+            let quota = usage.capacity_bytes / salts;
+            let mut total = EvictionReport::default();
+            for (salt, bytes) in &usage.bytes_by_salt {
+                let over = quota == 0 || *bytes as f64 >= spec.trigger_watermark * quota as f64;
+                if !over {
+                    continue;
+                }
+                let ratio = if quota == 0 { 1.0 } else { spec.eviction_ratio };
+                let report = adapter.evict(ratio, Some(salt));
+                total.evicted += report.evicted;
+                total.freed_bytes += report.freed_bytes;
+                total.skipped_pinned += report.skipped_pinned;
+            }
+            total
+        }
+    }
+}
+
+/// Runs [`eviction_pass`] over every adapter on its own thread until dropped.
+#[derive(Debug)]
+pub struct EvictionController {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EvictionController {
+    /// Starts the thread; it checks every `interval` (LMCache: one second).
+    pub fn spawn(adapters: Vec<(Arc<dyn L2Adapter>, EvictionSpec)>, interval: Duration) -> Self {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("kv-l2-eviction".to_owned())
+            .spawn(move || {
+                let (lock, wake) = &*flag;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                while !*stopped {
+                    drop(stopped);
+                    for (adapter, spec) in &adapters {
+                        let report = eviction_pass(adapter.as_ref(), spec);
+                        if report.evicted > 0 || report.skipped_pinned > 0 {
+                            tracing::debug!(?report, "eviction pass");
+                        }
+                    }
+                    stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*stopped {
+                        stopped = wake
+                            .wait_timeout(stopped, interval)
+                            .map(|(guard, _)| guard)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                }
+            })
+            .expect("spawning the eviction thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EvictionController {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the eviction thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Building adapters from configuration: the two NIXL types, and any type a downstream crate
+//! registers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kv_config::{AdapterRegistry, AdapterSpec, AdapterValidator, Mode, StorageKind, StorageSpec};
+use nixl_core::{NixlConfig, NixlTransport, Registration, Transport, TransportExt};
+use nixl_file::{
+    DynamicConfig, DynamicFileStore, StaticConfig, StaticFilePool, UringConfig, UringTransport,
+};
+use nixl_obj::{ObjectConfig, ObjectStore, StaticObjectPool};
+use pinned_alloc::{Page, PagePool};
+
+use crate::adapter::{EvictionReport, L2Adapter, Status, StoreReport, Usage};
+use crate::dynamic::{DynamicAdapter, DynamicOptions};
+use crate::error::{Error, Result};
+use crate::keys::ChunkKey;
+use crate::static_adapter::StaticAdapter;
+use crate::storage::Objects;
+
+/// Which engine moves the bytes of file backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Engine {
+    /// NIXL when its runtime is installed, else the native io_uring engine (POSIX only).
+    #[default]
+    Auto,
+    /// NIXL only.
+    Nixl,
+    /// The native io_uring engine (POSIX file storage only).
+    Native,
+}
+
+/// What every adapter is built against: the L1 page pool its pages come from, and the engine.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AdapterContext {
+    /// The page pool (one page per chunk) registered once with each adapter's transport.
+    pub memory: Arc<PagePool>,
+    /// The engine for file backends.
+    pub engine: Engine,
+}
+
+impl AdapterContext {
+    /// Pages from `memory`, engine chosen automatically.
+    pub fn new(memory: Arc<PagePool>) -> Self {
+        Self {
+            memory,
+            engine: Engine::Auto,
+        }
+    }
+
+    /// Chooses the engine.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+}
+
+fn nixl(spec: &StorageSpec) -> nixl_core::Result<NixlTransport> {
+    let mut config = NixlConfig::new(spec.backend.plugin_name())
+        .with_progress_thread(spec.progress_thread)
+        .with_thread_sync(match spec.sync_mode {
+            kv_config::SyncMode::None => nixl_core::ThreadSync::None,
+            kv_config::SyncMode::Rw => nixl_core::ThreadSync::ReadWrite,
+            _ => nixl_core::ThreadSync::Strict,
+        });
+    for (key, value) in spec.backend_params.expose() {
+        config = config.with_param(key, value);
+    }
+    NixlTransport::new(config)
+}
+
+/// The transport for a spec, and a label saying which engine it is.
+pub fn transport_for(spec: &StorageSpec, engine: Engine) -> Result<(Arc<dyn Transport>, String)> {
+    let native_ok = spec.backend == kv_config::Backend::Posix;
+    let native = || -> Result<(Arc<dyn Transport>, String)> {
+        Ok((
+            Arc::new(UringTransport::new(UringConfig::default())?),
+            "native io_uring".to_owned(),
+        ))
+    };
+    let label = format!("NIXL {}", spec.backend);
+    match engine {
+        Engine::Nixl => Ok((Arc::new(nixl(spec)?), label)),
+        Engine::Native if native_ok => native(),
+        Engine::Native => Err(Error::Registry(format!(
+            "the native engine stores POSIX files only, not {}",
+            spec.backend
+        ))),
+        Engine::Auto => match nixl(spec) {
+            Ok(transport) => Ok((Arc::new(transport), label)),
+            Err(err @ nixl_core::Error::RuntimeNotFound { .. }) if native_ok => {
+                tracing::warn!(error = %err, "NIXL is not installed; using the native io_uring engine");
+                native()
+            }
+            Err(err) => Err(err.into()),
+        },
+    }
+}
+
+/// An adapter with the L1 memory registration it needs kept alive beside it.
+#[derive(Debug)]
+struct Registered {
+    adapter: Box<dyn L2Adapter>,
+    _memory: Registration,
+}
+
+#[deny(clippy::missing_trait_methods)]
+impl L2Adapter for Registered {
+    fn store(&self, keys: &[ChunkKey], pages: &[&Page]) -> StoreReport {
+        self.adapter.store(keys, pages)
+    }
+
+    fn lookup_and_pin(&self, keys: &[ChunkKey]) -> Vec<bool> {
+        self.adapter.lookup_and_pin(keys)
+    }
+
+    fn unlock(&self, keys: &[ChunkKey]) {
+        self.adapter.unlock(keys)
+    }
+
+    fn load(&self, keys: &[ChunkKey], pages: &mut [&mut Page]) -> Vec<bool> {
+        self.adapter.load(keys, pages)
+    }
+
+    fn delete(&self, keys: &[ChunkKey]) -> usize {
+        self.adapter.delete(keys)
+    }
+
+    fn batched_contains(&self, keys: &[ChunkKey]) -> usize {
+        self.adapter.batched_contains(keys)
+    }
+
+    fn usage(&self) -> Usage {
+        self.adapter.usage()
+    }
+
+    fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
+        self.adapter.evict(ratio, salt)
+    }
+
+    fn status(&self) -> Status {
+        self.adapter.status()
+    }
+
+    fn close(&self) -> Result<()> {
+        self.adapter.close()
+    }
+}
+
+/// Builds the adapter a storage spec describes (from the engine configuration or a
+/// `nixl_store*` `--l2-adapter`).
+pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc<dyn L2Adapter>> {
+    let page_bytes = context.memory.page_bytes();
+    spec.check_page_size(page_bytes.next_multiple_of(4096) as u64)?;
+    let (transport, label) = transport_for(spec, context.engine)?;
+    let memory = transport.register_pool(&context.memory)?;
+    let path = || {
+        spec.path.clone().ok_or_else(|| {
+            Error::Config(kv_config::Error::MissingPath {
+                backend: spec.backend.to_string(),
+            })
+        })
+    };
+    let adapter: Box<dyn L2Adapter> = match (spec.mode, spec.kind) {
+        (Mode::Dynamic, kind) => {
+            let storage: Box<dyn crate::storage::ChunkStorage> = match kind {
+                StorageKind::File => Box::new(DynamicFileStore::open(
+                    Arc::clone(&transport),
+                    DynamicConfig::new(path()?)
+                        .with_direct_io(spec.use_direct_io)
+                        .with_shard_dirs(spec.shard_dirs),
+                )?),
+                StorageKind::Object => Box::new(Objects {
+                    store: ObjectStore::open(
+                        Arc::clone(&transport),
+                        ObjectConfig::new(page_bytes),
+                    )?,
+                    chunk_bytes: page_bytes as u64,
+                }),
+            };
+            let options = DynamicOptions::new(label)
+                .with_capacity(spec.capacity_bytes)
+                .with_presence_cache(spec.presence_cache)
+                .with_persist(spec.persist)
+                .with_async_queue(if spec.async_put { 8 } else { 0 });
+            Box::new(DynamicAdapter::new(storage, options))
+        }
+        (Mode::Static { pool_size }, StorageKind::File) => {
+            let mut config = StaticConfig::new(path()?, pool_size as usize, page_bytes)
+                .with_direct_io(spec.use_direct_io);
+            if let Some(file_size) = spec.file_size {
+                config = config.with_file_size(file_size);
+            }
+            let pool = StaticFilePool::open(Arc::clone(&transport), config)?;
+            Box::new(StaticAdapter::new(Box::new(pool), label, page_bytes as u64))
+        }
+        (Mode::Static { pool_size }, StorageKind::Object) => {
+            let slots = u32::try_from(pool_size).map_err(|_| {
+                Error::Registry(format!("pool_size {pool_size} exceeds 2^32 object slots"))
+            })?;
+            let pool = StaticObjectPool::open(Arc::clone(&transport), slots, page_bytes)?;
+            Box::new(StaticAdapter::new(Box::new(pool), label, page_bytes as u64))
+        }
+    };
+    Ok(Arc::new(Registered {
+        adapter,
+        _memory: memory,
+    }))
+}
+
+/// Builds an adapter of a downstream type from its validated `--l2-adapter` spec.
+pub type AdapterConstructor = fn(&AdapterSpec, &AdapterContext) -> Result<Arc<dyn L2Adapter>>;
+
+/// The adapter types `--l2-adapter` can build.
+#[derive(Debug, Clone)]
+pub struct AdapterFactory {
+    json: AdapterRegistry,
+    constructors: BTreeMap<String, AdapterConstructor>,
+}
+
+impl Default for AdapterFactory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AdapterFactory {
+    /// `nixl_store` and `nixl_store_dynamic`.
+    pub fn new() -> Self {
+        Self {
+            json: AdapterRegistry::new(),
+            constructors: BTreeMap::new(),
+        }
+    }
+
+    /// Registers a downstream adapter type: how its JSON is checked and how it is built.
+    pub fn register(
+        &mut self,
+        type_name: &str,
+        validator: AdapterValidator,
+        constructor: AdapterConstructor,
+    ) -> Result<()> {
+        self.json.register(type_name, validator)?;
+        self.constructors.insert(type_name.to_owned(), constructor);
+        Ok(())
+    }
+
+    /// The registered type names.
+    pub fn known(&self) -> Vec<&str> {
+        self.json.known()
+    }
+
+    /// Validates every `--l2-adapter` value (all errors at once), then builds them in order.
+    pub fn build<S: AsRef<str>>(
+        &self,
+        values: &[S],
+        context: &AdapterContext,
+    ) -> Result<Vec<(AdapterSpec, Arc<dyn L2Adapter>)>> {
+        let specs = self.json.parse(values)?.value;
+        specs
+            .into_iter()
+            .map(|spec| {
+                let adapter = match (&spec.storage, self.constructors.get(&spec.type_name)) {
+                    (Some(storage), _) => build_storage(storage, context)?,
+                    (None, Some(constructor)) => constructor(&spec, context)?,
+                    (None, None) => {
+                        return Err(Error::Registry(format!(
+                            "no constructor for adapter type {:?}",
+                            spec.type_name
+                        )));
+                    }
+                };
+                Ok((spec, adapter))
+            })
+            .collect()
+    }
+}

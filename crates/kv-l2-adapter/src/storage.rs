@@ -1,0 +1,132 @@
+//! What the dynamic adapter stores through: per-key files or objects.
+
+use std::fmt::Debug;
+
+use nixl_file::DynamicFileStore;
+use nixl_obj::ObjectStore;
+use pinned_alloc::Page;
+
+use crate::error::{Error, Result};
+use crate::keys::ChunkKey;
+
+/// Per-key storage under a [`DynamicAdapter`](crate::DynamicAdapter).
+///
+/// # Contract
+///
+/// - `put` MUST make a key visible only once its data is complete.
+/// - `get` MUST answer `Ok(false)` (never `Ok(true)`) for data that does not check out.
+pub trait ChunkStorage: Send + Sync + Debug + 'static {
+    /// `file` or `object`.
+    fn kind(&self) -> &'static str;
+
+    /// Stores pages; one result per item.
+    fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>>;
+
+    /// Loads pages; one result per item.
+    fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>>;
+
+    /// Whether each key is stored.
+    fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>>;
+
+    /// The stored size of a key, if stored (recovery after a restart).
+    fn stored_size(&self, key: &ChunkKey) -> Result<Option<u64>>;
+
+    /// Removes a key; `false` when there was nothing to remove (or the backend cannot delete).
+    fn delete(&self, key: &ChunkKey) -> Result<bool>;
+}
+
+impl ChunkStorage for DynamicFileStore {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>> {
+        let items: Vec<_> = items.iter().map(|(k, p)| (k.file_key(), *p)).collect();
+        DynamicFileStore::put(self, &items)
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>> {
+        let mut items: Vec<_> = items
+            .iter_mut()
+            .map(|(k, p)| (k.file_key(), &mut **p))
+            .collect();
+        DynamicFileStore::get(self, &mut items)
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>> {
+        keys.iter()
+            .map(|k| DynamicFileStore::contains(self, k.file_key()).map_err(Error::from))
+            .collect()
+    }
+
+    fn stored_size(&self, key: &ChunkKey) -> Result<Option<u64>> {
+        Ok(DynamicFileStore::stored_size(self, key.file_key())?)
+    }
+
+    fn delete(&self, key: &ChunkKey) -> Result<bool> {
+        Ok(DynamicFileStore::delete(self, key.file_key())?)
+    }
+}
+
+/// An object store and the chunk size its objects hold (objects have no size query).
+#[derive(Debug)]
+pub struct Objects {
+    /// The store.
+    pub store: ObjectStore,
+    /// Payload bytes of one object.
+    pub chunk_bytes: u64,
+}
+
+impl ChunkStorage for Objects {
+    fn kind(&self) -> &'static str {
+        "object"
+    }
+
+    fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>> {
+        let keys: Vec<Vec<u8>> = items.iter().map(|(k, _)| k.canonical()).collect();
+        let items: Vec<_> = keys
+            .iter()
+            .map(Vec::as_slice)
+            .zip(items.iter().map(|(_, p)| *p))
+            .collect();
+        self.store
+            .put(&items)
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>> {
+        let keys: Vec<Vec<u8>> = items.iter().map(|(k, _)| k.canonical()).collect();
+        let mut items: Vec<_> = keys
+            .iter()
+            .map(Vec::as_slice)
+            .zip(items.iter_mut().map(|(_, p)| &mut **p))
+            .collect();
+        self.store
+            .get(&mut items)
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>> {
+        let canonical: Vec<Vec<u8>> = keys.iter().map(|k| k.canonical()).collect();
+        let refs: Vec<&[u8]> = canonical.iter().map(Vec::as_slice).collect();
+        Ok(self.store.contains(&refs)?)
+    }
+
+    fn stored_size(&self, key: &ChunkKey) -> Result<Option<u64>> {
+        Ok(self.contains(&[key])?[0].then_some(self.chunk_bytes))
+    }
+
+    fn delete(&self, key: &ChunkKey) -> Result<bool> {
+        Ok(self.store.delete(&key.canonical()))
+    }
+}
