@@ -49,8 +49,18 @@ fn ci(root: &Path) -> Result<()> {
         args.extend_from_slice(&["--", "-D", "warnings"]);
         system::cargo(root, &args)?;
     }
-    test_run::run_suite(root, &[])
+    test_run::run_suite(root, &[])?;
+    for (package, example) in EXAMPLES {
+        system::cargo(
+            root,
+            &["run", "--quiet", "--package", package, "--example", example],
+        )?;
+    }
+    Ok(())
 }
+
+/// Examples CI runs, so they keep working.
+const EXAMPLES: &[(&str, &str)] = &[("kv-l2-adapter", "01-downstream-adapter")];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -39,6 +39,11 @@ pub struct StoreReport {
 }
 
 impl StoreReport {
+    /// A report of these outcomes, one per key in order (for implementers of [`L2Adapter`]).
+    pub fn new(keys: Vec<KeyOutcome>) -> Self {
+        Self { keys }
+    }
+
     /// Bytes written by this task.
     pub fn bytes(&self) -> u64 {
         self.keys
@@ -57,7 +62,7 @@ impl StoreReport {
 }
 
 /// Bytes in use and where.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 #[non_exhaustive]
 pub struct Usage {
     /// Bytes stored.
@@ -102,6 +107,24 @@ pub struct Status {
     pub stored_object_count: usize,
     /// Keys pinned.
     pub pinned_object_count: usize,
+}
+
+impl Status {
+    /// A healthy adapter's status (for implementers of [`L2Adapter`]).
+    pub fn new(
+        adapter_type: impl Into<String>,
+        backend: impl Into<String>,
+        stored_object_count: usize,
+        pinned_object_count: usize,
+    ) -> Self {
+        Self {
+            is_healthy: true,
+            adapter_type: adapter_type.into(),
+            backend: backend.into(),
+            stored_object_count,
+            pinned_object_count,
+        }
+    }
 }
 
 /// What one eviction pass did.
