@@ -90,6 +90,11 @@ impl L2Adapter for MemoryTier {
         keys.iter().take_while(|k| chunks.contains_key(*k)).count()
     }
 
+    fn stored_size(&self, key: &ChunkKey) -> Option<u64> {
+        let chunks = self.chunks.lock().unwrap();
+        chunks.get(key).map(|(bytes, _)| bytes.len() as u64)
+    }
+
     fn usage(&self) -> Usage {
         let chunks = self.chunks.lock().unwrap();
         let mut usage = Usage::default();

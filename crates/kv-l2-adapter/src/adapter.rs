@@ -169,6 +169,9 @@ pub trait L2Adapter: Send + Sync + Debug + 'static {
     /// How many keys, from the first, are present (prefix semantics).
     fn batched_contains(&self, keys: &[ChunkKey]) -> usize;
 
+    /// The stored size of a key, if present: how long a page must be to load it.
+    fn stored_size(&self, key: &ChunkKey) -> Option<u64>;
+
     /// Bytes in use.
     fn usage(&self) -> Usage;
 

@@ -444,6 +444,16 @@ impl L2Adapter for DynamicAdapter {
         count
     }
 
+    fn stored_size(&self, key: &ChunkKey) -> Option<u64> {
+        if let Some(entry) = self.shared.state().index.get(key) {
+            return Some(entry.size);
+        }
+        if self.shared.state().index.inflight.contains(key) {
+            return None;
+        }
+        self.shared.storage.stored_size(key).ok().flatten()
+    }
+
     fn usage(&self) -> Usage {
         self.shared.state().index.usage(self.shared.capacity())
     }

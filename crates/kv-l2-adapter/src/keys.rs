@@ -37,6 +37,44 @@ impl fmt::Display for CacheEngineKey {
     }
 }
 
+impl std::str::FromStr for CacheEngineKey {
+    type Err = String;
+
+    /// Parses LMCache's canonical string, `model@world_size@worker_id@hash_hex@dtype[@k%v…]`.
+    /// The model name may itself contain `@`: the last four fixed fields are taken from the
+    /// right of the tags.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split('@').collect();
+        let tag_count = parts.iter().rev().take_while(|p| p.contains('%')).count();
+        let fixed = &parts[..parts.len() - tag_count];
+        if fixed.len() < 5 {
+            return Err(format!(
+                "{text:?} is not model@world_size@worker_id@hash_hex@dtype"
+            ));
+        }
+        let n = fixed.len();
+        let number = |field: &str, what: &str| -> Result<u32, String> {
+            field
+                .parse()
+                .map_err(|_| format!("{what} {field:?} in {text:?} is not a number"))
+        };
+        let tags = parts[parts.len() - tag_count..]
+            .iter()
+            .filter_map(|t| t.split_once('%'))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ok(CacheEngineKey {
+            model: fixed[..n - 4].join("@"),
+            world_size: number(fixed[n - 4], "world size")?,
+            worker_id: number(fixed[n - 3], "worker id")?,
+            chunk_hash: u64::from_str_radix(fixed[n - 2], 16)
+                .map_err(|_| format!("chunk hash {:?} in {text:?} is not hex", fixed[n - 2]))?,
+            dtype: fixed[n - 1].to_owned(),
+            tags,
+        })
+    }
+}
+
 /// LMCache's multi-process key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ObjectKey {
@@ -57,6 +95,11 @@ pub struct ObjectKey {
 pub struct ChunkKey(FileKey);
 
 impl ChunkKey {
+    /// A key found in storage (a file's header), as it was stored.
+    pub fn from_file_key(key: FileKey) -> Self {
+        ChunkKey(key)
+    }
+
     /// The storage identity (file name, object id, header key).
     pub fn file_key(&self) -> &FileKey {
         &self.0
@@ -154,6 +197,21 @@ mod tests {
             tagged.to_string(),
             "org/test_model@1@0@abc@bfloat16@user%u1"
         );
+    }
+
+    #[test]
+    fn canonical_strings_parse_back() {
+        for text in [
+            "org/test_model@1@0@0@bfloat16",
+            "org/test_model@2@1@deadbeef@half@user%u1@lora%a",
+            "odd@model@4@3@ff@fp8_e4m3fn",
+        ] {
+            let key: CacheEngineKey = text.parse().unwrap();
+            assert_eq!(key.to_string(), text);
+        }
+        assert!("model@x@0@0@bf16".parse::<CacheEngineKey>().is_err());
+        assert!("model@1@0@zz@bf16".parse::<CacheEngineKey>().is_err());
+        assert!("not-a-key".parse::<CacheEngineKey>().is_err());
     }
 
     #[test]

@@ -133,6 +133,10 @@ impl L2Adapter for Registered {
         self.adapter.batched_contains(keys)
     }
 
+    fn stored_size(&self, key: &ChunkKey) -> Option<u64> {
+        self.adapter.stored_size(key)
+    }
+
     fn usage(&self) -> Usage {
         self.adapter.usage()
     }

@@ -229,6 +229,14 @@ impl L2Adapter for StaticAdapter {
             .count()
     }
 
+    fn stored_size(&self, key: &ChunkKey) -> Option<u64> {
+        let state = self.state();
+        if state.index.inflight.contains(key) {
+            return None;
+        }
+        state.index.get(key).map(|e| e.size)
+    }
+
     fn usage(&self) -> Usage {
         self.state()
             .index

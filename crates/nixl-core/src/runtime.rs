@@ -36,13 +36,16 @@ impl RuntimeLocator {
         Self::default()
     }
 
-    /// The standard order: `NIXL_LIB_DIR`, the runtime installed by `cargo xtask setup`, the
-    /// system folders, then the dynamic loader's own search path (`LD_LIBRARY_PATH`, ld.so.cache).
+    /// The standard order: the runtime installed by `cargo xtask setup`, the system folders,
+    /// then the dynamic loader's own search path (`LD_LIBRARY_PATH`, ld.so.cache).
+    ///
+    /// An explicit `NIXL_LIB_DIR` replaces all of them: a folder named on purpose that holds no
+    /// runtime is an error to report, not a reason to load some other runtime silently.
     pub fn standard() -> Self {
-        let mut locator = Self::new();
         if let Some(dir) = std::env::var_os("NIXL_LIB_DIR").filter(|d| !d.is_empty()) {
-            locator = locator.with_dir(dir);
+            return Self::new().with_dir(dir);
         }
+        let mut locator = Self::new();
         if let Some(dir) = XTASK_RUNTIME_DIR {
             locator = locator.with_dir(dir);
         }

@@ -483,30 +483,7 @@ impl DynamicFileStore {
     }
 
     fn files(&self) -> Result<Vec<PathBuf>> {
-        let mut files = Vec::new();
-        let mut folders = vec![(self.root.clone(), 0)];
-        while let Some((folder, depth)) = folders.pop() {
-            let entries = match fs::read_dir(&folder) {
-                Ok(entries) => entries,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(Error::Io {
-                        operation: "listing",
-                        path: folder,
-                        source,
-                    });
-                }
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                match entry.file_type() {
-                    Ok(kind) if kind.is_dir() && depth < 2 => folders.push((path, depth + 1)),
-                    Ok(kind) if kind.is_file() => files.push(path),
-                    _ => {}
-                }
-            }
-        }
-        Ok(files)
+        chunk_files(&self.root)
     }
 
     /// Removes the temporary files of interrupted writes; returns how many.
@@ -526,33 +503,66 @@ impl DynamicFileStore {
     /// Every chunk file whose header checks out and whose size matches it (foreign and truncated
     /// files are skipped; payload checksums are verified when a chunk is loaded).
     pub fn list(&self) -> Result<Vec<StoredChunk>> {
-        let mut chunks = Vec::new();
-        for path in self.files()? {
-            if path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().contains(TEMP_MARKER))
-            {
-                continue;
+        list_dir(&self.root)
+    }
+}
+
+/// Every file below `root`, two levels of shard folders deep.
+fn chunk_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut folders = vec![(root.to_path_buf(), 0)];
+    while let Some((folder, depth)) = folders.pop() {
+        let entries = match fs::read_dir(&folder) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(Error::Io {
+                    operation: "listing",
+                    path: folder,
+                    source,
+                });
             }
-            let Some(header) = read_header(&path)? else {
-                continue;
-            };
-            if let Ok((key, payload_len, _)) = header::parse(&header) {
-                let expected =
-                    HEADER_BYTES as u64 + payload_len.next_multiple_of(PAGE_ALIGN as u64);
-                let whole = fs::metadata(&path).is_ok_and(|m| m.len() == expected);
-                if let Some(key) = FileKey::from_canonical(key).filter(|_| whole) {
-                    chunks.push(StoredChunk {
-                        key,
-                        payload_len,
-                        path,
-                    });
-                }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() && depth < 2 => folders.push((path, depth + 1)),
+                Ok(kind) if kind.is_file() => files.push(path),
+                _ => {}
             }
         }
-        chunks.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(chunks)
     }
+    Ok(files)
+}
+
+/// The chunk files of a dynamic store's folder, without opening the store (no transport
+/// needed): every file whose header checks out and whose size matches it.
+pub fn list_dir(root: &Path) -> Result<Vec<StoredChunk>> {
+    let mut chunks = Vec::new();
+    for path in chunk_files(root)? {
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(TEMP_MARKER))
+        {
+            continue;
+        }
+        let Some(header) = read_header(&path)? else {
+            continue;
+        };
+        if let Ok((key, payload_len, _)) = header::parse(&header) {
+            let expected = HEADER_BYTES as u64 + payload_len.next_multiple_of(PAGE_ALIGN as u64);
+            let whole = fs::metadata(&path).is_ok_and(|m| m.len() == expected);
+            if let Some(key) = FileKey::from_canonical(key).filter(|_| whole) {
+                chunks.push(StoredChunk {
+                    key,
+                    payload_len,
+                    path,
+                });
+            }
+        }
+    }
+    chunks.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(chunks)
 }
 
 /// The first 4 KiB of a file through buffered I/O, or `None` when it is absent or shorter.

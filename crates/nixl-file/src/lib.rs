@@ -24,7 +24,7 @@ mod static_pool;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub use dynamic::{DynamicConfig, DynamicFileStore, StoredChunk};
+pub use dynamic::{DynamicConfig, DynamicFileStore, StoredChunk, list_dir};
 pub use error::{Error, Result};
 pub use key::FileKey;
 pub use open::{FileOptions, open_storage_file};

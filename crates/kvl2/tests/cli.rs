@@ -1,0 +1,256 @@
+//! The `kvl2` binary, driven as a user would: every subcommand, bad input, exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const KVL2: &str = env!("CARGO_BIN_EXE_kvl2");
+
+fn kvl2(args: &[&str]) -> Output {
+    Command::new(KVL2)
+        .args(args)
+        .output()
+        .expect("running kvl2")
+}
+
+fn kvl2_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(KVL2);
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("running kvl2")
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("exit code")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_str(stdout(output).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", stdout(output)))
+}
+
+fn dir_args(dir: &Path) -> Vec<String> {
+    vec![
+        "--dir".into(),
+        dir.display().to_string(),
+        "--chunk-bytes".into(),
+        "1048576".into(),
+    ]
+}
+
+fn run(cmd: &str, dir: &Path, rest: &[&str]) -> Output {
+    let mut args: Vec<String> = vec![cmd.to_owned()];
+    args.extend(dir_args(dir));
+    args.extend(rest.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    kvl2(&refs)
+}
+
+#[test]
+fn put_get_contains_rm_ls_stat_evict_round_trip() {
+    let store = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("chunk.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
+    let key = "org/model@1@0@abc123@bfloat16";
+
+    let put = run("put", store.path(), &[key, input.to_str().unwrap()]);
+    assert_eq!(code(&put), 0, "{}", stderr(&put));
+    assert_eq!(json(&put)["bytes"], 300_000);
+
+    let out = work.path().join("back.bin");
+    let get = run("get", store.path(), &[key, out.to_str().unwrap()]);
+    assert_eq!(code(&get), 0, "{}", stderr(&get));
+    assert_eq!(std::fs::read(&out).unwrap(), data, "bytes come back intact");
+
+    let contains = run("contains", store.path(), &[key, "missing-page", key]);
+    assert_eq!(code(&contains), 1, "a missing key is a miss");
+    let answer = json(&contains);
+    assert_eq!(answer["leading_hits"], 1);
+    assert_eq!(answer["present"], serde_json::json!([true, false, true]));
+
+    let ls = run("ls", store.path(), &[]);
+    assert_eq!(code(&ls), 0, "{}", stderr(&ls));
+    let listed: Vec<serde_json::Value> = stdout(&ls)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["model"], "org/model");
+    assert_eq!(listed[0]["bytes"], 300_000);
+
+    let stat = run("stat", store.path(), &[]);
+    assert_eq!(code(&stat), 0);
+    let stat: serde_json::Value = serde_json::from_str(&stdout(&stat)).unwrap();
+    assert_eq!(stat["on_disk"]["chunks"], 1);
+    assert_eq!(stat["type"], "nixl_store_dynamic");
+
+    let evict = run("evict", store.path(), &["--ratio", "1"]);
+    assert_eq!(code(&evict), 0, "{}", stderr(&evict));
+    assert_eq!(json(&evict)["evicted"], 1);
+
+    let gone = run("get", store.path(), &[key, out.to_str().unwrap()]);
+    assert_eq!(code(&gone), 1, "evicted keys miss");
+
+    run("put", store.path(), &["page-a", input.to_str().unwrap()]);
+    let rm = run("rm", store.path(), &["page-a", "page-b"]);
+    assert_eq!(code(&rm), 1, "one of two keys was not there");
+    assert_eq!(json(&rm)["deleted"], 1);
+}
+
+#[test]
+fn get_of_an_unknown_key_is_a_miss() {
+    let store = tempfile::tempdir().unwrap();
+    let out = store.path().join("out");
+    let get = run(
+        "get",
+        store.path(),
+        &["never-stored", out.to_str().unwrap()],
+    );
+    assert_eq!(code(&get), 1);
+    assert!(stderr(&get).contains("not stored"), "{}", stderr(&get));
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let store = tempfile::tempdir().unwrap();
+    let missing = run("put", store.path(), &["k", "/no/such/input"]);
+    assert_eq!(code(&missing), 2);
+    assert!(
+        stderr(&missing).contains("/no/such/input"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let no_store = kvl2(&["stat"]);
+    assert_eq!(code(&no_store), 2);
+    assert!(stderr(&no_store).contains("--dir"), "{}", stderr(&no_store));
+
+    let hostile = run("contains", store.path(), &["../../etc/passwd@1@0@1@bf16"]);
+    assert_eq!(code(&hostile), 2, "{}", stderr(&hostile));
+
+    assert_eq!(code(&kvl2(&["no-such-command"])), 2);
+    assert_eq!(code(&kvl2(&["bench", "--model", "gpt-9"])), 2);
+}
+
+#[test]
+fn config_check_prints_the_redacted_spec_or_every_error() {
+    let work = tempfile::tempdir().unwrap();
+    let good = work.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "nixl_buffer_device: cpu\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 0\n  nixl_backend_params:\n    bucket: kv\n    secret_key: TOPSECRET123\n",
+    )
+    .unwrap();
+    let ok = kvl2(&["config", "check", "--config", good.to_str().unwrap()]);
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    let text = stdout(&ok);
+    assert!(text.contains("\"backend\": \"OBJ\""), "{text}");
+    assert!(
+        !text.contains("TOPSECRET123"),
+        "secrets are redacted: {text}"
+    );
+    assert!(!stderr(&ok).contains("TOPSECRET123"));
+
+    let bad = work.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "extra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n",
+    )
+    .unwrap();
+    let err = kvl2(&["config", "check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code(&err), 2);
+    let text = stderr(&err);
+    assert!(text.contains("nixl_pool_size"), "{text}");
+    assert!(text.contains("nixl_buffer_device"), "{text}");
+
+    let corrupt = work.path().join("corrupt.yaml");
+    std::fs::write(&corrupt, "extra_config: [unclosed\n").unwrap();
+    let err = kvl2(&["config", "check", "--config", corrupt.to_str().unwrap()]);
+    assert_eq!(code(&err), 2);
+    assert!(stderr(&err).contains("corrupt.yaml"), "{}", stderr(&err));
+
+    let adapter = kvl2(&[
+        "config",
+        "check",
+        "--l2-adapter",
+        r#"{"type":"nixl_store","backend":"POSIX"}"#,
+    ]);
+    assert_eq!(code(&adapter), 2);
+    assert!(
+        stderr(&adapter).contains("pool_size"),
+        "{}",
+        stderr(&adapter)
+    );
+}
+
+#[test]
+fn without_a_nixl_runtime_nixl_fails_clearly_and_bench_falls_back() {
+    let empty = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let env = [("NIXL_LIB_DIR", empty.path().to_str().unwrap())];
+    let mut args = vec!["stat".to_owned(), "--engine".into(), "nixl".into()];
+    args.extend(dir_args(store.path()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let nixl = kvl2_env(&refs, &env);
+    assert_eq!(code(&nixl), 3, "{}", stderr(&nixl));
+    assert!(
+        stderr(&nixl).contains("cargo xtask setup"),
+        "{}",
+        stderr(&nixl)
+    );
+
+    let bench = kvl2_env(
+        &[
+            "bench",
+            "--chunk-bytes",
+            "1048576",
+            "--chunks",
+            "4",
+            "--json",
+            "--dir",
+            store.path().to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code(&bench), 0, "{}", stderr(&bench));
+    let result = json(&bench);
+    assert_eq!(result["engine"], "native io_uring");
+    assert_eq!(result["verified_chunks"], 4);
+}
+
+#[test]
+fn bench_runs_end_to_end_and_reports_json() {
+    let bench = kvl2(&[
+        "bench",
+        "--chunk-bytes",
+        "262144",
+        "--chunks",
+        "16",
+        "--batch",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code(&bench), 0, "{}", stderr(&bench));
+    let result = json(&bench);
+    for field in [
+        "put_gbps",
+        "get_gbps",
+        "lookups_per_s",
+        "put_batch_ms_p99",
+        "cpu_seconds_per_gb",
+    ] {
+        assert!(result[field].as_f64().unwrap() > 0.0, "{field}: {result}");
+    }
+    assert_eq!(result["verified_chunks"], 16);
+}
