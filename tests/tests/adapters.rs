@@ -359,3 +359,58 @@ fn engine_config_builds_a_dynamic_adapter() {
     let adapter = build_storage(&spec, &AdapterContext::new(Arc::clone(&pool))).unwrap();
     test_utils::round_trip(adapter.as_ref(), &pool);
 }
+
+/// The non-blocking forms: task ids, results handed out once, pages returned with them.
+#[test]
+fn submitted_tasks_complete_and_hand_results_out_once() {
+    use kv_l2_adapter::AsyncAdapter;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = memory();
+    let tasks = AsyncAdapter::new(build(
+        &file_json("nixl_store_dynamic", dir.path(), ""),
+        Engine::Native,
+        &pool,
+    ));
+    let mut pages = pool.allocate_batch(3).unwrap();
+    for (i, page) in pages.iter_mut().enumerate() {
+        test_utils::fill(i as u32, page);
+    }
+    let keys: Vec<_> = (0..3).map(|i| key(i, None)).collect();
+    let store = tasks.submit_store(keys.clone(), pages);
+    let lookup = tasks.submit_lookup_and_lock(vec![key(0, None), key(7, None)]);
+    assert!(lookup > store, "ids increase");
+    assert_eq!(tasks.wait_completed(2, Duration::from_secs(30)), 2);
+    let stored = tasks.pop_completed_store_tasks();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].1.is_successful());
+    assert_eq!(stored[0].2.len(), 3, "pages come back");
+    assert!(
+        tasks.pop_completed_store_tasks().is_empty(),
+        "handed out once"
+    );
+    assert_eq!(
+        tasks.query_lookup_and_lock_result(lookup),
+        Some(vec![true, false])
+    );
+    assert_eq!(
+        tasks.query_lookup_and_lock_result(lookup),
+        None,
+        "handed out once"
+    );
+    tasks.submit_unlock(vec![key(0, None)]);
+    let load = tasks.submit_load(keys, pool.allocate_batch(3).unwrap());
+    tasks.wait_completed(3, Duration::from_secs(30));
+    let (bits, pages) = tasks.query_load_result(load).unwrap();
+    assert_eq!(bits, vec![true, true, true]);
+    let mut expected = pool.allocate().unwrap();
+    for (i, page) in pages.iter().enumerate() {
+        test_utils::fill(i as u32, &mut expected);
+        assert!(page.as_slice() == expected.as_slice());
+    }
+    assert_eq!(
+        tasks.query_lookup_and_lock_result(9999),
+        None,
+        "unknown ids"
+    );
+    tasks.shutdown();
+}

@@ -2,7 +2,8 @@
 //! backend and `nixl_store` / `nixl_store_dynamic` adapters, and SGLang's HiCache connector.
 //!
 //! - [`L2Adapter`]: store, lookup-and-pin, unlock, load, delete, prefix `batched_contains`,
-//!   usage and status; safe to call from several threads.
+//!   usage and status; safe to call from several threads. [`AsyncAdapter`] gives the
+//!   non-blocking forms: submit a task, collect its result once, by id.
 //! - [`DynamicAdapter`] (`nixl_store_dynamic`): one file or object per key, capacity reserved
 //!   before writing (a batch that does not fit stops at the first key that does not), lazy
 //!   recovery after a restart, presence cache and presence-cache-only mode, background puts,
@@ -27,6 +28,7 @@ mod keys;
 mod registry;
 mod static_adapter;
 mod storage;
+mod tasks;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
@@ -41,3 +43,4 @@ pub use registry::{
 };
 pub use static_adapter::{SlotStorage, StaticAdapter};
 pub use storage::{ChunkStorage, Objects};
+pub use tasks::{AsyncAdapter, TaskId};

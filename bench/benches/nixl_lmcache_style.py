@@ -1,0 +1,79 @@
+"""NIXL's own Python API driven the way LMCache's dynamic NIXL backend drives it.
+
+One file per chunk, opened and registered per chunk, one prepped transfer per batch, the state
+polled every millisecond, everything released and closed afterwards. The host buffer is one
+page-aligned mapping registered once in page-sized pieces.
+
+Run by kv-bench (`cargo xtask bench`) with PYTHONPATH pointing at the NIXL runtime that
+`cargo xtask setup` unpacks. Prints one JSON object: put and get GB/s, best of the passes.
+
+usage: nixl_lmcache_style.py DIR CHUNK_BYTES CHUNKS BATCH PASSES DIRECT_IO(0|1)
+"""
+
+import json
+import mmap
+import os
+import sys
+import time
+
+import numpy as np
+from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+
+def main() -> None:
+    folder = sys.argv[1]
+    page = int(sys.argv[2])
+    chunks = int(sys.argv[3])
+    batch = int(sys.argv[4])
+    passes = int(sys.argv[5])
+    direct = sys.argv[6] == "1"
+
+    agent = nixl_agent("lmcache-style-" + str(os.getpid()), nixl_agent_config(backends=[]))
+    agent.create_backend("POSIX", {})
+
+    buffer = mmap.mmap(-1, page * batch)
+    array = np.frombuffer(buffer, dtype=np.uint8)
+    base = array.ctypes.data
+    pieces = [(base + i * page, page, 0, "") for i in range(batch)]
+    mem_reg = agent.register_memory(agent.get_reg_descs(pieces, "DRAM"))
+    mem_descs = agent.get_xfer_descs([(a, n, d) for a, n, d, _ in pieces], "DRAM")
+    mem_handle = agent.prep_xfer_dlist("", mem_descs)
+    array[:] = np.arange(page * batch, dtype=np.uint64).astype(np.uint8)
+
+    flags_write = os.O_CREAT | os.O_RDWR | (os.O_DIRECT if direct else 0)
+    flags_read = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+
+    def run(operation: str) -> float:
+        started = time.perf_counter()
+        for start in range(0, chunks, batch):
+            names = [os.path.join(folder, f"chunk_{i}.bin") for i in range(start, min(start + batch, chunks))]
+            fds = [os.open(n, flags_write if operation == "WRITE" else flags_read, 0o644) for n in names]
+            file_reg = agent.register_memory(agent.get_reg_descs([(0, page, fd, "") for fd in fds], "FILE"))
+            file_descs = agent.get_xfer_descs([(0, page, fd) for fd in fds], "FILE")
+            file_handle = agent.prep_xfer_dlist(agent.name, file_descs)
+            indices = list(range(len(fds)))
+            handle = agent.make_prepped_xfer(operation, mem_handle, indices, file_handle, indices)
+            state = agent.transfer(handle)
+            while state not in ("DONE", "ERR"):
+                time.sleep(0.001)
+                state = agent.check_xfer_state(handle)
+            if state == "ERR":
+                raise RuntimeError("NIXL transfer failed")
+            agent.release_xfer_handle(handle)
+            agent.release_dlist_handle(file_handle)
+            agent.deregister_memory(file_reg)
+            for fd in fds:
+                os.close(fd)
+        return chunks * page / (time.perf_counter() - started) / 1e9
+
+    put = max(run("WRITE") for _ in range(passes))
+    get = max(run("READ") for _ in range(passes))
+    for i in range(chunks):
+        os.remove(os.path.join(folder, f"chunk_{i}.bin"))
+    agent.release_dlist_handle(mem_handle)
+    agent.deregister_memory(mem_reg)
+    print(json.dumps({"put_gbps": put, "get_gbps": get}))
+
+
+if __name__ == "__main__":
+    main()
