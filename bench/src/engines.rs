@@ -44,6 +44,11 @@ pub(crate) enum Engine {
     NixlPosix,
     /// The native io_uring engine of nixl-file, one batched request per pass.
     Uring,
+    /// The full L2 adapter (`nixl_store_dynamic` over NIXL POSIX): a file per chunk with a
+    /// checked header, atomic publish, batches of 8.
+    Adapter,
+    /// NIXL's own Python API driven the way LMCache drives it (`benches/nixl_lmcache_style.py`).
+    NixlPython,
 }
 
 pub(crate) struct Measurement {
@@ -97,11 +102,13 @@ impl Buffers {
 }
 
 impl Engine {
-    pub(crate) const ALL: [Engine; 4] = [
+    pub(crate) const ALL: [Engine; 6] = [
         Engine::Fio,
         Engine::RawPwrite,
         Engine::NixlPosix,
         Engine::Uring,
+        Engine::Adapter,
+        Engine::NixlPython,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -110,6 +117,8 @@ impl Engine {
             Engine::RawPwrite => "pwrite/pread, 1 thread",
             Engine::NixlPosix => "NIXL POSIX (nixl-core)",
             Engine::Uring => "native io_uring (nixl-file)",
+            Engine::Adapter => "L2 adapter, dynamic (NIXL POSIX)",
+            Engine::NixlPython => "NIXL Python API, LMCache-style",
         }
     }
 
@@ -117,11 +126,24 @@ impl Engine {
     pub(crate) fn available(self) -> bool {
         match self {
             Engine::Fio => fio_installed(),
+            Engine::NixlPython => python_ready(),
             _ => true,
         }
     }
 
     pub(crate) fn measure(self, workload: &Workload, dir: &Path) -> Result<Measurement> {
+        let per_key = match self {
+            Engine::Adapter => Some(adapter(workload, dir)?),
+            Engine::NixlPython => Some(python(workload, dir)?),
+            _ => None,
+        };
+        if let Some((put_gbps, get_gbps)) = per_key {
+            return Ok(Measurement {
+                engine: self,
+                put_gbps,
+                get_gbps,
+            });
+        }
         let path = dir.join(format!("bench-{self:?}.chunks"));
         let file = open_storage_file(
             &path,
@@ -145,6 +167,7 @@ impl Engine {
                 &mut buffers,
                 Arc::new(UringTransport::new(UringConfig::default())?),
             ),
+            Engine::Adapter | Engine::NixlPython => unreachable_engine(self),
         };
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         let (put_gbps, get_gbps) = result?;
@@ -174,6 +197,140 @@ fn passes(
         buffers.verify()?;
     }
     Ok((best_put, best_get))
+}
+
+fn unreachable_engine(engine: Engine) -> Result<(f64, f64)> {
+    anyhow::bail!("{} is measured per key, not on one file", engine.label())
+}
+
+const ADAPTER_BATCH: usize = 8;
+
+/// The dynamic adapter over NIXL POSIX: stores every chunk (8 per call), loads and verifies.
+fn adapter(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
+    use kv_l2_adapter::{
+        AdapterContext, AdapterFactory, ChunkKey, Engine as AdapterEngine, ObjectKey,
+    };
+    let folder = dir.join("adapter");
+    let pool = PoolConfig::new(
+        workload.chunk_bytes,
+        (2 * ADAPTER_BATCH * workload.chunk_bytes) as u64,
+    )
+    .build()?;
+    let json = serde_json::json!({
+        "type": "nixl_store_dynamic",
+        "backend": "POSIX",
+        "backend_params": {
+            "file_path": folder.display().to_string(),
+            "use_direct_io": "true",
+            "max_capacity_gb": "1024",
+        },
+        "persist_enabled": false,
+    })
+    .to_string();
+    let context = AdapterContext::new(Arc::clone(&pool)).with_engine(AdapterEngine::Nixl);
+    let key = |i: usize| {
+        ChunkKey::from(ObjectKey {
+            model: "kv-bench".to_owned(),
+            kv_rank: 0,
+            group_id: 0,
+            chunk_hash: (i as u64).to_be_bytes().to_vec(),
+            cache_salt: None,
+        })
+    };
+    let (mut best_put, mut best_get) = (0f64, 0f64);
+    for _ in 0..PASSES {
+        let (_, adapter) = AdapterFactory::new()
+            .build(&[json.as_str()], &context)?
+            .remove(0);
+        let mut put = std::time::Duration::ZERO;
+        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+            let end = (start + ADAPTER_BATCH).min(workload.chunks);
+            let mut pages = pool.allocate_batch(end - start)?;
+            for (page, i) in pages.iter_mut().zip(start..end) {
+                fill(i, page);
+            }
+            let keys: Vec<_> = (start..end).map(key).collect();
+            let refs: Vec<&Page> = pages.iter().collect();
+            let started = Instant::now();
+            let report = adapter.store(&keys, &refs);
+            put += started.elapsed();
+            ensure!(report.is_successful(), "adapter store failed: {report:?}");
+        }
+        let mut get = std::time::Duration::ZERO;
+        let mut expected = pool.allocate().context("a page for verification")?;
+        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+            let end = (start + ADAPTER_BATCH).min(workload.chunks);
+            let mut pages = pool.allocate_batch(end - start)?;
+            let keys: Vec<_> = (start..end).map(key).collect();
+            let mut refs: Vec<&mut Page> = pages.iter_mut().collect();
+            let started = Instant::now();
+            let loaded = adapter.load(&keys, &mut refs);
+            get += started.elapsed();
+            for ((ok, page), i) in loaded.into_iter().zip(&pages).zip(start..end) {
+                fill(i, &mut expected);
+                ensure!(
+                    ok && page.as_slice() == expected.as_slice(),
+                    "chunk {i} did not load intact"
+                );
+            }
+        }
+        adapter.close()?;
+        best_put = best_put.max(gbps(workload.bytes(), put.as_secs_f64()));
+        best_get = best_get.max(gbps(workload.bytes(), get.as_secs_f64()));
+    }
+    let _ = std::fs::remove_dir_all(&folder);
+    Ok((best_put, best_get))
+}
+
+fn workspace() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn python_bin() -> std::path::PathBuf {
+    workspace().join("target/test-services/venv/bin/python")
+}
+
+fn python_ready() -> bool {
+    Command::new(python_bin())
+        .args(["-c", "import numpy, nixl_cu12._api"])
+        .env("PYTHONPATH", workspace().join("target/nixl-runtime"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// NIXL's Python API, LMCache-style: one file per chunk, registered per chunk.
+fn python(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
+    let folder = dir.join("python");
+    std::fs::create_dir_all(&folder)?;
+    let output = Command::new(python_bin())
+        .arg(workspace().join("bench/benches/nixl_lmcache_style.py"))
+        .arg(&folder)
+        .arg(workload.chunk_bytes.to_string())
+        .arg(workload.chunks.to_string())
+        .arg(ADAPTER_BATCH.to_string())
+        .arg(PASSES.to_string())
+        .arg("1")
+        .env("PYTHONPATH", workspace().join("target/nixl-runtime"))
+        .output()
+        .context("running the NIXL Python benchmark")?;
+    ensure!(
+        output.status.success(),
+        "NIXL Python benchmark failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&folder);
+    let result: serde_json::Value = serde_json::from_slice(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .as_bytes(),
+    )
+    .context("NIXL Python benchmark output")?;
+    Ok((
+        result["put_gbps"].as_f64().unwrap_or(0.0),
+        result["get_gbps"].as_f64().unwrap_or(0.0),
+    ))
 }
 
 fn fio_installed() -> bool {

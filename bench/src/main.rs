@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod engines;
+mod extras;
 
 use std::path::PathBuf;
 
@@ -104,10 +105,46 @@ fn main() -> Result<()> {
         }
         rows.push((workload, measurements));
     }
+    let lookups = 100_000;
+    eprintln!("bench: batched_contains over {lookups} keys");
+    let rate = extras::lookup_rate(lookups)?;
+    let (object_chunks, object_bytes) = if args.quick {
+        (4, 4 << 20)
+    } else {
+        (8, 32 << 20)
+    };
+    let mut object_table = String::from(
+        "| chunk | engine | put GB/s | get GB/s | put vs raw | get vs raw |\n|---|---|---|---|---|---|\n",
+    );
+    for (chunks, chunk_bytes) in [(object_chunks, object_bytes), (64, 256 << 10)] {
+        eprintln!(
+            "bench: {chunks} x {} KiB objects through moto",
+            chunk_bytes >> 10
+        );
+        match extras::objects(chunks, chunk_bytes) {
+            Ok(rows) => {
+                let (raw_put, raw_get) = (rows[0].1, rows[0].2);
+                for (label, put, get) in rows {
+                    object_table.push_str(&format!(
+                        "| {chunks} x {} KiB | {label} | {put:.3} | {get:.3} | {:.2}x | {:.2}x |\n",
+                        chunk_bytes >> 10,
+                        put / raw_put,
+                        get / raw_get
+                    ));
+                }
+            }
+            Err(err) => object_table.push_str(&format!(
+                "| {chunks} x {} KiB | skipped: {err:#} | | | | |\n",
+                chunk_bytes >> 10
+            )),
+        }
+    }
     let report = format!(
-        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}",
+        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}",
         dir.display(),
-        table(&rows)
+        table(&rows),
+        rate / 1e6,
+        object_table
     );
     println!("{report}");
     if let Some(out) = &args.out {

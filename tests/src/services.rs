@@ -83,6 +83,17 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// Like [`start`](S3Server::start), but an error instead of a panic when moto is missing.
+    pub fn try_start() -> Result<Self, String> {
+        if std::env::var("KV_TEST_S3_ENDPOINT").is_err()
+            && !services_dir().join("venv/bin/moto_server").exists()
+        {
+            return Err("moto's S3 server is not installed: run `cargo xtask setup`".to_owned());
+        }
+        std::panic::catch_unwind(Self::start)
+            .map_err(|_| "moto's S3 server did not start".to_owned())
+    }
+
     /// Starts moto (or uses `KV_TEST_S3_ENDPOINT`) and creates a fresh bucket.
     pub fn start() -> Self {
         if let Ok(endpoint) = std::env::var("KV_TEST_S3_ENDPOINT") {

@@ -10,19 +10,22 @@ use crate::system::run;
 
 const MOTO: &str = "moto[server]==5.1.*";
 const AZURE_BLOB_CLIENT: &str = "azure-storage-blob==12.*";
+/// NIXL's own Python API (in the runtime wheel) needs numpy; kv-bench drives it LMCache-style.
+const NUMPY: &str = "numpy<2.3";
 const AZURITE: &str = "azurite@3.37.0";
 
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
 }
 
-/// A virtual environment with moto's server and the Azure blob client (used only to create the
-/// test container, which NIXL's plugin does not do).
+/// A virtual environment with moto's server, the Azure blob client (used only to create the
+/// test container, which NIXL's plugin does not do) and numpy (for NIXL's Python API in the
+/// benchmark).
 pub(crate) fn ensure_python_services(root: &Path) -> Result<()> {
     let venv = root.join("target/test-services/venv");
     let ready = venv.join("bin/moto_server").exists()
         && Command::new(venv.join("bin/python"))
-            .args(["-c", "import azure.storage.blob, moto"])
+            .args(["-c", "import azure.storage.blob, moto, numpy"])
             .output()
             .is_ok_and(|o| o.status.success());
     if ready {
@@ -41,6 +44,7 @@ pub(crate) fn ensure_python_services(root: &Path) -> Result<()> {
         "--disable-pip-version-check",
         MOTO,
         AZURE_BLOB_CLIENT,
+        NUMPY,
     ]))?;
     println!("moto S3 server: {}", venv.join("bin/moto_server").display());
     Ok(())

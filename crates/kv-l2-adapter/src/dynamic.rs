@@ -408,8 +408,9 @@ impl L2Adapter for DynamicAdapter {
         let mut count = 0;
         {
             let state = self.shared.state();
+            let writing = !state.index.inflight.is_empty();
             for key in keys {
-                if state.index.inflight.contains(key) {
+                if writing && state.index.inflight.contains(key) {
                     return count;
                 }
                 let known = state.index.contains(key)

@@ -91,34 +91,60 @@ pub struct ObjectKey {
 }
 
 /// The key of one stored chunk, whatever form it came in.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ChunkKey(FileKey);
+///
+/// It carries a 64-bit digest of its canonical form, computed once: index and presence lookups
+/// hash those 8 bytes instead of the model name and hash bytes every time (equality still
+/// compares every field).
+#[derive(Debug, Clone)]
+pub struct ChunkKey {
+    key: FileKey,
+    digest: u64,
+}
+
+impl PartialEq for ChunkKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest && self.key == other.key
+    }
+}
+
+impl Eq for ChunkKey {}
+
+impl std::hash::Hash for ChunkKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest);
+    }
+}
 
 impl ChunkKey {
+    fn new(key: FileKey) -> Self {
+        let digest = xxhash_rust::xxh3::xxh3_64(&key.canonical());
+        Self { key, digest }
+    }
+
     /// A key found in storage (a file's header), as it was stored.
     pub fn from_file_key(key: FileKey) -> Self {
-        ChunkKey(key)
+        Self::new(key)
     }
 
     /// The storage identity (file name, object id, header key).
     pub fn file_key(&self) -> &FileKey {
-        &self.0
+        &self.key
     }
 
     /// The tenant salt, for per-salt accounting and isolation.
     pub fn cache_salt(&self) -> Option<&str> {
-        self.0.cache_salt.as_deref()
+        self.key.cache_salt.as_deref()
     }
 
     /// The canonical bytes stored in headers and hashed into object ids.
     pub fn canonical(&self) -> Vec<u8> {
-        self.0.canonical()
+        self.key.canonical()
     }
 }
 
 impl From<ObjectKey> for ChunkKey {
     fn from(key: ObjectKey) -> Self {
-        ChunkKey(FileKey {
+        ChunkKey::new(FileKey {
             model: key.model,
             kv_rank: key.kv_rank,
             group_id: key.group_id,
@@ -137,7 +163,7 @@ impl From<&CacheEngineKey> for ChunkKey {
         for (k, v) in &key.tags {
             qualifier.push_str(&format!("-{k}={v}"));
         }
-        ChunkKey(FileKey {
+        ChunkKey::new(FileKey {
             model: key.model.clone(),
             kv_rank: key.worker_id,
             group_id: 0,
@@ -163,7 +189,7 @@ pub struct PageKey {
 
 impl From<&PageKey> for ChunkKey {
     fn from(key: &PageKey) -> Self {
-        ChunkKey(FileKey {
+        ChunkKey::new(FileKey {
             model: key.model.clone(),
             kv_rank: key.tp_rank,
             group_id: key.tp_size,

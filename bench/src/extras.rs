@@ -1,0 +1,196 @@
+//! The parts of the benchmark that are not one-file throughput: the adapter's lookup rate, and
+//! object stores (moto's S3 server on 127.0.0.1) next to the raw NIXL OBJ plugin.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use kv_integration_tests::services::S3Server;
+use kv_l2_adapter::{ChunkKey, ChunkStorage, DynamicAdapter, DynamicOptions, L2Adapter, ObjectKey};
+use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport, TransportExt};
+use nixl_obj::{ObjectConfig, ObjectStore};
+use pinned_alloc::{Page, PoolConfig};
+
+/// Keys that exist, and nothing else: the lookup benchmark measures the adapter's own index and
+/// presence-cache path, which never reaches storage when every key is known.
+#[derive(Debug, Default)]
+struct KnownKeys {
+    sizes: Mutex<HashMap<ChunkKey, u64>>,
+}
+
+impl ChunkStorage for KnownKeys {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<kv_l2_adapter::Result<u64>> {
+        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        items
+            .iter()
+            .map(|(k, p)| {
+                sizes.insert((*k).clone(), p.len() as u64);
+                Ok(p.len() as u64)
+            })
+            .collect()
+    }
+
+    fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<kv_l2_adapter::Result<bool>> {
+        items.iter().map(|_| Ok(false)).collect()
+    }
+
+    fn contains(&self, keys: &[&ChunkKey]) -> kv_l2_adapter::Result<Vec<bool>> {
+        let sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(keys.iter().map(|k| sizes.contains_key(*k)).collect())
+    }
+
+    fn stored_size(&self, key: &ChunkKey) -> kv_l2_adapter::Result<Option<u64>> {
+        Ok(self
+            .sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied())
+    }
+
+    fn delete(&self, key: &ChunkKey) -> kv_l2_adapter::Result<bool> {
+        Ok(self
+            .sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+            .is_some())
+    }
+}
+
+fn key(i: usize) -> ChunkKey {
+    ChunkKey::from(ObjectKey {
+        model: "meta-llama/Llama-3.1-8B".to_owned(),
+        kv_rank: 0,
+        group_id: 0,
+        chunk_hash: (i as u64).to_be_bytes().to_vec(),
+        cache_salt: None,
+    })
+}
+
+/// `batched_contains` over `n` known keys, with the presence cache on: keys per second.
+pub(crate) fn lookup_rate(n: usize) -> Result<f64> {
+    let adapter = DynamicAdapter::new(
+        Box::<KnownKeys>::default(),
+        DynamicOptions::new("memory").with_presence_cache(kv_config::PresenceCache::On),
+    );
+    let pool = PoolConfig::new(4096, 1024 * 4096).build()?;
+    let pages = pool.allocate_batch(1024)?;
+    let keys: Vec<ChunkKey> = (0..n).map(key).collect();
+    for batch in keys.chunks(1024) {
+        let refs: Vec<&Page> = pages.iter().take(batch.len()).collect();
+        ensure!(
+            adapter.store(batch, &refs).is_successful(),
+            "storing the lookup keys"
+        );
+    }
+    let started = Instant::now();
+    let mut looked_up = 0usize;
+    while started.elapsed() < Duration::from_millis(500) {
+        ensure!(
+            adapter.batched_contains(&keys) == n,
+            "every key must be found"
+        );
+        looked_up += n;
+    }
+    Ok(looked_up as f64 / started.elapsed().as_secs_f64())
+}
+
+fn s3_transport(server: &S3Server) -> Result<Arc<dyn Transport>> {
+    Ok(Arc::new(NixlTransport::new(
+        NixlConfig::new("OBJ")
+            .with_param("endpoint_override", &server.endpoint)
+            .with_param("scheme", "http")
+            .with_param("bucket", &server.bucket)
+            .with_param("access_key", &server.access_key)
+            .with_param("secret_key", &server.secret_key)
+            .with_param("region", "us-east-1"),
+    )?))
+}
+
+fn fill(i: usize, page: &mut Page) {
+    for (n, b) in page.as_mut_slice().iter_mut().enumerate() {
+        *b = (i.wrapping_mul(31) ^ n.wrapping_mul(7)) as u8;
+    }
+}
+
+/// Raw NIXL OBJ and the object store, `chunks` objects of `chunk_bytes`: (label, put, get) GB/s.
+pub(crate) fn objects(chunks: usize, chunk_bytes: usize) -> Result<Vec<(&'static str, f64, f64)>> {
+    let server = S3Server::try_start().map_err(anyhow::Error::msg)?;
+    let transport = s3_transport(&server)?;
+    let pool = PoolConfig::new(chunk_bytes, (2 * chunks * chunk_bytes) as u64).build()?;
+    let _memory = transport.register_pool(&pool)?;
+    let bytes = (chunks * chunk_bytes) as f64;
+    let mut sources = pool.allocate_batch(chunks)?;
+    for (i, page) in sources.iter_mut().enumerate() {
+        fill(i, page);
+    }
+
+    let registrations = (0..chunks)
+        .map(|i| transport.register_object(1_000_000 + i as u64, chunk_bytes))
+        .collect::<nixl_core::Result<Vec<_>>>()?;
+    let writes: Vec<_> = sources
+        .iter()
+        .zip(&registrations)
+        .map(|(p, r)| (p.as_slice(), StorageExtent::new(r.dev_id(), 0)))
+        .collect();
+    let started = Instant::now();
+    transport.write(&writes)?;
+    let raw_put = bytes / started.elapsed().as_secs_f64() / 1e9;
+    let mut targets = pool.allocate_batch(chunks)?;
+    let mut reads: Vec<_> = targets
+        .iter_mut()
+        .zip(&registrations)
+        .map(|(p, r)| (p.as_mut_slice(), StorageExtent::new(r.dev_id(), 0)))
+        .collect();
+    let started = Instant::now();
+    transport.read(&mut reads)?;
+    let raw_get = bytes / started.elapsed().as_secs_f64() / 1e9;
+    drop(reads);
+    ensure!(
+        sources
+            .iter()
+            .zip(&targets)
+            .all(|(s, t)| s.as_slice() == t.as_slice()),
+        "raw OBJ read back wrong bytes"
+    );
+    drop(registrations);
+
+    let store = ObjectStore::open(
+        Arc::clone(&transport),
+        ObjectConfig::new(chunk_bytes).with_max_batch(chunks.min(16)),
+    )?;
+    let keys: Vec<Vec<u8>> = (0..chunks).map(|i| key(i).canonical()).collect();
+    let items: Vec<_> = keys.iter().map(Vec::as_slice).zip(&sources).collect();
+    let started = Instant::now();
+    for result in store.put(&items) {
+        result?;
+    }
+    let store_put = bytes / started.elapsed().as_secs_f64() / 1e9;
+    let mut items: Vec<_> = keys
+        .iter()
+        .map(Vec::as_slice)
+        .zip(targets.iter_mut())
+        .collect();
+    let started = Instant::now();
+    for result in store.get(&mut items) {
+        ensure!(result?, "object store lost a chunk");
+    }
+    let store_get = bytes / started.elapsed().as_secs_f64() / 1e9;
+    ensure!(
+        sources
+            .iter()
+            .zip(&targets)
+            .all(|(s, t)| s.as_slice() == t.as_slice()),
+        "object store read back wrong bytes"
+    );
+    Ok(vec![
+        ("raw NIXL OBJ (one batch)", raw_put, raw_get),
+        ("object store (nixl-obj)", store_put, store_get),
+    ])
+}
