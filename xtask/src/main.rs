@@ -7,6 +7,8 @@
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers (default ten minutes).
 //! - `bench [--quick]`: the macro benchmarks (release build), table in `target/bench/latest.md`.
+//! - `stress [--short]`: crash, corruption, full disk, limits, concurrency, tenants, hostile
+//!   input and secrets, with a summary table (CI runs the short form).
 //! - `memcheck`: runs the tests of the crates with `unsafe` code under valgrind's memcheck.
 
 mod memcheck;
@@ -50,6 +52,7 @@ fn ci(root: &Path) -> Result<()> {
         system::cargo(root, &args)?;
     }
     test_run::run_suite(root, &[])?;
+    stress(root, true)?;
     for (package, example) in EXAMPLES {
         system::cargo(
             root,
@@ -57,6 +60,34 @@ fn ci(root: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Builds the tools the stress run drives (kvl2 is checked for leaked secrets), then runs it.
+fn stress(root: &Path, short: bool) -> Result<()> {
+    system::cargo(
+        root,
+        &[
+            "build",
+            "--quiet",
+            "--package",
+            "kvl2",
+            "--package",
+            "kv-integration-tests",
+            "--bins",
+        ],
+    )?;
+    let mut args = vec![
+        "run",
+        "--quiet",
+        "--package",
+        "kv-integration-tests",
+        "--bin",
+        "kv_stress",
+    ];
+    if short {
+        args.extend(["--", "--short"]);
+    }
+    system::cargo(root, &args)
 }
 
 /// Examples CI runs, so they keep working.
@@ -69,7 +100,7 @@ fn main() -> Result<()> {
         Some("setup") => setup(&root),
         Some("test") => {
             setup(&root)?;
-            test_run::run_suite(&root, &args[1..])
+            test_run::run_suite(&root, &args[1..]).map(drop)
         }
         Some("ci") => ci(&root),
         Some("fuzz") => {
@@ -89,6 +120,10 @@ fn main() -> Result<()> {
             )
         }
         Some("memcheck") => memcheck::run(&root),
+        Some("stress") => {
+            setup(&root)?;
+            stress(&root, args.get(1).is_some_and(|a| a == "--short"))
+        }
         Some("bench") => {
             setup(&root)?;
             system::ensure_fio();
@@ -100,8 +135,10 @@ fn main() -> Result<()> {
             system::cargo(&root, &cargo_args)
         }
         Some(other) => {
-            bail!("unknown command `{other}`; commands: setup, test, ci, bench, fuzz, memcheck")
+            bail!(
+                "unknown command `{other}`; commands: setup, test, ci, bench, stress, fuzz, memcheck"
+            )
         }
-        None => bail!("usage: cargo xtask <setup|test|ci|bench|fuzz|memcheck>"),
+        None => bail!("usage: cargo xtask <setup|test|ci|bench|stress|fuzz|memcheck>"),
     }
 }

@@ -8,11 +8,22 @@ use anyhow::{Context, Result, bail};
 
 use crate::system::cargo_bin;
 
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Counts {
+#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
+pub(crate) struct Counts {
     passed: u64,
     failed: u64,
     ignored: u64,
+}
+
+impl std::fmt::Display for Counts {
+    /// The plain closing line CI reads: `N passed, N failed, N skipped`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
+    }
 }
 
 impl Counts {
@@ -55,7 +66,7 @@ const SUITES: &[&[&str]] = &[
 ];
 
 /// Every suite, streaming its output, then one closing line with the totals.
-pub(crate) fn run_suite(root: &Path, test_args: &[String]) -> Result<()> {
+pub(crate) fn run_suite(root: &Path, test_args: &[String]) -> Result<Counts> {
     let mut counts = Counts::default();
     let mut failures = Vec::new();
     for suite in SUITES {
@@ -63,17 +74,14 @@ pub(crate) fn run_suite(root: &Path, test_args: &[String]) -> Result<()> {
             failures.push(err.to_string());
         }
     }
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        counts.passed, counts.failed, counts.ignored
-    );
+    println!("tests: {counts}");
     if !failures.is_empty() {
         bail!("test suites failed: {}", failures.join("; "));
     }
     if counts.passed == 0 {
         bail!("the test suite ran no test");
     }
-    Ok(())
+    Ok(counts)
 }
 
 fn run_one(
