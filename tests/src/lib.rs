@@ -32,3 +32,8 @@ pub fn nixl_posix() -> Arc<dyn Transport> {
 pub fn uring() -> Arc<dyn Transport> {
     Arc::new(UringTransport::new(UringConfig::default()).unwrap_or_else(|err| panic!("{err}")))
 }
+
+/// NIXL with any plugin (GDS, GDS_MT, HF3FS: the hardware-gated suites).
+pub fn nixl_plugin(plugin: &str) -> Arc<dyn Transport> {
+    Arc::new(NixlTransport::new(NixlConfig::new(plugin)).unwrap_or_else(|err| panic!("{err}")))
+}

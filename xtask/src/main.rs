@@ -5,12 +5,16 @@
 //!   store tests); idempotent.
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
-//! - `fuzz [SECONDS]`: fuzzes the configuration parsers (default ten minutes).
+//! - `fuzz [SECONDS]`: fuzzes the configuration parsers and the chunk header parser, each for
+//!   SECONDS (default ten minutes).
 //! - `bench [--quick]`: the macro benchmarks (release build), table in `target/bench/latest.md`.
 //! - `stress [--short]`: crash, corruption, full disk, limits, concurrency, tenants, hostile
 //!   input and secrets, with a summary table (CI runs the short form).
+//! - `hw-test`: the GPU, GDS and 3FS suites where that hardware is present; every suite is
+//!   reported as ran or skipped with its reason.
 //! - `memcheck`: runs the tests of the crates with `unsafe` code under valgrind's memcheck.
 
+mod hw_test;
 mod memcheck;
 mod nixl_runtime;
 mod services;
@@ -105,21 +109,28 @@ fn main() -> Result<()> {
         Some("ci") => ci(&root),
         Some("fuzz") => {
             let seconds = args.get(1).map_or("600", String::as_str);
-            system::cargo(
-                &root,
-                &[
-                    "run",
-                    "--release",
-                    "--package",
-                    "kv-config",
-                    "--example",
-                    "fuzz_config",
-                    "--",
-                    seconds,
-                ],
-            )
+            for (package, example) in [("kv-config", "fuzz_config"), ("nixl-core", "fuzz_header")] {
+                system::cargo(
+                    &root,
+                    &[
+                        "run",
+                        "--release",
+                        "--package",
+                        package,
+                        "--example",
+                        example,
+                        "--",
+                        seconds,
+                    ],
+                )?;
+            }
+            Ok(())
         }
         Some("memcheck") => memcheck::run(&root),
+        Some("hw-test") => {
+            setup(&root)?;
+            hw_test::run(&root)
+        }
         Some("stress") => {
             setup(&root)?;
             stress(&root, args.get(1).is_some_and(|a| a == "--short"))
@@ -136,9 +147,9 @@ fn main() -> Result<()> {
         }
         Some(other) => {
             bail!(
-                "unknown command `{other}`; commands: setup, test, ci, bench, stress, fuzz, memcheck"
+                "unknown command `{other}`; commands: setup, test, ci, bench, stress, fuzz, memcheck, hw-test"
             )
         }
-        None => bail!("usage: cargo xtask <setup|test|ci|bench|stress|fuzz|memcheck>"),
+        None => bail!("usage: cargo xtask <setup|test|ci|bench|stress|fuzz|memcheck|hw-test>"),
     }
 }
