@@ -72,6 +72,7 @@ fn fresh_name(prefix: &str) -> String {
 #[derive(Debug)]
 pub struct S3Server {
     child: Option<Child>,
+    port: u16,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
     /// The bucket of this test.
@@ -99,6 +100,7 @@ impl S3Server {
         if let Ok(endpoint) = std::env::var("KV_TEST_S3_ENDPOINT") {
             return Self {
                 child: None,
+                port: 0,
                 endpoint,
                 bucket: std::env::var("KV_TEST_S3_BUCKET").expect("KV_TEST_S3_BUCKET"),
                 access_key: std::env::var("KV_TEST_S3_ACCESS_KEY").unwrap_or_default(),
@@ -113,6 +115,23 @@ impl S3Server {
         );
         let port = free_port();
         let host = format!("127.0.0.1:{port}");
+        let child = Self::spawn_moto(port);
+        let bucket = fresh_name("kv");
+        let status = http_status(&host, "PUT", &format!("/{bucket}")).expect("creating the bucket");
+        assert_eq!(status, 200, "moto refused to create bucket {bucket}");
+        Self {
+            child: Some(child),
+            port,
+            endpoint: format!("http://{host}"),
+            bucket,
+            access_key: "testing".to_owned(),
+            secret_key: "testing".to_owned(),
+        }
+    }
+
+    fn spawn_moto(port: u16) -> Child {
+        let moto = services_dir().join("venv/bin/moto_server");
+        let host = format!("127.0.0.1:{port}");
         let mut child = Command::new(&moto)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -120,16 +139,20 @@ impl S3Server {
             .spawn()
             .expect("starting moto_server");
         wait_until_up(&host, &mut child, "moto_server");
-        let bucket = fresh_name("kv");
-        let status = http_status(&host, "PUT", &format!("/{bucket}")).expect("creating the bucket");
-        assert_eq!(status, 200, "moto refused to create bucket {bucket}");
-        Self {
-            child: Some(child),
-            endpoint: format!("http://{host}"),
-            bucket,
-            access_key: "testing".to_owned(),
-            secret_key: "testing".to_owned(),
-        }
+        child
+    }
+
+    /// Restarts the server on the same port: moto keeps everything in memory, so the bucket
+    /// and its objects are gone, as after a crash of a storage node.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Some(Self::spawn_moto(self.port));
+    }
+
+    /// Creates the bucket again (after a restart).
+    pub fn create_bucket(&self) -> u16 {
+        let host = self.endpoint.trim_start_matches("http://");
+        http_status(host, "PUT", &format!("/{}", self.bucket)).expect("creating the bucket")
     }
 
     /// Stops the server (to test an endpoint that went away).

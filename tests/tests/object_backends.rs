@@ -296,3 +296,32 @@ fn crate_bucket_on(server: &S3Server, bucket: &str) -> u16 {
     let host = server.endpoint.trim_start_matches("http://");
     kv_integration_tests::services::http_status(host, "PUT", &format!("/{bucket}")).unwrap()
 }
+
+/// The server restarts mid-run (losing everything, as moto keeps it in memory): writes fail
+/// typed until the bucket is back, nothing lost is reported present, then service resumes.
+#[test]
+fn server_restart_mid_run() {
+    let mut server = S3Server::start();
+    let rig = rig(s3(&server).with_timeout(Duration::from_secs(30)));
+    for result in rig.put(&[0]) {
+        result.unwrap();
+    }
+    server.restart();
+    for result in rig.put(&[1]) {
+        assert!(result.is_err(), "the bucket is gone: the write must fail");
+    }
+    let found = rig
+        .store
+        .contains(&[key(0).as_slice(), key(1).as_slice()])
+        .unwrap();
+    assert_eq!(
+        found,
+        vec![false, false],
+        "nothing lost or unwritten is reported present"
+    );
+    assert_eq!(server.create_bucket(), 200);
+    for result in rig.put(&[2]) {
+        result.unwrap();
+    }
+    assert_eq!(rig.get(&[2, 0]), vec![true, false]);
+}
