@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use kv_integration_tests::services::S3Server;
 use kv_l2_adapter::{ChunkKey, ChunkStorage, DynamicAdapter, DynamicOptions, L2Adapter, ObjectKey};
-use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport, TransportExt};
+use nixl_core::{NixlTransport, StorageExtent, Transport, TransportExt};
 use nixl_obj::{ObjectConfig, ObjectStore};
 use pinned_alloc::{Page, PoolConfig};
 
@@ -102,15 +102,7 @@ pub(crate) fn lookup_rate(n: usize) -> Result<f64> {
 }
 
 fn s3_transport(server: &S3Server) -> Result<Arc<dyn Transport>> {
-    Ok(Arc::new(NixlTransport::new(
-        NixlConfig::new("OBJ")
-            .with_param("endpoint_override", &server.endpoint)
-            .with_param("scheme", "http")
-            .with_param("bucket", &server.bucket)
-            .with_param("access_key", &server.access_key)
-            .with_param("secret_key", &server.secret_key)
-            .with_param("region", "us-east-1"),
-    )?))
+    Ok(Arc::new(NixlTransport::new(server.nixl_config())?))
 }
 
 fn fill(i: usize, page: &mut Page) {

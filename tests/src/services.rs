@@ -155,6 +155,17 @@ impl S3Server {
         http_status(host, "PUT", &format!("/{}", self.bucket)).expect("creating the bucket")
     }
 
+    /// NIXL's OBJ plugin configured for this endpoint and bucket.
+    pub fn nixl_config(&self) -> nixl_core::NixlConfig {
+        nixl_core::NixlConfig::new("OBJ")
+            .with_param("endpoint_override", &self.endpoint)
+            .with_param("scheme", "http")
+            .with_param("bucket", &self.bucket)
+            .with_param("access_key", &self.access_key)
+            .with_param("secret_key", &self.secret_key)
+            .with_param("region", "us-east-1")
+    }
+
     /// Stops the server (to test an endpoint that went away).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -242,6 +253,13 @@ impl AzuriteServer {
     /// The connection string NIXL's AZURE_BLOB plugin needs.
     pub fn connection_string(&self) -> String {
         Self::connection_string_for(&self.blob_endpoint)
+    }
+
+    /// NIXL's AZURE_BLOB plugin configured for this container.
+    pub fn nixl_config(&self) -> nixl_core::NixlConfig {
+        nixl_core::NixlConfig::new("AZURE_BLOB")
+            .with_param("connection_string", self.connection_string())
+            .with_param("container_name", &self.container)
     }
 }
 

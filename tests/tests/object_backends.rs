@@ -17,19 +17,11 @@ fn key(i: usize) -> Vec<u8> {
 }
 
 fn s3(server: &S3Server) -> NixlConfig {
-    NixlConfig::new("OBJ")
-        .with_param("endpoint_override", &server.endpoint)
-        .with_param("scheme", "http")
-        .with_param("bucket", &server.bucket)
-        .with_param("access_key", &server.access_key)
-        .with_param("secret_key", &server.secret_key)
-        .with_param("region", "us-east-1")
+    server.nixl_config()
 }
 
 fn azure(server: &AzuriteServer) -> NixlConfig {
-    NixlConfig::new("AZURE_BLOB")
-        .with_param("connection_string", server.connection_string())
-        .with_param("container_name", &server.container)
+    server.nixl_config()
 }
 
 fn transport(config: NixlConfig) -> Arc<dyn Transport> {

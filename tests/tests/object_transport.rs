@@ -4,35 +4,17 @@ use std::sync::Arc;
 
 use kv_integration_tests::fill_chunk;
 use kv_integration_tests::services::{AzuriteServer, S3Server};
-use nixl_core::{NixlConfig, NixlTransport, StorageExtent, StorageName, Transport, TransportExt};
+use nixl_core::{NixlTransport, StorageExtent, StorageName, Transport, TransportExt};
 use pinned_alloc::PoolConfig;
 
 const CHUNK: usize = 256 << 10;
 
 fn s3_transport(server: &S3Server) -> Arc<dyn Transport> {
-    Arc::new(
-        NixlTransport::new(
-            NixlConfig::new("OBJ")
-                .with_param("endpoint_override", &server.endpoint)
-                .with_param("scheme", "http")
-                .with_param("bucket", &server.bucket)
-                .with_param("access_key", &server.access_key)
-                .with_param("secret_key", &server.secret_key)
-                .with_param("region", "us-east-1"),
-        )
-        .unwrap_or_else(|err| panic!("{err}")),
-    )
+    Arc::new(NixlTransport::new(server.nixl_config()).unwrap_or_else(|err| panic!("{err}")))
 }
 
 fn azure_transport(server: &AzuriteServer) -> Arc<dyn Transport> {
-    Arc::new(
-        NixlTransport::new(
-            NixlConfig::new("AZURE_BLOB")
-                .with_param("connection_string", server.connection_string())
-                .with_param("container_name", &server.container),
-        )
-        .unwrap_or_else(|err| panic!("{err}")),
-    )
+    Arc::new(NixlTransport::new(server.nixl_config()).unwrap_or_else(|err| panic!("{err}")))
 }
 
 fn object_round_trip(transport: Arc<dyn Transport>) {
