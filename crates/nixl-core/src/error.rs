@@ -124,6 +124,10 @@ pub enum Error {
         wanted: &'static str,
     },
 
+    /// The peer of a transfer channel is unreachable, refused, or went away.
+    #[error("channel peer: {0}")]
+    Peer(String),
+
     /// A transfer failed for a reason outside NIXL's own status.
     #[error("transfer failed: {0}")]
     Failed(String),

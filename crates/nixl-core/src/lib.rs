@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod channel;
 mod error;
 pub mod header;
 mod nixl;
@@ -9,6 +10,7 @@ mod runtime;
 mod table;
 mod transport;
 
+pub use channel::{Channel, ChannelConfig, ChannelType, Role, create_channel};
 pub use error::{Error, NixlStatus, Result};
 pub use nixl::{NixlConfig, NixlTransport, ThreadSync};
 pub use probe::{PluginInfo, direct_io_supported, plugins};
