@@ -582,7 +582,7 @@ impl Channel for NixlChannel {
                     .take_notifs()
                     .map_err(Error::nixl("notifications"))?
                     .get(&link.peer)
-                    .is_some_and(|messages| messages.iter().any(|m| *m == expected));
+                    .is_some_and(|messages| messages.contains(&expected));
                 if arrived {
                     return Ok(pages);
                 }
