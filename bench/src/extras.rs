@@ -186,3 +186,75 @@ pub(crate) fn objects(chunks: usize, chunk_bytes: usize) -> Result<Vec<(&'static
         ("object store (nixl-obj)", store_put, store_get),
     ])
 }
+
+/// KV pages from a sender to a receiver over the NIXL channel (UCX, loopback), next to a raw
+/// TCP copy of the same bytes: (channel GB/s, TCP GB/s). Both ends live in this process, in two
+/// NIXL agents that talk over UCX's TCP transport.
+pub(crate) fn channel(chunks: usize, chunk_bytes: usize, batch: usize) -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+
+    use nixl_core::{ChannelConfig, ChannelType, Role, create_channel};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let receiver_pool = PoolConfig::new(chunk_bytes, (2 * batch * chunk_bytes) as u64).build()?;
+    let receiver = create_channel(
+        ChannelConfig::new(ChannelType::Nixl, Role::Receiver, "127.0.0.1", port),
+        receiver_pool,
+    )?;
+    let batches = chunks / batch;
+    let receiving = std::thread::spawn(move || -> Result<()> {
+        for _ in 0..batches {
+            drop(receiver.receive()?);
+        }
+        Ok(())
+    });
+    let pool = PoolConfig::new(chunk_bytes, (batch * chunk_bytes) as u64).build()?;
+    let sender = create_channel(
+        ChannelConfig::new(ChannelType::Nixl, Role::Sender, "127.0.0.1", port),
+        Arc::clone(&pool),
+    )?;
+    let mut pages = pool.allocate_batch(batch)?;
+    for (i, page) in pages.iter_mut().enumerate() {
+        fill(i, page);
+    }
+    let refs: Vec<&Page> = pages.iter().collect();
+    let started = Instant::now();
+    for _ in 0..batches {
+        sender.send(&refs)?;
+    }
+    let channel_seconds = started.elapsed().as_secs_f64();
+    receiving
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))??;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let total = batches * batch * chunk_bytes;
+    let reading = std::thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; chunk_bytes];
+        let mut left = total;
+        while left > 0 {
+            let n = stream.read(&mut buffer[..chunk_bytes.min(left)])?;
+            ensure!(n > 0, "the TCP sender closed early");
+            left -= n;
+        }
+        Ok(())
+    });
+    let mut stream = std::net::TcpStream::connect(address)?;
+    let started = Instant::now();
+    for _ in 0..batches {
+        for page in &pages {
+            stream.write_all(page.as_slice())?;
+        }
+    }
+    stream.flush()?;
+    reading
+        .join()
+        .map_err(|_| anyhow::anyhow!("the TCP reader panicked"))??;
+    let tcp_seconds = started.elapsed().as_secs_f64();
+    let bytes = total as f64;
+    Ok((bytes / channel_seconds / 1e9, bytes / tcp_seconds / 1e9))
+}

@@ -139,12 +139,33 @@ fn main() -> Result<()> {
             )),
         }
     }
+    let (channel_chunks, channel_bytes) = if args.quick {
+        (16, 4 << 20)
+    } else {
+        (64, 32 << 20)
+    };
+    eprintln!(
+        "bench: {channel_chunks} x {} KiB through the NIXL channel",
+        channel_bytes >> 10
+    );
+    let channel = match extras::channel(channel_chunks, channel_bytes, 4) {
+        Ok((nixl, tcp)) => format!(
+            "| {channel_chunks} x {} KiB | {nixl:.2} | {tcp:.2} | {:.2}x |\n",
+            channel_bytes >> 10,
+            nixl / tcp
+        ),
+        Err(err) => format!(
+            "| {channel_chunks} x {} KiB | skipped: {err:#} | | |\n",
+            channel_bytes >> 10
+        ),
+    };
     let report = format!(
-        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}",
+        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
         dir.display(),
         table(&rows),
         rate / 1e6,
-        object_table
+        object_table,
+        channel
     );
     println!("{report}");
     if let Some(out) = &args.out {

@@ -143,7 +143,15 @@ fn main() -> Result<()> {
             let mut cargo_args = vec!["run", "--release", "--package", "kv-bench", "--", "--out"];
             cargo_args.push(&out);
             cargo_args.extend(args[1..].iter().map(String::as_str));
-            system::cargo(&root, &cargo_args)
+            // The channel benchmark runs NIXL's UCX plugin: loopback transports, and no
+            // InfiniBand modules (their libnl crashes the process at exit without IB).
+            system::run(
+                std::process::Command::new(system::cargo_bin())
+                    .args(&cargo_args)
+                    .env("UCX_TLS", "tcp,self,sm")
+                    .env("UCX_MODULES", "^ib,rdmacm")
+                    .current_dir(&root),
+            )
         }
         Some(other) => {
             bail!(

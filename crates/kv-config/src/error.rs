@@ -270,6 +270,15 @@ pub enum Error {
         page_size: u64,
     },
 
+    /// A transfer-channel key is missing or wrong.
+    #[error("{key}: {message}")]
+    Channel {
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
     /// A SGLang HiCache setting is wrong.
     #[error("{variable}: {message}")]
     HiCache {

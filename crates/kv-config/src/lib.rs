@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod channel;
 mod engine;
 mod error;
 mod l2;
@@ -34,6 +35,7 @@ mod sglang;
 mod spec;
 
 pub use backend::{Backend, Device, StorageKind};
+pub use channel::{ChannelKind, ChannelSpec, PdRole};
 pub use engine::{CONFIG_FILE_VAR, ConfigLoader, EngineConfig, ExtraConfig, Loaded, NixlPath};
 pub use error::{Error, Result, Warning};
 pub use l2::{

@@ -702,3 +702,49 @@ fn overrides_win_over_env() {
         Ok(())
     });
 }
+
+#[test]
+fn channel_keys_load_with_deprecated_names_and_validate() {
+    let yaml = "enable_pd: true\npd_role: sender\nnixl_peer_host: 10.1.2.3\nnixl_peer_init_port: [7300]\npd_peer_alloc_port: 7400\npd_buffer_size: 1073741824\npd_buffer_device: cpu\ntransfer_channel: nixl\n";
+    let Loaded { value, warnings } = load_yaml(yaml).unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| matches!(w, Warning::Deprecated { .. }))
+    );
+    let spec = value.channel_spec().unwrap().value;
+    assert_eq!(spec.role, kv_config::PdRole::Sender);
+    assert_eq!(spec.kind, kv_config::ChannelKind::Nixl);
+    assert_eq!(spec.peer_host, "10.1.2.3");
+    assert_eq!(spec.port, 7300);
+    assert_eq!(spec.alloc_ports, vec![7400]);
+
+    let receiver = load_yaml("enable_pd: true\npd_role: receiver\nnixl_receiver_port: 7500\npd_buffer_size: 4096\npd_buffer_device: cpu\n")
+        .unwrap()
+        .value
+        .channel_spec()
+        .unwrap()
+        .value;
+    assert_eq!(
+        receiver.port, 7500,
+        "nixl_receiver_port serves when no init port is set"
+    );
+
+    let err = load_yaml("enable_p2p: true\npd_role: prefill\ntransfer_channel: carrier-pigeon\n")
+        .unwrap()
+        .value
+        .channel_spec()
+        .unwrap_err();
+    let text = err.to_string();
+    for key in [
+        "enable_pd",
+        "enable_p2p",
+        "pd_role",
+        "transfer_channel",
+        "pd_buffer_size",
+        "pd_buffer_device",
+        "pd_peer_init_port",
+    ] {
+        assert!(text.contains(key), "{key} missing from {text}");
+    }
+}

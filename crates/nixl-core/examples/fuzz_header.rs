@@ -42,6 +42,7 @@ fn main() {
         let payload: Vec<u8> = (0..rng.below(5000)).map(|_| rng.next() as u8).collect();
         let mut bytes = vec![0u8; HEADER_BYTES];
         header::write(&mut bytes, &key, &payload);
+        let original = bytes.clone();
         let mutated = match rng.below(5) {
             0 => {
                 let i = rng.below(bytes.len());
@@ -64,7 +65,7 @@ fn main() {
                 true
             }
             _ => false,
-        };
+        } && bytes != original;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let _ = header::parse(&bytes);
             header::check(&bytes, &key, payload.len() as u64)
@@ -84,7 +85,13 @@ fn main() {
             Ok(_) => {}
         }
     }
+    if accepted_mutants > 0 {
+        eprintln!(
+            "{accepted_mutants} changed headers were accepted for their original key and payload"
+        );
+        std::process::exit(1);
+    }
     println!(
-        "fuzz_header: {runs} inputs in {seconds} s (seed {seed}), no panic; {accepted_mutants} mutants still matched their own key and payload"
+        "fuzz_header: {runs} inputs in {seconds} s (seed {seed}), no panic, every changed header refused"
     );
 }
