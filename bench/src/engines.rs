@@ -44,6 +44,9 @@ pub(crate) enum Engine {
     NixlPosix,
     /// The native io_uring engine of nixl-file, one batched request per pass.
     Uring,
+    /// The dynamic file store alone (nixl-file over NIXL POSIX): the backend the adapter runs
+    /// on, so the adapter's own overhead is the ratio of the two rows.
+    FileStore,
     /// The full L2 adapter (`nixl_store_dynamic` over NIXL POSIX): a file per chunk with a
     /// checked header, atomic publish, batches of 8.
     Adapter,
@@ -102,11 +105,12 @@ impl Buffers {
 }
 
 impl Engine {
-    pub(crate) const ALL: [Engine; 6] = [
+    pub(crate) const ALL: [Engine; 7] = [
         Engine::Fio,
         Engine::RawPwrite,
         Engine::NixlPosix,
         Engine::Uring,
+        Engine::FileStore,
         Engine::Adapter,
         Engine::NixlPython,
     ];
@@ -117,6 +121,7 @@ impl Engine {
             Engine::RawPwrite => "pwrite/pread, 1 thread",
             Engine::NixlPosix => "NIXL POSIX (nixl-core)",
             Engine::Uring => "native io_uring (nixl-file)",
+            Engine::FileStore => "dynamic file store (NIXL POSIX)",
             Engine::Adapter => "L2 adapter, dynamic (NIXL POSIX)",
             Engine::NixlPython => "NIXL Python API, LMCache-style",
         }
@@ -133,6 +138,7 @@ impl Engine {
 
     pub(crate) fn measure(self, workload: &Workload, dir: &Path) -> Result<Measurement> {
         let per_key = match self {
+            Engine::FileStore => Some(file_store(workload, dir)?),
             Engine::Adapter => Some(adapter(workload, dir)?),
             Engine::NixlPython => Some(python(workload, dir)?),
             _ => None,
@@ -167,7 +173,7 @@ impl Engine {
                 &mut buffers,
                 Arc::new(UringTransport::new(UringConfig::default())?),
             ),
-            Engine::Adapter | Engine::NixlPython => unreachable_engine(self),
+            Engine::FileStore | Engine::Adapter | Engine::NixlPython => unreachable_engine(self),
         };
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         let (put_gbps, get_gbps) = result?;
@@ -204,6 +210,66 @@ fn unreachable_engine(engine: Engine) -> Result<(f64, f64)> {
 }
 
 const ADAPTER_BATCH: usize = 8;
+
+/// The dynamic file store over NIXL POSIX, driven like the adapter drives it (8 per call).
+fn file_store(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
+    use nixl_core::TransportExt;
+    use nixl_file::{DynamicConfig, DynamicFileStore, FileKey};
+    let folder = dir.join("file-store");
+    let pool = PoolConfig::new(workload.chunk_bytes, (2 * ADAPTER_BATCH * workload.chunk_bytes) as u64).build()?;
+    let transport: Arc<dyn Transport> = Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?);
+    let _memory = transport.register_pool(&pool)?;
+    let key = |i: usize| FileKey {
+        model: "kv-bench".to_owned(),
+        kv_rank: 0,
+        group_id: 0,
+        chunk_hash: (i as u64).to_be_bytes().to_vec(),
+        cache_salt: None,
+    };
+    let (mut best_put, mut best_get) = (0f64, 0f64);
+    for _ in 0..PASSES {
+        let store = DynamicFileStore::open(
+            Arc::clone(&transport),
+            DynamicConfig::new(&folder).with_direct_io(true),
+        )?;
+        let mut put = std::time::Duration::ZERO;
+        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+            let end = (start + ADAPTER_BATCH).min(workload.chunks);
+            let mut pages = pool.allocate_batch(end - start)?;
+            for (page, i) in pages.iter_mut().zip(start..end) {
+                fill(i, page);
+            }
+            let keys: Vec<_> = (start..end).map(key).collect();
+            let items: Vec<_> = keys.iter().zip(&pages).collect();
+            let started = Instant::now();
+            let results = store.put(&items);
+            put += started.elapsed();
+            for result in results {
+                result?;
+            }
+        }
+        let mut get = std::time::Duration::ZERO;
+        let mut expected = pool.allocate().context("a page for verification")?;
+        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+            let end = (start + ADAPTER_BATCH).min(workload.chunks);
+            let mut pages = pool.allocate_batch(end - start)?;
+            let keys: Vec<_> = (start..end).map(key).collect();
+            let mut items: Vec<_> = keys.iter().zip(pages.iter_mut()).collect();
+            let started = Instant::now();
+            let results = store.get(&mut items);
+            get += started.elapsed();
+            drop(items);
+            for ((result, page), i) in results.into_iter().zip(&pages).zip(start..end) {
+                fill(i, &mut expected);
+                ensure!(result? && page.as_slice() == expected.as_slice(), "chunk {i} did not load intact");
+            }
+        }
+        best_put = best_put.max(gbps(workload.bytes(), put.as_secs_f64()));
+        best_get = best_get.max(gbps(workload.bytes(), get.as_secs_f64()));
+        let _ = std::fs::remove_dir_all(&folder);
+    }
+    Ok((best_put, best_get))
+}
 
 /// The dynamic adapter over NIXL POSIX: stores every chunk (8 per call), loads and verifies.
 fn adapter(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {

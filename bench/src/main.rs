@@ -67,6 +67,24 @@ fn table(rows: &[(Workload, Vec<Measurement>)]) -> String {
     out
 }
 
+/// The adapter's own cost: its throughput over that of the store it runs on, same run.
+fn adapter_overhead(rows: &[(Workload, Vec<Measurement>)]) -> String {
+    let mut out = String::new();
+    for (workload, measurements) in rows {
+        let find = |engine| measurements.iter().find(|m| m.engine == engine);
+        if let (Some(store), Some(adapter)) = (find(Engine::FileStore), find(Engine::Adapter)) {
+            out.push_str(&format!(
+                "- {} x {} KiB: adapter / file store = put {:.2}x, get {:.2}x\n",
+                workload.chunks,
+                workload.chunk_bytes >> 10,
+                adapter.put_gbps / store.put_gbps,
+                adapter.get_gbps / store.get_gbps
+            ));
+        }
+    }
+    out
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let temp;
@@ -160,9 +178,10 @@ fn main() -> Result<()> {
         ),
     };
     let report = format!(
-        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
+        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Adapter overhead\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
         dir.display(),
         table(&rows),
+        adapter_overhead(&rows),
         rate / 1e6,
         object_table,
         channel
