@@ -55,7 +55,7 @@ fn ci(root: &Path) -> Result<()> {
         args.extend_from_slice(&["--", "-D", "warnings"]);
         system::cargo(root, &args)?;
     }
-    test_run::run_suite(root, &[])?;
+    let counts = test_run::run_suite(root, &[])?;
     stress(root, true)?;
     for (package, example) in EXAMPLES {
         system::cargo(
@@ -63,6 +63,8 @@ fn ci(root: &Path) -> Result<()> {
             &["run", "--quiet", "--package", package, "--example", example],
         )?;
     }
+    // The last line is the totals, the closing line CI reads.
+    println!("tests: {counts}");
     Ok(())
 }
 
