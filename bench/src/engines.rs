@@ -211,12 +211,67 @@ fn unreachable_engine(engine: Engine) -> Result<(f64, f64)> {
 
 const ADAPTER_BATCH: usize = 8;
 
-/// The dynamic file store over NIXL POSIX, driven like the adapter drives it (8 per call).
+/// Per-key engines: every chunk stored, 8 per call, then loaded and verified; the best of the
+/// passes. `open` makes a fresh store for each pass, `put` and `get` move one batch of chunks
+/// `range` (only they are timed), `close` ends the pass.
+fn per_key_passes<S>(
+    workload: &Workload,
+    pool: &Arc<PagePool>,
+    mut open: impl FnMut() -> Result<S>,
+    mut put: impl FnMut(&S, std::ops::Range<usize>, &[Page]) -> Result<()>,
+    mut get: impl FnMut(&S, std::ops::Range<usize>, &mut [Page]) -> Result<Vec<bool>>,
+    mut close: impl FnMut(S) -> Result<()>,
+) -> Result<(f64, f64)> {
+    let (mut best_put, mut best_get) = (0f64, 0f64);
+    let mut expected = pool.allocate().context("a page for verification")?;
+    for _ in 0..PASSES {
+        let store = open()?;
+        let (mut put_time, mut get_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+            let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
+            let mut pages = pool.allocate_batch(range.len())?;
+            for (page, i) in pages.iter_mut().zip(range.clone()) {
+                fill(i, page);
+            }
+            let started = Instant::now();
+            put(&store, range, &pages)?;
+            put_time += started.elapsed();
+        }
+        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+            let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
+            let mut pages = pool.allocate_batch(range.len())?;
+            let started = Instant::now();
+            let loaded = get(&store, range.clone(), &mut pages)?;
+            get_time += started.elapsed();
+            for ((ok, page), i) in loaded.into_iter().zip(&pages).zip(range) {
+                fill(i, &mut expected);
+                ensure!(
+                    ok && page.as_slice() == expected.as_slice(),
+                    "chunk {i} did not load intact"
+                );
+            }
+        }
+        close(store)?;
+        best_put = best_put.max(gbps(workload.bytes(), put_time.as_secs_f64()));
+        best_get = best_get.max(gbps(workload.bytes(), get_time.as_secs_f64()));
+    }
+    Ok((best_put, best_get))
+}
+
+fn staging_pool(workload: &Workload) -> Result<Arc<PagePool>> {
+    Ok(PoolConfig::new(
+        workload.chunk_bytes,
+        ((2 * ADAPTER_BATCH + 1) * workload.chunk_bytes) as u64,
+    )
+    .build()?)
+}
+
+/// The dynamic file store over NIXL POSIX, driven like the adapter drives it.
 fn file_store(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
     use nixl_core::TransportExt;
     use nixl_file::{DynamicConfig, DynamicFileStore, FileKey};
     let folder = dir.join("file-store");
-    let pool = PoolConfig::new(workload.chunk_bytes, (2 * ADAPTER_BATCH * workload.chunk_bytes) as u64).build()?;
+    let pool = staging_pool(workload)?;
     let transport: Arc<dyn Transport> = Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?);
     let _memory = transport.register_pool(&pool)?;
     let key = |i: usize| FileKey {
@@ -226,62 +281,43 @@ fn file_store(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
         chunk_hash: (i as u64).to_be_bytes().to_vec(),
         cache_salt: None,
     };
-    let (mut best_put, mut best_get) = (0f64, 0f64);
-    for _ in 0..PASSES {
-        let store = DynamicFileStore::open(
-            Arc::clone(&transport),
-            DynamicConfig::new(&folder).with_direct_io(true),
-        )?;
-        let mut put = std::time::Duration::ZERO;
-        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
-            let end = (start + ADAPTER_BATCH).min(workload.chunks);
-            let mut pages = pool.allocate_batch(end - start)?;
-            for (page, i) in pages.iter_mut().zip(start..end) {
-                fill(i, page);
-            }
-            let keys: Vec<_> = (start..end).map(key).collect();
-            let items: Vec<_> = keys.iter().zip(&pages).collect();
-            let started = Instant::now();
-            let results = store.put(&items);
-            put += started.elapsed();
-            for result in results {
-                result?;
-            }
-        }
-        let mut get = std::time::Duration::ZERO;
-        let mut expected = pool.allocate().context("a page for verification")?;
-        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
-            let end = (start + ADAPTER_BATCH).min(workload.chunks);
-            let mut pages = pool.allocate_batch(end - start)?;
-            let keys: Vec<_> = (start..end).map(key).collect();
+    per_key_passes(
+        workload,
+        &pool,
+        || {
+            Ok(DynamicFileStore::open(
+                Arc::clone(&transport),
+                DynamicConfig::new(&folder).with_direct_io(true),
+            )?)
+        },
+        |store, range, pages| {
+            let keys: Vec<_> = range.map(key).collect();
+            let items: Vec<_> = keys.iter().zip(pages).collect();
+            store
+                .put(&items)
+                .into_iter()
+                .try_for_each(|r| r.map(drop).map_err(Into::into))
+        },
+        |store, range, pages| {
+            let keys: Vec<_> = range.map(key).collect();
             let mut items: Vec<_> = keys.iter().zip(pages.iter_mut()).collect();
-            let started = Instant::now();
-            let results = store.get(&mut items);
-            get += started.elapsed();
-            drop(items);
-            for ((result, page), i) in results.into_iter().zip(&pages).zip(start..end) {
-                fill(i, &mut expected);
-                ensure!(result? && page.as_slice() == expected.as_slice(), "chunk {i} did not load intact");
-            }
-        }
-        best_put = best_put.max(gbps(workload.bytes(), put.as_secs_f64()));
-        best_get = best_get.max(gbps(workload.bytes(), get.as_secs_f64()));
-        let _ = std::fs::remove_dir_all(&folder);
-    }
-    Ok((best_put, best_get))
+            store
+                .get(&mut items)
+                .into_iter()
+                .map(|r| r.map_err(Into::into))
+                .collect()
+        },
+        |_| Ok(std::fs::remove_dir_all(&folder)?),
+    )
 }
 
-/// The dynamic adapter over NIXL POSIX: stores every chunk (8 per call), loads and verifies.
+/// The dynamic adapter over NIXL POSIX.
 fn adapter(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
     use kv_l2_adapter::{
         AdapterContext, AdapterFactory, ChunkKey, Engine as AdapterEngine, ObjectKey,
     };
     let folder = dir.join("adapter");
-    let pool = PoolConfig::new(
-        workload.chunk_bytes,
-        (2 * ADAPTER_BATCH * workload.chunk_bytes) as u64,
-    )
-    .build()?;
+    let pool = staging_pool(workload)?;
     let json = serde_json::json!({
         "type": "nixl_store_dynamic",
         "backend": "POSIX",
@@ -303,49 +339,32 @@ fn adapter(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
             cache_salt: None,
         })
     };
-    let (mut best_put, mut best_get) = (0f64, 0f64);
-    for _ in 0..PASSES {
-        let (_, adapter) = AdapterFactory::new()
-            .build(&[json.as_str()], &context)?
-            .remove(0);
-        let mut put = std::time::Duration::ZERO;
-        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
-            let end = (start + ADAPTER_BATCH).min(workload.chunks);
-            let mut pages = pool.allocate_batch(end - start)?;
-            for (page, i) in pages.iter_mut().zip(start..end) {
-                fill(i, page);
-            }
-            let keys: Vec<_> = (start..end).map(key).collect();
+    per_key_passes(
+        workload,
+        &pool,
+        || {
+            Ok(AdapterFactory::new()
+                .build(&[json.as_str()], &context)?
+                .remove(0)
+                .1)
+        },
+        |adapter, range, pages| {
+            let keys: Vec<_> = range.map(key).collect();
             let refs: Vec<&Page> = pages.iter().collect();
-            let started = Instant::now();
             let report = adapter.store(&keys, &refs);
-            put += started.elapsed();
             ensure!(report.is_successful(), "adapter store failed: {report:?}");
-        }
-        let mut get = std::time::Duration::ZERO;
-        let mut expected = pool.allocate().context("a page for verification")?;
-        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
-            let end = (start + ADAPTER_BATCH).min(workload.chunks);
-            let mut pages = pool.allocate_batch(end - start)?;
-            let keys: Vec<_> = (start..end).map(key).collect();
+            Ok(())
+        },
+        |adapter, range, pages| {
+            let keys: Vec<_> = range.map(key).collect();
             let mut refs: Vec<&mut Page> = pages.iter_mut().collect();
-            let started = Instant::now();
-            let loaded = adapter.load(&keys, &mut refs);
-            get += started.elapsed();
-            for ((ok, page), i) in loaded.into_iter().zip(&pages).zip(start..end) {
-                fill(i, &mut expected);
-                ensure!(
-                    ok && page.as_slice() == expected.as_slice(),
-                    "chunk {i} did not load intact"
-                );
-            }
-        }
-        adapter.close()?;
-        best_put = best_put.max(gbps(workload.bytes(), put.as_secs_f64()));
-        best_get = best_get.max(gbps(workload.bytes(), get.as_secs_f64()));
-    }
-    let _ = std::fs::remove_dir_all(&folder);
-    Ok((best_put, best_get))
+            Ok(adapter.load(&keys, &mut refs))
+        },
+        |adapter| {
+            adapter.close()?;
+            Ok(std::fs::remove_dir_all(&folder)?)
+        },
+    )
 }
 
 fn workspace() -> std::path::PathBuf {
