@@ -81,6 +81,28 @@ const SUITES: &[Suite] = &[
         needs: &[Need::NvidiaDriver],
     },
     Suite {
+        name: "GPU mode (VRAM, host, files)",
+        args: &[
+            "--package",
+            "kv-integration-tests",
+            "--test",
+            "hardware",
+            "gpu_",
+        ],
+        needs: &[Need::NvidiaDriver],
+    },
+    Suite {
+        name: "VRAM to file through GDS_MT",
+        args: &[
+            "--package",
+            "kv-integration-tests",
+            "--test",
+            "hardware",
+            "vram_file",
+        ],
+        needs: &[Need::NvidiaDriver, Need::CuFile, Need::Plugin("GDS_MT")],
+    },
+    Suite {
         name: "GDS_MT file backends",
         args: &[
             "--package",

@@ -25,6 +25,13 @@ use crate::transport::{
     Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
 };
 
+/// One local buffer of a batch: address, length, and where it goes in storage.
+#[cfg(feature = "cuda")]
+type HostOrDeviceDesc = (usize, usize, StorageExtent);
+
+/// Host memory: NIXL's DRAM, device 0.
+const HOST: (MemType, u64) = (MemType::Dram, 0);
+
 /// Plugins whose storage is objects (NIXL memory type OBJ) rather than files.
 const OBJECT_PLUGINS: &[&str] = &["OBJ", "AZURE_BLOB", "DOCA_MEMOS"];
 
@@ -143,6 +150,9 @@ struct Shared {
     pinned_for_good: Mutex<std::collections::HashSet<usize>>,
     /// Pages of failed submitted batches, held back from their pool for a grace period.
     held_pages: Quarantine,
+    /// GPU buffers registered as VRAM, kept allocated for good if a transfer on them fails.
+    #[cfg(feature = "cuda")]
+    device_pools: Mutex<Vec<Arc<pinned_alloc::DeviceBufferPool>>>,
 }
 
 impl Shared {
@@ -161,6 +171,17 @@ impl Shared {
         for (_, region) in live.iter() {
             if pinned.insert(region.base().as_ptr() as usize) {
                 std::mem::forget(Arc::clone(region));
+            }
+        }
+        #[cfg(feature = "cuda")]
+        for pool in self
+            .device_pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if pinned.insert(pool.device_ptr() as usize) {
+                std::mem::forget(Arc::clone(pool));
             }
         }
     }
@@ -297,6 +318,8 @@ impl NixlTransport {
                 live_regions: Mutex::new(Vec::new()),
                 pinned_for_good: Mutex::new(std::collections::HashSet::new()),
                 held_pages: Quarantine::new(FAILED_PAGE_GRACE),
+                #[cfg(feature = "cuda")]
+                device_pools: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -350,6 +373,7 @@ impl NixlTransport {
         &self,
         op: XferOp,
         batch: &[(usize, usize, StorageExtent)],
+        local_memory: (MemType, u64),
     ) -> Result<Option<XferRequest>> {
         if batch.is_empty() {
             return Ok(None);
@@ -363,12 +387,12 @@ impl NixlTransport {
             operation: "build descriptors",
             status: NixlStatus::InvalidParam,
         };
-        let mut local =
-            XferDescList::new(MemType::Dram).map_err(Error::nixl("build descriptors"))?;
+        let (local_type, local_device) = local_memory;
+        let mut local = XferDescList::new(local_type).map_err(Error::nixl("build descriptors"))?;
         let mut remote =
             XferDescList::new(self.shared.storage_mem).map_err(Error::nixl("build descriptors"))?;
         for &(addr, len, extent) in batch {
-            local.add_desc(addr, len, 0);
+            local.add_desc(addr, len, local_device);
             remote.add_desc(
                 usize::try_from(extent.offset).map_err(invalid)?,
                 len,
@@ -394,8 +418,13 @@ impl NixlTransport {
     }
 
     /// Posts the batch and waits for it.
-    fn transfer(&self, op: XferOp, batch: &[(usize, usize, StorageExtent)]) -> Result<()> {
-        let Some(request) = self.post(op, batch)? else {
+    fn transfer(
+        &self,
+        op: XferOp,
+        batch: &[(usize, usize, StorageExtent)],
+        local_memory: (MemType, u64),
+    ) -> Result<()> {
+        let Some(request) = self.post(op, batch, local_memory)? else {
             return Ok(());
         };
         let outcome = wait_request(&self.shared, &request, batch.len());
@@ -549,6 +578,65 @@ impl Drop for NixlPending {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl NixlTransport {
+    /// Registers a GPU staging buffer once, as VRAM on its device (`nixl_buffer_device: cuda`);
+    /// its slots can then be moved to and from storage directly (GDS, GDS_MT, OBJ).
+    pub fn register_device_pool(
+        &self,
+        pool: Arc<pinned_alloc::DeviceBufferPool>,
+    ) -> Result<Registration> {
+        let addr = pool.device_ptr() as usize;
+        let len = usize::try_from(pool.len()).map_err(|_| Error::UnregisteredMemory {
+            addr,
+            len: usize::MAX,
+        })?;
+        let descriptor = Descriptor {
+            addr,
+            len,
+            dev_id: pool.device() as u64,
+            mem_type: MemType::Vram,
+        };
+        let entry = self.shared.table.add_memory(addr, len);
+        self.shared
+            .device_pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&pool));
+        self.register(descriptor, entry, pool)
+    }
+
+    fn device_batch<'a>(
+        slots: impl Iterator<Item = (&'a pinned_alloc::DeviceSlot, StorageExtent)>,
+    ) -> Result<(Vec<HostOrDeviceDesc>, u64)> {
+        let mut device = None;
+        let mut descs = Vec::new();
+        for (slot, extent) in slots {
+            let this = slot.device() as u64;
+            if *device.get_or_insert(this) != this {
+                return Err(Error::Failed("one batch must stay on one GPU".to_owned()));
+            }
+            descs.push((slot.device_ptr() as usize, slot.len() as usize, extent));
+        }
+        Ok((descs, device.unwrap_or(0)))
+    }
+
+    /// Writes GPU slots to storage, as one batch.
+    pub fn write_device(&self, batch: &[(&pinned_alloc::DeviceSlot, StorageExtent)]) -> Result<()> {
+        let (descs, device) = Self::device_batch(batch.iter().map(|(s, e)| (*s, *e)))?;
+        self.transfer(XferOp::Write, &descs, (MemType::Vram, device))
+    }
+
+    /// Reads storage into GPU slots, as one batch.
+    pub fn read_device(
+        &self,
+        batch: &mut [(&mut pinned_alloc::DeviceSlot, StorageExtent)],
+    ) -> Result<()> {
+        let (descs, device) = Self::device_batch(batch.iter().map(|(s, e)| (&**s, *e)))?;
+        self.transfer(XferOp::Read, &descs, (MemType::Vram, device))
+    }
+}
+
 fn plugins_of(agent: &Agent) -> Result<Vec<String>> {
     let list = agent
         .get_available_plugins()
@@ -640,7 +728,7 @@ impl Transport for NixlTransport {
                     .collect(),
             ),
         };
-        let (request, state) = match self.post(op, &descs) {
+        let (request, state) = match self.post(op, &descs, HOST) {
             Ok(request) => (request, State::InFlight),
             Err(err) => (None, State::Failed(Some(err))),
         };
@@ -703,7 +791,7 @@ impl Transport for NixlTransport {
             .iter()
             .map(|(buf, extent)| (buf.as_ptr() as usize, buf.len(), *extent))
             .collect();
-        self.transfer(XferOp::Write, &descs)
+        self.transfer(XferOp::Write, &descs, HOST)
     }
 
     fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
@@ -711,6 +799,6 @@ impl Transport for NixlTransport {
             .iter_mut()
             .map(|(buf, extent)| (buf.as_mut_ptr() as usize, buf.len(), *extent))
             .collect();
-        self.transfer(XferOp::Read, &descs)
+        self.transfer(XferOp::Read, &descs, HOST)
     }
 }

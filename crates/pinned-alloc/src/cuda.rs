@@ -11,7 +11,7 @@ use crossbeam_queue::ArrayQueue;
 use cudarc::driver::{CudaContext, DriverError, result, sys};
 
 use crate::error::{Error, Result};
-use crate::pool::PagePool;
+use crate::pool::{Page, PagePool};
 use crate::region::MemoryRegion;
 
 fn cuda_error(operation: &'static str) -> impl FnOnce(DriverError) -> Error {
@@ -242,6 +242,49 @@ impl DeviceSlot {
     /// Whether the slot is empty (never).
     pub fn is_empty(&self) -> bool {
         self.pool.chunk_bytes == 0
+    }
+}
+
+impl DeviceSlot {
+    /// The GPU this slot lives on.
+    pub fn device(&self) -> usize {
+        self.pool.device()
+    }
+
+    /// Copies `page` (at most one chunk) into the start of this slot (host → device).
+    pub fn copy_from_host(&mut self, page: &Page) -> Result<()> {
+        self.check_fits(page.len())?;
+        self.pool
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda_error("bind context"))?;
+        // SAFETY: the slot spans `chunk_bytes` bytes of a live device allocation (the pool is
+        // kept alive by `self.pool`) and `page.len() <= chunk_bytes` was checked above.
+        unsafe { result::memcpy_htod_sync(self.device_ptr(), page.as_slice()) }
+            .map_err(cuda_error("copy host to device"))
+    }
+
+    /// Copies the start of this slot into `page`, `page.len()` bytes (device → host).
+    pub fn copy_to_host(&self, page: &mut Page) -> Result<()> {
+        self.check_fits(page.len())?;
+        self.pool
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda_error("bind context"))?;
+        // SAFETY: as in `copy_from_host`; the page is borrowed mutably for the whole copy.
+        unsafe { result::memcpy_dtoh_sync(page.as_mut_slice(), self.device_ptr()) }
+            .map_err(cuda_error("copy device to host"))
+    }
+
+    fn check_fits(&self, len: usize) -> Result<()> {
+        if len as u64 > self.pool.chunk_bytes {
+            return Err(Error::Exhausted {
+                requested: len,
+                free: self.pool.chunk_bytes as usize,
+                total: self.pool.chunk_bytes as usize,
+            });
+        }
+        Ok(())
     }
 }
 
