@@ -15,6 +15,10 @@ use nixl_sys::{
 };
 use pinned_alloc::{MemoryRegion, Quarantine};
 
+/// The longest sleep between two status polls: short enough that a batch finishing in well under
+/// a millisecond is seen at once, long enough that a waiting thread uses almost no CPU.
+const MAX_POLL_PAUSE: Duration = Duration::from_micros(50);
+
 /// How long the pages of a failed batch stay out of their pool.
 const FAILED_PAGE_GRACE: Duration = Duration::from_secs(60);
 
@@ -468,7 +472,7 @@ fn wait_request(shared: &Shared, request: &XferRequest, descriptors: usize) -> R
             std::thread::yield_now();
         } else {
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_micros(500));
+            pause = (pause * 2).min(MAX_POLL_PAUSE);
         }
     }
 }
