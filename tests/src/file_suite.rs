@@ -321,3 +321,39 @@ pub fn static_pool(transport: Arc<dyn Transport>, direct_io: bool) {
         Err(Error::Config(_))
     ));
 }
+
+/// Deleted files are reused for the next writes (no new inode), never readable as data, and
+/// given back when the store closes.
+pub fn deleted_files_are_recycled(transport: Arc<dyn Transport>) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Memory::new(&transport, 16);
+    let store = dynamic(&transport, dir.path(), true, false);
+    put_all(&store, &memory, &[1, 2]);
+    let inode = std::fs::metadata(store.path_of(&key(1)).unwrap())
+        .unwrap()
+        .ino();
+    assert!(store.delete(&key(1)).unwrap());
+    assert_eq!(
+        get_all(&store, &memory, &[1, 2]),
+        vec![false, true],
+        "a deleted key misses"
+    );
+    assert_eq!(
+        store.list().unwrap().len(),
+        1,
+        "recycled files are not listed"
+    );
+    put_all(&store, &memory, &[3]);
+    let reused = std::fs::metadata(store.path_of(&key(3)).unwrap())
+        .unwrap()
+        .ino();
+    assert_eq!(reused, inode, "the deleted file was reused");
+    assert_eq!(get_all(&store, &memory, &[3, 1]), vec![true, false]);
+    assert!(store.delete(&key(2)).unwrap());
+    drop(store);
+    let spare = std::fs::read_dir(dir.path().join(".recycle"))
+        .unwrap()
+        .count();
+    assert_eq!(spare, 0, "spare files are removed when the store closes");
+}

@@ -38,6 +38,11 @@ macro_rules! file_backends {
             }
 
             #[test]
+            fn deleted_files_are_recycled() {
+                file_suite::deleted_files_are_recycled($engine());
+            }
+
+            #[test]
             fn static_pool_buffered() {
                 file_suite::static_pool($engine(), false);
             }

@@ -24,6 +24,11 @@ use crate::open::preallocate;
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
 
 const TEMP_MARKER: &str = ".tmp.";
+/// Deleted chunk files wait here to be reused as the next temporaries: creating a file costs an
+/// inode allocation, which ext4 makes slow under create/delete churn (eviction), and a fallocate.
+const RECYCLE_DIR: &str = ".recycle";
+/// Most files kept for reuse; deletes beyond this unlink.
+const MAX_RECYCLED: usize = 4096;
 const HEADER_WAIT: Duration = Duration::from_secs(30);
 
 /// Configuration of a [`DynamicFileStore`].
@@ -94,6 +99,8 @@ pub struct DynamicFileStore {
     _headers_registration: Registration,
     made_dirs: Mutex<HashSet<PathBuf>>,
     temp_seq: AtomicU64,
+    /// Files in the recycle folder, ready to become temporaries.
+    recycled: Mutex<Vec<PathBuf>>,
 }
 
 /// One file of a batch in progress.
@@ -129,7 +136,9 @@ impl DynamicFileStore {
             _headers_registration: registration,
             made_dirs: Mutex::new(HashSet::new()),
             temp_seq: AtomicU64::new(0),
+            recycled: Mutex::new(Vec::new()),
         };
+        store.adopt_recycled()?;
         let removed = store.remove_temporaries()?;
         if removed > 0 {
             tracing::warn!(
@@ -177,11 +186,51 @@ impl DynamicFileStore {
         Ok(())
     }
 
+    /// Files left in the recycle folder (by this store's earlier life, or a crashed one) are
+    /// reused like any other; a rename makes a file ours, so two stores never share one.
+    fn adopt_recycled(&self) -> Result<()> {
+        let folder = self.root.join(RECYCLE_DIR);
+        let mut found: Vec<PathBuf> = match fs::read_dir(&folder) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(Error::Io {
+                    operation: "listing",
+                    path: folder,
+                    source,
+                });
+            }
+        };
+        for extra in found.drain(MAX_RECYCLED.min(found.len())..) {
+            let _ = fs::remove_file(extra);
+        }
+        *self.recycled.lock().unwrap_or_else(|p| p.into_inner()) = found;
+        Ok(())
+    }
+
+    /// A recycled file renamed to `temp`, if one is left.
+    fn reuse_recycled(&self, temp: &Path) -> bool {
+        loop {
+            let Some(file) = self
+                .recycled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+            else {
+                return false;
+            };
+            if fs::rename(&file, temp).is_ok() {
+                return true;
+            }
+        }
+    }
+
     fn open_options(&self, write: bool) -> OpenOptions {
         let mut options = OpenOptions::new();
         options.read(true);
         if write {
-            options.write(true).create(true).truncate(true).mode(0o644);
+            // Temporaries have fresh names, or are recycled files rewritten whole: no truncation.
+            options.write(true).create(true).truncate(false).mode(0o644);
         }
         if self.direct_io {
             options.custom_flags(libc::O_DIRECT);
@@ -288,6 +337,7 @@ impl DynamicFileStore {
         temp.push(format!("{TEMP_MARKER}{}.{seq}", std::process::id()));
         let temp = PathBuf::from(temp);
         header::write(header.as_mut_slice(), &key.canonical(), page.as_slice());
+        let reused = self.reuse_recycled(&temp);
         let file = self
             .open_options(true)
             .open(&temp)
@@ -297,7 +347,20 @@ impl DynamicFileStore {
                 source,
             })?;
         let total = (HEADER_BYTES + page.io_slice().len()) as u64;
-        let registered = preallocate(&file, total)
+        let sized = if reused {
+            // A recycled file is rewritten whole; only its length may need to change.
+            file.metadata().and_then(|m| {
+                if m.len() == total {
+                    Ok(())
+                } else {
+                    file.set_len(total)
+                }
+            })
+        } else {
+            Ok(())
+        };
+        let registered = sized
+            .and_then(|()| preallocate(&file, total))
             .map_err(|source| Error::Preallocate {
                 path: temp.clone(),
                 bytes: total,
@@ -465,9 +528,32 @@ impl DynamicFileStore {
         }
     }
 
-    /// Removes `key`'s file; `false` if there was none.
+    /// Removes `key`'s file; `false` if there was none. The file is kept for reuse (renamed into
+    /// the recycle folder, where no key reaches it) while fewer than a few thousand wait there.
     pub fn delete(&self, key: &FileKey) -> Result<bool> {
         let path = self.path_of(key)?;
+        {
+            let mut recycled = self.recycled.lock().unwrap_or_else(|p| p.into_inner());
+            if recycled.len() < MAX_RECYCLED {
+                let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+                let spare = self
+                    .root
+                    .join(RECYCLE_DIR)
+                    .join(format!("{}-{seq}.bin", std::process::id()));
+                self.ensure_parent(&spare)?;
+                match fs::rename(&path, &spare) {
+                    Ok(()) => {
+                        recycled.push(spare);
+                        return Ok(true);
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        tracing::debug!(file = %path.display(), "file already deleted");
+                        return Ok(false);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -507,7 +593,21 @@ impl DynamicFileStore {
     }
 }
 
-/// Every file below `root`, two levels of shard folders deep.
+impl Drop for DynamicFileStore {
+    /// Spare files are space, not data: give it back when the store closes.
+    fn drop(&mut self) {
+        for file in self
+            .recycled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = fs::remove_file(file);
+        }
+    }
+}
+
+/// Every file below `root`, two levels of shard folders deep (the recycle folder is not data).
 fn chunk_files(root: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut folders = vec![(root.to_path_buf(), 0)];
@@ -526,6 +626,7 @@ fn chunk_files(root: &Path) -> Result<Vec<PathBuf>> {
         for entry in entries.flatten() {
             let path = entry.path();
             match entry.file_type() {
+                Ok(kind) if kind.is_dir() && entry.file_name() == RECYCLE_DIR => {}
                 Ok(kind) if kind.is_dir() && depth < 2 => folders.push((path, depth + 1)),
                 Ok(kind) if kind.is_file() => files.push(path),
                 _ => {}
