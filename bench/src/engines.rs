@@ -105,13 +105,13 @@ impl Buffers {
 }
 
 impl Engine {
-    pub(crate) const ALL: [Engine; 7] = [
+    /// Every engine that is measured on its own (`FileStore` also yields the `Adapter` row).
+    pub(crate) const ALL: [Engine; 6] = [
         Engine::Fio,
         Engine::RawPwrite,
         Engine::NixlPosix,
         Engine::Uring,
         Engine::FileStore,
-        Engine::Adapter,
         Engine::NixlPython,
     ];
 
@@ -136,19 +136,24 @@ impl Engine {
         }
     }
 
-    pub(crate) fn measure(self, workload: &Workload, dir: &Path) -> Result<Measurement> {
-        let per_key = match self {
-            Engine::FileStore => Some(file_store(workload, dir)?),
-            Engine::Adapter => Some(adapter(workload, dir)?),
-            Engine::NixlPython => Some(python(workload, dir)?),
-            _ => None,
+    /// Measures this engine; the file store also yields the adapter row (their passes run
+    /// interleaved).
+    pub(crate) fn measure(self, workload: &Workload, dir: &Path) -> Result<Vec<Measurement>> {
+        let row = |engine, (put_gbps, get_gbps)| Measurement {
+            engine,
+            put_gbps,
+            get_gbps,
         };
-        if let Some((put_gbps, get_gbps)) = per_key {
-            return Ok(Measurement {
-                engine: self,
-                put_gbps,
-                get_gbps,
-            });
+        match self {
+            Engine::FileStore => {
+                let (store, adapter) = file_store_and_adapter(workload, dir)?;
+                return Ok(vec![
+                    row(Engine::FileStore, store),
+                    row(Engine::Adapter, adapter),
+                ]);
+            }
+            Engine::NixlPython => return Ok(vec![row(self, python(workload, dir)?)]),
+            _ => {}
         }
         let path = dir.join(format!("bench-{self:?}.chunks"));
         let file = open_storage_file(
@@ -176,12 +181,7 @@ impl Engine {
             Engine::FileStore | Engine::Adapter | Engine::NixlPython => unreachable_engine(self),
         };
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        let (put_gbps, get_gbps) = result?;
-        Ok(Measurement {
-            engine: self,
-            put_gbps,
-            get_gbps,
-        })
+        Ok(vec![row(self, result?)])
     }
 }
 
@@ -211,160 +211,197 @@ fn unreachable_engine(engine: Engine) -> Result<(f64, f64)> {
 
 const ADAPTER_BATCH: usize = 8;
 
-/// Per-key engines: every chunk stored, 8 per call, then loaded and verified; the best of the
-/// passes. `open` makes a fresh store for each pass, `put` and `get` move one batch of chunks
-/// `range` (only they are timed), `close` ends the pass.
-fn per_key_passes<S>(
+/// A store driven one key per chunk, 8 chunks per call.
+trait PerKey {
+    /// Starts a pass with an empty store.
+    fn open(&mut self) -> Result<()>;
+    /// Stores chunks `range` from `pages`.
+    fn put(&mut self, range: std::ops::Range<usize>, pages: &[Page]) -> Result<()>;
+    /// Loads chunks `range` into `pages`; per chunk, whether it loaded.
+    fn get(&mut self, range: std::ops::Range<usize>, pages: &mut [Page]) -> Result<Vec<bool>>;
+    /// Ends the pass, deleting what it stored.
+    fn close(&mut self) -> Result<()>;
+}
+
+/// Runs the stores' passes interleaved (A, B, A, B, …) so that the file-system state one leaves
+/// behind (ext4 slows inode allocation after many deletions) weighs on both alike. Only put and
+/// get calls are timed; every chunk is verified. Returns the best (put, get) GB/s of each.
+fn per_key_passes(
     workload: &Workload,
     pool: &Arc<PagePool>,
-    mut open: impl FnMut() -> Result<S>,
-    mut put: impl FnMut(&S, std::ops::Range<usize>, &[Page]) -> Result<()>,
-    mut get: impl FnMut(&S, std::ops::Range<usize>, &mut [Page]) -> Result<Vec<bool>>,
-    mut close: impl FnMut(S) -> Result<()>,
-) -> Result<(f64, f64)> {
-    let (mut best_put, mut best_get) = (0f64, 0f64);
+    stores: &mut [&mut dyn PerKey],
+) -> Result<Vec<(f64, f64)>> {
+    let mut best = vec![(0f64, 0f64); stores.len()];
     let mut expected = pool.allocate().context("a page for verification")?;
     for _ in 0..PASSES {
-        let store = open()?;
-        let (mut put_time, mut get_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
-            let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
-            let mut pages = pool.allocate_batch(range.len())?;
-            for (page, i) in pages.iter_mut().zip(range.clone()) {
-                fill(i, page);
+        for (store, best) in stores.iter_mut().zip(best.iter_mut()) {
+            store.open()?;
+            let (mut put_time, mut get_time) =
+                (std::time::Duration::ZERO, std::time::Duration::ZERO);
+            for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+                let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
+                let mut pages = pool.allocate_batch(range.len())?;
+                for (page, i) in pages.iter_mut().zip(range.clone()) {
+                    fill(i, page);
+                }
+                let started = Instant::now();
+                store.put(range, &pages)?;
+                put_time += started.elapsed();
             }
-            let started = Instant::now();
-            put(&store, range, &pages)?;
-            put_time += started.elapsed();
-        }
-        for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
-            let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
-            let mut pages = pool.allocate_batch(range.len())?;
-            let started = Instant::now();
-            let loaded = get(&store, range.clone(), &mut pages)?;
-            get_time += started.elapsed();
-            for ((ok, page), i) in loaded.into_iter().zip(&pages).zip(range) {
-                fill(i, &mut expected);
-                ensure!(
-                    ok && page.as_slice() == expected.as_slice(),
-                    "chunk {i} did not load intact"
-                );
+            for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
+                let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
+                let mut pages = pool.allocate_batch(range.len())?;
+                let started = Instant::now();
+                let loaded = store.get(range.clone(), &mut pages)?;
+                get_time += started.elapsed();
+                for ((ok, page), i) in loaded.into_iter().zip(&pages).zip(range) {
+                    fill(i, &mut expected);
+                    ensure!(
+                        ok && page.as_slice() == expected.as_slice(),
+                        "chunk {i} did not load intact"
+                    );
+                }
             }
+            store.close()?;
+            best.0 = best.0.max(gbps(workload.bytes(), put_time.as_secs_f64()));
+            best.1 = best.1.max(gbps(workload.bytes(), get_time.as_secs_f64()));
         }
-        close(store)?;
-        best_put = best_put.max(gbps(workload.bytes(), put_time.as_secs_f64()));
-        best_get = best_get.max(gbps(workload.bytes(), get_time.as_secs_f64()));
     }
-    Ok((best_put, best_get))
+    Ok(best)
 }
 
-fn staging_pool(workload: &Workload) -> Result<Arc<PagePool>> {
-    Ok(PoolConfig::new(
-        workload.chunk_bytes,
-        ((2 * ADAPTER_BATCH + 1) * workload.chunk_bytes) as u64,
-    )
-    .build()?)
-}
-
-/// The dynamic file store over NIXL POSIX, driven like the adapter drives it.
-fn file_store(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
-    use nixl_core::TransportExt;
-    use nixl_file::{DynamicConfig, DynamicFileStore, FileKey};
-    let folder = dir.join("file-store");
-    let pool = staging_pool(workload)?;
-    let transport: Arc<dyn Transport> = Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?);
-    let _memory = transport.register_pool(&pool)?;
-    let key = |i: usize| FileKey {
+fn bench_key(i: usize) -> nixl_file::FileKey {
+    nixl_file::FileKey {
         model: "kv-bench".to_owned(),
         kv_rank: 0,
         group_id: 0,
         chunk_hash: (i as u64).to_be_bytes().to_vec(),
         cache_salt: None,
-    };
-    per_key_passes(
-        workload,
-        &pool,
-        || {
-            Ok(DynamicFileStore::open(
-                Arc::clone(&transport),
-                DynamicConfig::new(&folder).with_direct_io(true),
-            )?)
-        },
-        |store, range, pages| {
-            let keys: Vec<_> = range.map(key).collect();
-            let items: Vec<_> = keys.iter().zip(pages).collect();
-            store
-                .put(&items)
-                .into_iter()
-                .try_for_each(|r| r.map(drop).map_err(Into::into))
-        },
-        |store, range, pages| {
-            let keys: Vec<_> = range.map(key).collect();
-            let mut items: Vec<_> = keys.iter().zip(pages.iter_mut()).collect();
-            store
-                .get(&mut items)
-                .into_iter()
-                .map(|r| r.map_err(Into::into))
-                .collect()
-        },
-        |_| Ok(std::fs::remove_dir_all(&folder)?),
-    )
+    }
 }
 
-/// The dynamic adapter over NIXL POSIX.
-fn adapter(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
-    use kv_l2_adapter::{
-        AdapterContext, AdapterFactory, ChunkKey, Engine as AdapterEngine, ObjectKey,
+/// The dynamic file store over NIXL POSIX, as the adapter drives it.
+struct FileStoreRow {
+    folder: std::path::PathBuf,
+    transport: Arc<dyn Transport>,
+    store: Option<nixl_file::DynamicFileStore>,
+}
+
+impl PerKey for FileStoreRow {
+    fn open(&mut self) -> Result<()> {
+        self.store = Some(nixl_file::DynamicFileStore::open(
+            Arc::clone(&self.transport),
+            nixl_file::DynamicConfig::new(&self.folder).with_direct_io(true),
+        )?);
+        Ok(())
+    }
+
+    fn put(&mut self, range: std::ops::Range<usize>, pages: &[Page]) -> Result<()> {
+        let store = self.store.as_ref().context("store not open")?;
+        let keys: Vec<_> = range.map(bench_key).collect();
+        let items: Vec<_> = keys.iter().zip(pages).collect();
+        store
+            .put(&items)
+            .into_iter()
+            .try_for_each(|r| r.map(drop).map_err(Into::into))
+    }
+
+    fn get(&mut self, range: std::ops::Range<usize>, pages: &mut [Page]) -> Result<Vec<bool>> {
+        let store = self.store.as_ref().context("store not open")?;
+        let keys: Vec<_> = range.map(bench_key).collect();
+        let mut items: Vec<_> = keys.iter().zip(pages.iter_mut()).collect();
+        store
+            .get(&mut items)
+            .into_iter()
+            .map(|r| r.map_err(Into::into))
+            .collect()
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.store = None;
+        Ok(std::fs::remove_dir_all(&self.folder)?)
+    }
+}
+
+/// The L2 adapter (`nixl_store_dynamic` over NIXL POSIX, persist off).
+struct AdapterRow {
+    json: String,
+    context: kv_l2_adapter::AdapterContext,
+    folder: std::path::PathBuf,
+    adapter: Option<Arc<dyn kv_l2_adapter::L2Adapter>>,
+}
+
+fn adapter_key(i: usize) -> kv_l2_adapter::ChunkKey {
+    kv_l2_adapter::ChunkKey::from_file_key(bench_key(i))
+}
+
+impl PerKey for AdapterRow {
+    fn open(&mut self) -> Result<()> {
+        let built =
+            kv_l2_adapter::AdapterFactory::new().build(&[self.json.as_str()], &self.context)?;
+        self.adapter = built.into_iter().next().map(|(_, adapter)| adapter);
+        Ok(())
+    }
+
+    fn put(&mut self, range: std::ops::Range<usize>, pages: &[Page]) -> Result<()> {
+        let adapter = self.adapter.as_ref().context("adapter not open")?;
+        let keys: Vec<_> = range.map(adapter_key).collect();
+        let refs: Vec<&Page> = pages.iter().collect();
+        let report = adapter.store(&keys, &refs);
+        ensure!(report.is_successful(), "adapter store failed: {report:?}");
+        Ok(())
+    }
+
+    fn get(&mut self, range: std::ops::Range<usize>, pages: &mut [Page]) -> Result<Vec<bool>> {
+        let adapter = self.adapter.as_ref().context("adapter not open")?;
+        let keys: Vec<_> = range.map(adapter_key).collect();
+        let mut refs: Vec<&mut Page> = pages.iter_mut().collect();
+        Ok(adapter.load(&keys, &mut refs))
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if let Some(adapter) = self.adapter.take() {
+            adapter.close()?;
+        }
+        Ok(std::fs::remove_dir_all(&self.folder)?)
+    }
+}
+
+/// The dynamic file store and the adapter on it, passes interleaved: (store, adapter) GB/s.
+fn file_store_and_adapter(workload: &Workload, dir: &Path) -> Result<((f64, f64), (f64, f64))> {
+    use nixl_core::TransportExt;
+    let pool = PoolConfig::new(
+        workload.chunk_bytes,
+        ((2 * ADAPTER_BATCH + 1) * workload.chunk_bytes) as u64,
+    )
+    .build()?;
+    let transport: Arc<dyn Transport> = Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?);
+    let _memory = transport.register_pool(&pool)?;
+    let mut store = FileStoreRow {
+        folder: dir.join("file-store"),
+        transport,
+        store: None,
     };
     let folder = dir.join("adapter");
-    let pool = staging_pool(workload)?;
-    let json = serde_json::json!({
-        "type": "nixl_store_dynamic",
-        "backend": "POSIX",
-        "backend_params": {
-            "file_path": folder.display().to_string(),
-            "use_direct_io": "true",
-            "max_capacity_gb": "1024",
-        },
-        "persist_enabled": false,
-    })
-    .to_string();
-    let context = AdapterContext::new(Arc::clone(&pool)).with_engine(AdapterEngine::Nixl);
-    let key = |i: usize| {
-        ChunkKey::from(ObjectKey {
-            model: "kv-bench".to_owned(),
-            kv_rank: 0,
-            group_id: 0,
-            chunk_hash: (i as u64).to_be_bytes().to_vec(),
-            cache_salt: None,
+    let mut adapter = AdapterRow {
+        json: serde_json::json!({
+            "type": "nixl_store_dynamic",
+            "backend": "POSIX",
+            "backend_params": {
+                "file_path": folder.display().to_string(),
+                "use_direct_io": "true",
+                "max_capacity_gb": "1024",
+            },
+            "persist_enabled": false,
         })
+        .to_string(),
+        context: kv_l2_adapter::AdapterContext::new(Arc::clone(&pool))
+            .with_engine(kv_l2_adapter::Engine::Nixl),
+        folder,
+        adapter: None,
     };
-    per_key_passes(
-        workload,
-        &pool,
-        || {
-            Ok(AdapterFactory::new()
-                .build(&[json.as_str()], &context)?
-                .remove(0)
-                .1)
-        },
-        |adapter, range, pages| {
-            let keys: Vec<_> = range.map(key).collect();
-            let refs: Vec<&Page> = pages.iter().collect();
-            let report = adapter.store(&keys, &refs);
-            ensure!(report.is_successful(), "adapter store failed: {report:?}");
-            Ok(())
-        },
-        |adapter, range, pages| {
-            let keys: Vec<_> = range.map(key).collect();
-            let mut refs: Vec<&mut Page> = pages.iter_mut().collect();
-            Ok(adapter.load(&keys, &mut refs))
-        },
-        |adapter| {
-            adapter.close()?;
-            Ok(std::fs::remove_dir_all(&folder)?)
-        },
-    )
+    let best = per_key_passes(workload, &pool, &mut [&mut store, &mut adapter])?;
+    Ok((best[0], best[1]))
 }
 
 fn workspace() -> std::path::PathBuf {
@@ -537,8 +574,9 @@ mod tests {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         for workload in [Workload::new(2, 1 << 20), Workload::new(16, 64 << 10)] {
             for engine in Engine::ALL.into_iter().filter(|e| e.available()) {
-                let m = engine.measure(&workload, dir.path()).unwrap();
-                assert!(m.put_gbps > 0.0 && m.get_gbps > 0.0, "{}", engine.label());
+                for m in engine.measure(&workload, dir.path()).unwrap() {
+                    assert!(m.put_gbps > 0.0 && m.get_gbps > 0.0, "{}", m.engine.label());
+                }
             }
         }
         assert!(

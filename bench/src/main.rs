@@ -119,7 +119,7 @@ fn main() -> Result<()> {
                 workload.chunk_bytes >> 10,
                 engine.label()
             );
-            measurements.push(engine.measure(&workload, &dir)?);
+            measurements.extend(engine.measure(&workload, &dir)?);
         }
         rows.push((workload, measurements));
     }
