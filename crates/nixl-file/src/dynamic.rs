@@ -238,8 +238,14 @@ impl DynamicFileStore {
         options
     }
 
-    /// Header buffers for `n` files; waits while other batches hold them all.
-    fn header_pages(&self, n: usize) -> Option<Vec<Page>> {
+    /// Header buffers for the files of `range`; waits while other batches hold them all, and
+    /// marks every item of the range busy when none come free in time.
+    fn header_pages<T>(
+        &self,
+        range: std::ops::Range<usize>,
+        results: &mut [Result<T>],
+    ) -> Option<Vec<Page>> {
+        let n = range.len();
         let started = Instant::now();
         let mut pause = Duration::from_micros(20);
         loop {
@@ -247,6 +253,9 @@ impl DynamicFileStore {
                 return Some(pages);
             }
             if started.elapsed() > HEADER_WAIT {
+                for index in range {
+                    results[index] = Err(Error::Busy(HEADER_WAIT));
+                }
                 return None;
             }
             std::thread::sleep(pause);
@@ -271,10 +280,7 @@ impl DynamicFileStore {
         range: std::ops::Range<usize>,
         results: &mut [Result<u64>],
     ) {
-        let Some(headers) = self.header_pages(range.len()) else {
-            for index in range {
-                results[index] = Err(Error::Busy(HEADER_WAIT));
-            }
+        let Some(headers) = self.header_pages(range.clone(), results) else {
             return;
         };
         let mut open = Vec::new();
@@ -443,10 +449,7 @@ impl DynamicFileStore {
         range: std::ops::Range<usize>,
         results: &mut [Result<bool>],
     ) {
-        let Some(headers) = self.header_pages(range.len()) else {
-            for index in range {
-                results[index] = Err(Error::Busy(HEADER_WAIT));
-            }
+        let Some(headers) = self.header_pages(range.clone(), results) else {
             return;
         };
         let mut open = Vec::new();
