@@ -17,6 +17,8 @@ use crate::engines::{Engine, Measurement, Workload};
 
 struct Args {
     quick: bool,
+    /// Only these engines (by their enum name, lowercase), when given.
+    only: Option<Vec<String>>,
     dir: Option<PathBuf>,
     out: Option<PathBuf>,
 }
@@ -24,6 +26,7 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
+        only: None,
         dir: None,
         out: None,
     };
@@ -31,10 +34,20 @@ fn parse_args() -> Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => args.quick = true,
+            "--only" => {
+                let list = it.next().context("--only needs a list, e.g. fio,uring")?;
+                args.only = Some(
+                    list.split(',')
+                        .map(|e| e.trim().to_ascii_lowercase())
+                        .collect(),
+                );
+            }
             "--dir" => args.dir = Some(it.next().context("--dir needs a folder")?.into()),
             "--out" => args.out = Some(it.next().context("--out needs a file")?.into()),
             "--bench" => {}
-            other => bail!("unknown argument {other}; use [--quick] [--dir DIR] [--out FILE]"),
+            other => bail!(
+                "unknown argument {other}; use [--quick] [--only ENGINE,...] [--dir DIR] [--out FILE]"
+            ),
         }
     }
     Ok(args)
@@ -106,6 +119,13 @@ fn main() -> Result<()> {
     for workload in workloads {
         let mut measurements = Vec::new();
         for engine in Engine::ALL {
+            let wanted = args
+                .only
+                .as_ref()
+                .is_none_or(|only| only.contains(&format!("{engine:?}").to_ascii_lowercase()));
+            if !wanted {
+                continue;
+            }
             if !engine.available() {
                 eprintln!(
                     "bench: {} not installed; skipped (cargo xtask setup installs it)",
