@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nixl_sys::{
-    Agent, AgentConfig, Backend, MemType, NixlDescriptor, NotificationMap, OptArgs,
-    RegistrationHandle, XferDescList, XferOp, XferStatus,
+    Agent, AgentConfig, Backend, MemType, NotificationMap, OptArgs, RegistrationHandle,
+    XferDescList, XferOp, XferStatus,
 };
 use pinned_alloc::{MemoryRegion, Page, PagePool, Quarantine};
 
 use crate::error::{Error, Result};
+use crate::nixl::Descriptor;
 use crate::runtime::NixlRuntime;
 
 /// Which side of the channel this is.
@@ -217,32 +218,6 @@ fn peer_error(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |err| Error::Peer(format!("{what}: {err}"))
 }
 
-#[derive(Debug)]
-struct Region {
-    addr: usize,
-    len: usize,
-}
-
-impl nixl_sys::MemoryRegion for Region {
-    unsafe fn as_ptr(&self) -> *const u8 {
-        self.addr as *const u8
-    }
-
-    fn size(&self) -> usize {
-        self.len
-    }
-}
-
-impl NixlDescriptor for Region {
-    fn mem_type(&self) -> MemType {
-        MemType::Dram
-    }
-
-    fn device_id(&self) -> u64 {
-        0
-    }
-}
-
 /// A live connection: the side channel and the peer agent's name.
 #[derive(Debug)]
 struct Link {
@@ -300,9 +275,11 @@ impl NixlChannel {
         let backend = agent
             .create_backend("UCX", &params)
             .map_err(Error::nixl("create UCX backend"))?;
-        let region = Region {
+        let region = Descriptor {
             addr: pool.base().as_ptr() as usize,
             len: MemoryRegion::len(pool.as_ref()),
+            dev_id: 0,
+            mem_type: MemType::Dram,
         };
         let mut opt = OptArgs::new().map_err(Error::nixl("create optional arguments"))?;
         opt.add_backend(&backend)

@@ -214,11 +214,11 @@ impl fmt::Debug for NixlTransport {
 
 /// A descriptor handed to `Agent::register_memory`.
 #[derive(Debug)]
-struct Descriptor {
-    addr: usize,
-    len: usize,
-    dev_id: u64,
-    mem_type: MemType,
+pub(crate) struct Descriptor {
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
+    pub(crate) dev_id: u64,
+    pub(crate) mem_type: MemType,
 }
 
 impl nixl_sys::MemoryRegion for Descriptor {
