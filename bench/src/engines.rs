@@ -1,24 +1,29 @@
-//! The engines measured, each doing the same work: write N chunks to N slots of one
-//! preallocated O_DIRECT file, then read them back, verifying the bytes.
+//! The engines measured. The one-file engines (fio, pwrite, NIXL POSIX, native io_uring) share
+//! one preallocated O_DIRECT file and run in interleaved rounds: each round every engine writes
+//! all chunks and reads them back (verifying the bytes) in an order that rotates from round to
+//! round, so a slow spell of the machine weighs on all of them alike. Ratios are taken per round
+//! against the baseline's figure in the same round, and reported as the median over rounds.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport};
+use nixl_core::{NixlConfig, NixlTransport, Registration, StorageExtent, Transport};
 use nixl_file::{FileOptions, UringConfig, UringTransport, open_storage_file};
 use pinned_alloc::{MemoryRegion, Page, PagePool, PoolConfig};
 
-const PASSES: usize = 3;
+/// Host memory the one-file engines move chunks from and to: larger workloads cycle through it.
+const RESIDENT_BYTES: usize = 1 << 30;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Workload {
     pub(crate) chunks: usize,
     pub(crate) chunk_bytes: usize,
+    resident_bytes: usize,
 }
 
 impl Workload {
@@ -26,11 +31,26 @@ impl Workload {
         Self {
             chunks: chunks.max(1),
             chunk_bytes,
+            resident_bytes: RESIDENT_BYTES,
         }
     }
 
     fn bytes(&self) -> u64 {
         (self.chunks * self.chunk_bytes) as u64
+    }
+
+    /// Chunks held in host memory at once: chunk `i` is written from source page
+    /// `i % resident` and read back in batches of `resident`.
+    pub(crate) fn resident(&self) -> usize {
+        self.chunks
+            .min(self.resident_bytes / self.chunk_bytes.max(1))
+            .max(1)
+    }
+
+    /// The same chunk size, only as many chunks as stay resident (the per-key rows, which
+    /// create a file per chunk).
+    pub(crate) fn resident_only(&self) -> Self {
+        Self::new(self.resident(), self.chunk_bytes)
     }
 }
 
@@ -40,9 +60,9 @@ pub(crate) enum Engine {
     Fio,
     /// One `pwrite`/`pread` per chunk on an O_DIRECT file, one thread.
     RawPwrite,
-    /// NIXL's POSIX plugin through nixl-core, one batched request per pass.
+    /// NIXL's POSIX plugin through nixl-core, one batched request for the put.
     NixlPosix,
-    /// The native io_uring engine of nixl-file, one batched request per pass.
+    /// The native io_uring engine of nixl-file, one batched request for the put.
     Uring,
     /// The dynamic file store alone (nixl-file over NIXL POSIX): the backend the adapter runs
     /// on, so the adapter's own overhead is the ratio of the two rows.
@@ -54,14 +74,31 @@ pub(crate) enum Engine {
     NixlPython,
 }
 
-pub(crate) struct Measurement {
+/// An engine's figures, one per round.
+pub(crate) struct Series {
     pub(crate) engine: Engine,
-    pub(crate) put_gbps: f64,
-    pub(crate) get_gbps: f64,
+    pub(crate) put_gbps: Vec<f64>,
+    pub(crate) get_gbps: Vec<f64>,
 }
 
-fn fill(chunk: usize, page: &mut Page) {
-    let seed = (chunk as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+impl Series {
+    fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            put_gbps: Vec::new(),
+            get_gbps: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, (put, get): (f64, f64)) {
+        self.put_gbps.push(put);
+        self.get_gbps.push(get);
+    }
+}
+
+/// Deterministic contents of one page, different for every seed.
+fn fill(seed: u64, page: &mut Page) {
+    let seed = (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for (i, word) in page.as_mut_slice().chunks_mut(8).enumerate() {
         let value = seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         word.copy_from_slice(&value.to_le_bytes()[..word.len()]);
@@ -80,12 +117,14 @@ struct Buffers {
 
 impl Buffers {
     fn new(workload: &Workload) -> Result<Self> {
-        let pool = PoolConfig::new(workload.chunk_bytes, 2 * workload.bytes()).build()?;
-        let mut sources = pool.allocate_batch(workload.chunks)?;
-        for (i, page) in sources.iter_mut().enumerate() {
-            fill(i, page);
-        }
-        let targets = pool.allocate_batch(workload.chunks)?;
+        let resident = workload.resident();
+        let pool = PoolConfig::new(
+            workload.chunk_bytes,
+            (2 * resident * workload.chunk_bytes) as u64,
+        )
+        .build()?;
+        let sources = pool.allocate_batch(resident)?;
+        let targets = pool.allocate_batch(resident)?;
         Ok(Self {
             pool,
             sources,
@@ -93,26 +132,137 @@ impl Buffers {
         })
     }
 
-    fn verify(&mut self) -> Result<()> {
-        for (i, (s, t)) in self.sources.iter().zip(&self.targets).enumerate() {
-            ensure!(s.as_slice() == t.as_slice(), "chunk {i} read back differs");
+    /// New contents for the sources, so that a pass can only verify what it wrote itself.
+    fn refill(&mut self, seed: u64) {
+        for (i, page) in self.sources.iter_mut().enumerate() {
+            fill(seed.wrapping_mul(1 << 20) + i as u64, page);
         }
-        for page in &mut self.targets {
-            page.as_mut_slice().fill(0);
+    }
+
+    /// Checks the first `count` targets against the sources, then zeroes them for the next batch.
+    fn verify(&mut self, first_chunk: usize, count: usize) -> Result<()> {
+        for (i, (s, t)) in self
+            .sources
+            .iter()
+            .zip(&mut self.targets[..count])
+            .enumerate()
+        {
+            ensure!(
+                s.as_slice() == t.as_slice(),
+                "chunk {} read back differs",
+                first_chunk + i
+            );
+            t.as_mut_slice().fill(0);
         }
         Ok(())
     }
 }
 
+/// One one-file engine, ready to run passes over the shared file.
+enum Runner {
+    Fio(std::path::PathBuf),
+    Raw(Arc<File>),
+    Transport {
+        transport: Arc<dyn Transport>,
+        storage: Registration,
+        _memory: Registration,
+    },
+}
+
+impl Runner {
+    fn new(engine: Engine, file: &Arc<File>, path: &Path, buffers: &Buffers) -> Result<Self> {
+        let transport: Arc<dyn Transport> = match engine {
+            Engine::Fio => return Ok(Self::Fio(path.to_owned())),
+            Engine::RawPwrite => return Ok(Self::Raw(Arc::clone(file))),
+            Engine::NixlPosix => Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?),
+            Engine::Uring => Arc::new(UringTransport::new(UringConfig::default())?),
+            other => anyhow::bail!("{} is not a one-file engine", other.label()),
+        };
+        let memory =
+            transport.register_memory(Arc::clone(&buffers.pool) as Arc<dyn MemoryRegion>)?;
+        let storage = transport.register_file(Arc::clone(file))?;
+        Ok(Self::Transport {
+            transport,
+            storage,
+            _memory: memory,
+        })
+    }
+
+    /// Writes every chunk, then reads every chunk back and verifies it: (put, get) GB/s.
+    fn pass(&self, workload: &Workload, buffers: &mut Buffers, seed: u64) -> Result<(f64, f64)> {
+        if let Self::Fio(path) = self {
+            return Ok((
+                fio_pass(workload, path, "write")?,
+                fio_pass(workload, path, "read")?,
+            ));
+        }
+        buffers.refill(seed);
+        let size = workload.chunk_bytes as u64;
+        let resident = workload.resident();
+        let started = Instant::now();
+        match self {
+            Self::Raw(file) => {
+                for i in 0..workload.chunks {
+                    file.write_all_at(buffers.sources[i % resident].as_slice(), i as u64 * size)?;
+                }
+            }
+            Self::Transport {
+                transport, storage, ..
+            } => {
+                let batch: Vec<_> = (0..workload.chunks)
+                    .map(|i| {
+                        (
+                            buffers.sources[i % resident].as_slice(),
+                            StorageExtent::new(storage.dev_id(), i as u64 * size),
+                        )
+                    })
+                    .collect();
+                transport.write(&batch)?;
+            }
+            Self::Fio(_) => {}
+        }
+        let put = gbps(workload.bytes(), started.elapsed().as_secs_f64());
+        let mut reading = Duration::ZERO;
+        for first in (0..workload.chunks).step_by(resident) {
+            let count = resident.min(workload.chunks - first);
+            let started = Instant::now();
+            match self {
+                Self::Raw(file) => {
+                    for (j, page) in buffers.targets[..count].iter_mut().enumerate() {
+                        file.read_exact_at(page.as_mut_slice(), (first + j) as u64 * size)?;
+                    }
+                }
+                Self::Transport {
+                    transport, storage, ..
+                } => {
+                    let mut batch: Vec<_> = buffers.targets[..count]
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(j, page)| {
+                            (
+                                page.as_mut_slice(),
+                                StorageExtent::new(storage.dev_id(), (first + j) as u64 * size),
+                            )
+                        })
+                        .collect();
+                    transport.read(&mut batch)?;
+                }
+                Self::Fio(_) => {}
+            }
+            reading += started.elapsed();
+            buffers.verify(first, count)?;
+        }
+        Ok((put, gbps(workload.bytes(), reading.as_secs_f64())))
+    }
+}
+
 impl Engine {
-    /// Every engine that is measured on its own (`FileStore` also yields the `Adapter` row).
-    pub(crate) const ALL: [Engine; 6] = [
+    /// The engines that share one file and run in interleaved rounds.
+    pub(crate) const ONE_FILE: [Engine; 4] = [
         Engine::Fio,
         Engine::RawPwrite,
         Engine::NixlPosix,
         Engine::Uring,
-        Engine::FileStore,
-        Engine::NixlPython,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -127,7 +277,7 @@ impl Engine {
         }
     }
 
-    /// Whether this engine can run here (fio must be installed).
+    /// Whether this engine can run here (fio and NIXL's Python package must be installed).
     pub(crate) fn available(self) -> bool {
         match self {
             Engine::Fio => fio_installed(),
@@ -135,78 +285,60 @@ impl Engine {
             _ => true,
         }
     }
-
-    /// Measures this engine; the file store also yields the adapter row (their passes run
-    /// interleaved).
-    pub(crate) fn measure(self, workload: &Workload, dir: &Path) -> Result<Vec<Measurement>> {
-        let row = |engine, (put_gbps, get_gbps)| Measurement {
-            engine,
-            put_gbps,
-            get_gbps,
-        };
-        match self {
-            Engine::FileStore => {
-                let (store, adapter) = file_store_and_adapter(workload, dir)?;
-                return Ok(vec![
-                    row(Engine::FileStore, store),
-                    row(Engine::Adapter, adapter),
-                ]);
-            }
-            Engine::NixlPython => return Ok(vec![row(self, python(workload, dir)?)]),
-            _ => {}
-        }
-        let path = dir.join(format!("bench-{self:?}.chunks"));
-        let file = open_storage_file(
-            &path,
-            FileOptions::new()
-                .with_direct_io(true)
-                .with_preallocate(workload.bytes()),
-        )?;
-        let mut buffers = Buffers::new(workload)?;
-        let result = match self {
-            Engine::Fio => fio(workload, &path),
-            Engine::RawPwrite => raw(workload, &file, &mut buffers),
-            Engine::NixlPosix => transport(
-                workload,
-                file,
-                &mut buffers,
-                Arc::new(NixlTransport::new(NixlConfig::new("POSIX"))?),
-            ),
-            Engine::Uring => transport(
-                workload,
-                file,
-                &mut buffers,
-                Arc::new(UringTransport::new(UringConfig::default())?),
-            ),
-            Engine::FileStore | Engine::Adapter | Engine::NixlPython => unreachable_engine(self),
-        };
-        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        Ok(vec![row(self, result?)])
-    }
 }
 
-/// Best of the passes for put and get, verifying after every get.
-fn passes(
+/// Runs `engines` (one-file engines only) in `rounds` interleaved rounds over one shared file.
+pub(crate) fn one_file_rounds(
     workload: &Workload,
-    buffers: &mut Buffers,
-    mut put: impl FnMut(&Buffers) -> Result<()>,
-    mut get: impl FnMut(&mut Buffers) -> Result<()>,
-) -> Result<(f64, f64)> {
-    let (mut best_put, mut best_get) = (0f64, 0f64);
-    for _ in 0..PASSES {
-        let started = Instant::now();
-        put(buffers)?;
-        best_put = best_put.max(gbps(workload.bytes(), started.elapsed().as_secs_f64()));
-        let started = Instant::now();
-        get(buffers)?;
-        best_get = best_get.max(gbps(workload.bytes(), started.elapsed().as_secs_f64()));
-        buffers.verify()?;
+    dir: &Path,
+    engines: &[Engine],
+    rounds: usize,
+) -> Result<Vec<Series>> {
+    let path = dir.join("bench-one-file.chunks");
+    let file = Arc::new(open_storage_file(
+        &path,
+        FileOptions::new()
+            .with_direct_io(true)
+            .with_preallocate(workload.bytes()),
+    )?);
+    let mut buffers = Buffers::new(workload)?;
+    let runners = engines
+        .iter()
+        .map(|&engine| Runner::new(engine, &file, &path, &buffers))
+        .collect::<Result<Vec<_>>>()?;
+    let mut series: Vec<_> = engines.iter().map(|&e| Series::new(e)).collect();
+    for round in 0..rounds {
+        eprintln!("bench:   round {}/{rounds}", round + 1);
+        for step in 0..runners.len() {
+            let index = (round + step) % runners.len();
+            let seed = (round * runners.len() + index) as u64;
+            let figures = runners[index]
+                .pass(workload, &mut buffers, seed)
+                .with_context(|| format!("{} in round {round}", engines[index].label()))?;
+            series[index].push(figures);
+        }
     }
-    Ok((best_put, best_get))
+    drop(runners);
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    Ok(series)
 }
 
-fn unreachable_engine(engine: Engine) -> Result<(f64, f64)> {
-    anyhow::bail!("{} is measured per key, not on one file", engine.label())
+/// The file store and the adapter on it, in `rounds` interleaved rounds.
+pub(crate) fn per_key_rounds(
+    workload: &Workload,
+    dir: &Path,
+    rounds: usize,
+) -> Result<Vec<Series>> {
+    file_store_and_adapter(workload, dir, rounds)
+}
+
+/// NIXL's Python API, `rounds` passes.
+pub(crate) fn python_rounds(workload: &Workload, dir: &Path, rounds: usize) -> Result<Series> {
+    let mut series = Series::new(Engine::NixlPython);
+    for _ in 0..rounds {
+        series.push(python(workload, dir)?);
+    }
+    Ok(series)
 }
 
 const ADAPTER_BATCH: usize = 8;
@@ -223,26 +355,35 @@ trait PerKey {
     fn close(&mut self) -> Result<()>;
 }
 
-/// Runs the stores' passes interleaved (A, B, A, B, …) so that the file-system state one leaves
-/// behind (ext4 slows inode allocation after many deletions) weighs on both alike. Only put and
-/// get calls are timed; every chunk is verified. Returns the best (put, get) GB/s of each.
+/// Runs the stores' passes in interleaved rounds, the order alternating (A, B, then B, A) so
+/// that the file-system state one leaves behind (ext4 slows inode allocation after many
+/// deletions) weighs on both alike. Only put and get calls are timed; every chunk is verified.
 fn per_key_passes(
     workload: &Workload,
     pool: &Arc<PagePool>,
     stores: &mut [&mut dyn PerKey],
-) -> Result<Vec<(f64, f64)>> {
-    let mut best = vec![(0f64, 0f64); stores.len()];
+    rounds: usize,
+) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
+    let count = stores.len();
+    let mut figures = vec![(Vec::new(), Vec::new()); count];
     let mut expected = pool.allocate().context("a page for verification")?;
-    for _ in 0..PASSES {
-        for (store, best) in stores.iter_mut().zip(best.iter_mut()) {
+    for round in 0..rounds {
+        eprintln!("bench:   round {}/{rounds}", round + 1);
+        for step in 0..count {
+            let index = if round % 2 == 0 {
+                step
+            } else {
+                count - 1 - step
+            };
+            let store = &mut stores[index];
+            let seed = |i: usize| (((round * count + index) << 20) | i) as u64;
             store.open()?;
-            let (mut put_time, mut get_time) =
-                (std::time::Duration::ZERO, std::time::Duration::ZERO);
+            let (mut put_time, mut get_time) = (Duration::ZERO, Duration::ZERO);
             for start in (0..workload.chunks).step_by(ADAPTER_BATCH) {
                 let range = start..(start + ADAPTER_BATCH).min(workload.chunks);
                 let mut pages = pool.allocate_batch(range.len())?;
                 for (page, i) in pages.iter_mut().zip(range.clone()) {
-                    fill(i, page);
+                    fill(seed(i), page);
                 }
                 let started = Instant::now();
                 store.put(range, &pages)?;
@@ -255,7 +396,7 @@ fn per_key_passes(
                 let loaded = store.get(range.clone(), &mut pages)?;
                 get_time += started.elapsed();
                 for ((ok, page), i) in loaded.into_iter().zip(&pages).zip(range) {
-                    fill(i, &mut expected);
+                    fill(seed(i), &mut expected);
                     ensure!(
                         ok && page.as_slice() == expected.as_slice(),
                         "chunk {i} did not load intact"
@@ -263,11 +404,15 @@ fn per_key_passes(
                 }
             }
             store.close()?;
-            best.0 = best.0.max(gbps(workload.bytes(), put_time.as_secs_f64()));
-            best.1 = best.1.max(gbps(workload.bytes(), get_time.as_secs_f64()));
+            figures[index]
+                .0
+                .push(gbps(workload.bytes(), put_time.as_secs_f64()));
+            figures[index]
+                .1
+                .push(gbps(workload.bytes(), get_time.as_secs_f64()));
         }
     }
-    Ok(best)
+    Ok(figures)
 }
 
 fn bench_key(i: usize) -> nixl_file::FileKey {
@@ -367,8 +512,8 @@ impl PerKey for AdapterRow {
     }
 }
 
-/// The dynamic file store and the adapter on it, passes interleaved: (store, adapter) GB/s.
-fn file_store_and_adapter(workload: &Workload, dir: &Path) -> Result<((f64, f64), (f64, f64))> {
+/// The dynamic file store and the adapter on it, passes interleaved.
+fn file_store_and_adapter(workload: &Workload, dir: &Path, rounds: usize) -> Result<Vec<Series>> {
     use nixl_core::TransportExt;
     let pool = PoolConfig::new(
         workload.chunk_bytes,
@@ -400,8 +545,16 @@ fn file_store_and_adapter(workload: &Workload, dir: &Path) -> Result<((f64, f64)
         folder,
         adapter: None,
     };
-    let best = per_key_passes(workload, &pool, &mut [&mut store, &mut adapter])?;
-    Ok((best[0], best[1]))
+    let figures = per_key_passes(workload, &pool, &mut [&mut store, &mut adapter], rounds)?;
+    Ok([Engine::FileStore, Engine::Adapter]
+        .into_iter()
+        .zip(figures)
+        .map(|(engine, (put_gbps, get_gbps))| Series {
+            engine,
+            put_gbps,
+            get_gbps,
+        })
+        .collect())
 }
 
 fn workspace() -> std::path::PathBuf {
@@ -430,7 +583,7 @@ fn python(workload: &Workload, dir: &Path) -> Result<(f64, f64)> {
         .arg(workload.chunk_bytes.to_string())
         .arg(workload.chunks.to_string())
         .arg(ADAPTER_BATCH.to_string())
-        .arg(PASSES.to_string())
+        .arg("1")
         .arg("1")
         .env("PYTHONPATH", workspace().join("target/nixl-runtime"))
         .output()
@@ -502,81 +655,38 @@ fn fio_pass(workload: &Workload, path: &Path, rw: &str) -> Result<f64> {
     Ok(bytes_per_second / 1e9)
 }
 
-fn fio(workload: &Workload, path: &Path) -> Result<(f64, f64)> {
-    let (mut best_put, mut best_get) = (0f64, 0f64);
-    for _ in 0..PASSES {
-        best_put = best_put.max(fio_pass(workload, path, "write")?);
-        best_get = best_get.max(fio_pass(workload, path, "read")?);
-    }
-    Ok((best_put, best_get))
-}
-
-fn raw(workload: &Workload, file: &File, buffers: &mut Buffers) -> Result<(f64, f64)> {
-    let size = workload.chunk_bytes as u64;
-    passes(
-        workload,
-        buffers,
-        |b| {
-            for (i, page) in b.sources.iter().enumerate() {
-                file.write_all_at(page.as_slice(), i as u64 * size)?;
-            }
-            Ok(())
-        },
-        |b| {
-            for (i, page) in b.targets.iter_mut().enumerate() {
-                file.read_exact_at(page.as_mut_slice(), i as u64 * size)?;
-            }
-            Ok(())
-        },
-    )
-}
-
-fn transport(
-    workload: &Workload,
-    file: File,
-    buffers: &mut Buffers,
-    transport: Arc<dyn Transport>,
-) -> Result<(f64, f64)> {
-    let _memory = transport.register_memory(Arc::clone(&buffers.pool) as Arc<dyn MemoryRegion>)?;
-    let storage = transport.register_file(Arc::new(file))?;
-    let extent = |i: usize| StorageExtent::new(storage.dev_id(), (i * workload.chunk_bytes) as u64);
-    passes(
-        workload,
-        buffers,
-        |b| {
-            let batch: Vec<_> = b
-                .sources
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.as_slice(), extent(i)))
-                .collect();
-            Ok(transport.write(&batch)?)
-        },
-        |b| {
-            let mut batch: Vec<_> = b
-                .targets
-                .iter_mut()
-                .enumerate()
-                .map(|(i, p)| (p.as_mut_slice(), extent(i)))
-                .collect();
-            Ok(transport.read(&mut batch)?)
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A tiny run of every engine: the bench works end to end and verifies what it reads.
+    /// A tiny run of every engine: the bench works end to end, cycles through its resident
+    /// pages, verifies what it reads and leaves nothing behind.
     #[test]
     fn every_engine_runs_and_verifies_a_tiny_workload() {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        for workload in [Workload::new(2, 1 << 20), Workload::new(16, 64 << 10)] {
-            for engine in Engine::ALL.into_iter().filter(|e| e.available()) {
-                for m in engine.measure(&workload, dir.path()).unwrap() {
-                    assert!(m.put_gbps > 0.0 && m.get_gbps > 0.0, "{}", m.engine.label());
-                }
+        let cycling = Workload {
+            resident_bytes: 4 << 20,
+            ..Workload::new(10, 1 << 20)
+        };
+        assert_eq!(cycling.resident(), 4);
+        for workload in [cycling, Workload::new(16, 64 << 10)] {
+            let one_file: Vec<_> = Engine::ONE_FILE
+                .into_iter()
+                .filter(|e| e.available())
+                .collect();
+            let mut series = one_file_rounds(&workload, dir.path(), &one_file, 2).unwrap();
+            series.extend(per_key_rounds(&workload.resident_only(), dir.path(), 2).unwrap());
+            if Engine::NixlPython.available() {
+                series.push(python_rounds(&workload.resident_only(), dir.path(), 1).unwrap());
+            }
+            assert!(series.len() >= one_file.len() + 2);
+            for s in &series {
+                assert!(!s.put_gbps.is_empty(), "{}", s.engine.label());
+                assert!(
+                    s.put_gbps.iter().chain(&s.get_gbps).all(|&g| g > 0.0),
+                    "{}",
+                    s.engine.label()
+                );
             }
         }
         assert!(

@@ -3,7 +3,7 @@
 //! to compare across runs).
 //!
 //! `cargo xtask bench` runs it in release mode and writes the table to `target/bench/latest.md`.
-//! Arguments: `[--quick] [--dir DIR] [--out FILE]`.
+//! Arguments: `[--quick] [--rounds N] [--only ENGINE,...] [--dir DIR] [--out FILE]`.
 #![forbid(unsafe_code)]
 
 mod engines;
@@ -11,12 +11,16 @@ mod extras;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
-use crate::engines::{Engine, Measurement, Workload};
+use crate::engines::{Engine, Series, Workload};
+
+/// Interleaved rounds per workload unless `--rounds` says otherwise (`--quick`: 2).
+const ROUNDS: usize = 5;
 
 struct Args {
     quick: bool,
+    rounds: Option<usize>,
     /// Only these engines (by their enum name, lowercase), when given.
     only: Option<Vec<String>>,
     dir: Option<PathBuf>,
@@ -26,6 +30,7 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
+        rounds: None,
         only: None,
         dir: None,
         out: None,
@@ -34,6 +39,15 @@ fn parse_args() -> Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => args.quick = true,
+            "--rounds" => {
+                let n: usize = it
+                    .next()
+                    .context("--rounds needs a number")?
+                    .parse()
+                    .context("--rounds needs a whole number")?;
+                ensure!(n > 0, "--rounds must be at least 1");
+                args.rounds = Some(n);
+            }
             "--only" => {
                 let list = it.next().context("--only needs a list, e.g. fio,uring")?;
                 args.only = Some(
@@ -46,56 +60,132 @@ fn parse_args() -> Result<Args> {
             "--out" => args.out = Some(it.next().context("--out needs a file")?.into()),
             "--bench" => {}
             other => bail!(
-                "unknown argument {other}; use [--quick] [--only ENGINE,...] [--dir DIR] [--out FILE]"
+                "unknown argument {other}; use [--quick] [--rounds N] [--only ENGINE,...] [--dir DIR] [--out FILE]"
             ),
         }
     }
     Ok(args)
 }
 
-fn table(rows: &[(Workload, Vec<Measurement>)]) -> String {
-    let mut out = String::from(
-        "| chunk | engine | put GB/s | get GB/s | put vs raw | get vs raw |\n|---|---|---|---|---|---|\n",
-    );
-    for (workload, measurements) in rows {
-        let baseline = [Engine::Fio, Engine::RawPwrite]
-            .into_iter()
-            .find_map(|engine| measurements.iter().find(|m| m.engine == engine));
-        let Some(raw) = baseline else {
-            continue;
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Per-round ratios of `a` over `b` (rounds run interleaved, so round `r` of both saw the same
+/// machine): "median (min–max)".
+fn paired(a: &[f64], b: &[f64]) -> String {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    let (low, high) = ratios
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    format!("{:.2}x ({low:.2}–{high:.2})", median(&ratios))
+}
+
+/// The throughput table of one workload: every figure the median over rounds; ratios per round
+/// against the baseline for the one-file engines (interleaved with it), ratios of medians (†)
+/// for the per-key rows, which run after it.
+fn table(workload: &Workload, series: &[Series]) -> String {
+    let mut out = String::new();
+    let baseline = [Engine::Fio, Engine::RawPwrite]
+        .into_iter()
+        .find_map(|engine| series.iter().find(|s| s.engine == engine));
+    for s in series {
+        let (put, get) = (median(&s.put_gbps), median(&s.get_gbps));
+        let (put_ratio, get_ratio) = match baseline {
+            Some(raw) if Engine::ONE_FILE.contains(&s.engine) => (
+                paired(&s.put_gbps, &raw.put_gbps),
+                paired(&s.get_gbps, &raw.get_gbps),
+            ),
+            Some(raw) => (
+                format!("{:.2}x †", put / median(&raw.put_gbps)),
+                format!("{:.2}x †", get / median(&raw.get_gbps)),
+            ),
+            None => ("-".to_owned(), "-".to_owned()),
         };
-        for m in measurements {
-            out.push_str(&format!(
-                "| {} x {} KiB | {} | {:.2} | {:.2} | {:.2}x | {:.2}x |\n",
-                workload.chunks,
-                workload.chunk_bytes >> 10,
-                m.engine.label(),
-                m.put_gbps,
-                m.get_gbps,
-                m.put_gbps / raw.put_gbps,
-                m.get_gbps / raw.get_gbps,
-            ));
-        }
+        out.push_str(&format!(
+            "| {} x {} KiB | {} | {} | {put:.2} | {get:.2} | {put_ratio} | {get_ratio} |\n",
+            workload.chunks,
+            workload.chunk_bytes >> 10,
+            s.engine.label(),
+            s.put_gbps.len(),
+        ));
     }
     out
 }
 
-/// The adapter's own cost: its throughput over that of the store it runs on, same run.
-fn adapter_overhead(rows: &[(Workload, Vec<Measurement>)]) -> String {
-    let mut out = String::new();
-    for (workload, measurements) in rows {
-        let find = |engine| measurements.iter().find(|m| m.engine == engine);
-        if let (Some(store), Some(adapter)) = (find(Engine::FileStore), find(Engine::Adapter)) {
-            out.push_str(&format!(
-                "- {} x {} KiB: adapter / file store = put {:.2}x, get {:.2}x\n",
-                workload.chunks,
-                workload.chunk_bytes >> 10,
-                adapter.put_gbps / store.put_gbps,
-                adapter.get_gbps / store.get_gbps
-            ));
-        }
+/// The adapter's own cost: its throughput over that of the store it runs on, round by round.
+fn adapter_overhead(workload: &Workload, series: &[Series]) -> String {
+    let find = |engine| series.iter().find(|s| s.engine == engine);
+    match (find(Engine::FileStore), find(Engine::Adapter)) {
+        (Some(store), Some(adapter)) => format!(
+            "- {} x {} KiB, {} rounds: adapter / file store = put {}, get {}\n",
+            workload.chunks,
+            workload.chunk_bytes >> 10,
+            store.put_gbps.len(),
+            paired(&adapter.put_gbps, &store.put_gbps),
+            paired(&adapter.get_gbps, &store.get_gbps),
+        ),
+        _ => String::new(),
     }
-    out
+}
+
+/// Whether `--only` (when given) names `engine`.
+fn wanted(args: &Args, engine: Engine) -> bool {
+    args.only
+        .as_ref()
+        .is_none_or(|only| only.contains(&format!("{engine:?}").to_ascii_lowercase()))
+}
+
+/// Every wanted engine on one workload.
+fn measure(args: &Args, workload: &Workload, dir: &std::path::Path) -> Result<Vec<Series>> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { ROUNDS });
+    let available = |engine: Engine| {
+        let ok = engine.available();
+        if !ok {
+            eprintln!(
+                "bench: {} not installed; skipped (cargo xtask setup installs it)",
+                engine.label()
+            );
+        }
+        ok
+    };
+    let size = format!("{} x {} KiB", workload.chunks, workload.chunk_bytes >> 10);
+    let one_file: Vec<_> = Engine::ONE_FILE
+        .into_iter()
+        .filter(|&e| wanted(args, e) && available(e))
+        .collect();
+    let mut series = Vec::new();
+    if !one_file.is_empty() {
+        eprintln!(
+            "bench: {size}, {rounds} interleaved rounds of {}",
+            one_file
+                .iter()
+                .map(|e| e.label())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        series.extend(engines::one_file_rounds(workload, dir, &one_file, rounds)?);
+    }
+    let per_key = workload.resident_only();
+    let per_key_size = format!("{} x {} KiB", per_key.chunks, per_key.chunk_bytes >> 10);
+    if wanted(args, Engine::FileStore) || wanted(args, Engine::Adapter) {
+        eprintln!(
+            "bench: {per_key_size}, {rounds} interleaved rounds of the file store and the adapter"
+        );
+        series.extend(engines::per_key_rounds(&per_key, dir, rounds)?);
+    }
+    if wanted(args, Engine::NixlPython) && available(Engine::NixlPython) {
+        eprintln!("bench: {per_key_size}, {rounds} passes of NIXL's Python API");
+        series.push(engines::python_rounds(&per_key, dir, rounds)?);
+    }
+    Ok(series)
 }
 
 fn main() -> Result<()> {
@@ -112,36 +202,17 @@ fn main() -> Result<()> {
     };
     let scale = if args.quick { 16 } else { 1 };
     let workloads = [
-        Workload::new(32 / scale.min(8), 32 << 20),
+        Workload::new(256 / scale, 32 << 20),
         Workload::new(4096 / scale, 256 << 10),
     ];
-    let mut rows = Vec::new();
-    for workload in workloads {
-        let mut measurements = Vec::new();
-        for engine in Engine::ALL {
-            let wanted = args
-                .only
-                .as_ref()
-                .is_none_or(|only| only.contains(&format!("{engine:?}").to_ascii_lowercase()));
-            if !wanted {
-                continue;
-            }
-            if !engine.available() {
-                eprintln!(
-                    "bench: {} not installed; skipped (cargo xtask setup installs it)",
-                    engine.label()
-                );
-                continue;
-            }
-            eprintln!(
-                "bench: {} x {} KiB through {}",
-                workload.chunks,
-                workload.chunk_bytes >> 10,
-                engine.label()
-            );
-            measurements.extend(engine.measure(&workload, &dir)?);
-        }
-        rows.push((workload, measurements));
+    let mut throughput = String::from(
+        "| chunks | engine | rounds | put GB/s | get GB/s | put vs raw | get vs raw |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mut overhead = String::new();
+    for workload in &workloads {
+        let series = measure(&args, workload, &dir)?;
+        throughput.push_str(&table(workload, &series));
+        overhead.push_str(&adapter_overhead(&workload.resident_only(), &series));
     }
     let lookups = 100_000;
     eprintln!("bench: batched_contains over {lookups} keys");
@@ -198,10 +269,10 @@ fn main() -> Result<()> {
         ),
     };
     let report = format!(
-        "# kv-bench\n\nO_DIRECT, preallocated files, one folder ({}), each figure the best of 3 passes.\nRatios are to the raw figure of the same bytes in the same run: fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Adapter overhead\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
+        "# kv-bench\n\nO_DIRECT, one folder ({}). The one-file engines share one preallocated file and run in interleaved rounds (each round: every engine writes every chunk, then reads it back and verifies it; the order rotates from round to round). Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round (lowest and highest in brackets): fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing. The per-key rows (a file per chunk) run after, on as many chunks as stay in host memory at once (1 GiB); their ratios (†) are ratios of medians.\n\n{}\n## Adapter overhead\n\nThe adapter and the file store it runs on, interleaved rounds (order alternating), per-round ratios: median (lowest–highest).\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
         dir.display(),
-        table(&rows),
-        adapter_overhead(&rows),
+        throughput,
+        overhead,
         rate / 1e6,
         object_table,
         channel

@@ -13,7 +13,10 @@
 //!
 //! The io_uring engine hands the kernel raw buffer addresses. It checks every buffer against its
 //! registration table first, and keeps each buffer borrowed (blocking calls) or owned (submitted
-//! batches) until the completion of every entry that names it has been reaped.
+//! batches) until the completion of every entry that names it has been reaped. Registered memory
+//! and files are also registered with the kernel (fixed buffers and files, so the kernel pins
+//! pages once instead of per I/O); each ring holds the region or file of every slot it has until
+//! the kernel has let the slot go.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod dynamic;

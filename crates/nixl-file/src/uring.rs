@@ -2,22 +2,28 @@
 //! needs no NIXL, and serves as the embedded default and as a yardstick for NIXL's POSIX plugin.
 //!
 //! Every batch is a set of reads or writes at file offsets; up to `queue_depth` run at once, and
-//! short completions are resubmitted for the rest. Buffers are checked against the registration
-//! table before any submission, and an SQE is only ever pushed for a buffer that stays borrowed
-//! (blocking calls) or owned (submitted batches) until its completion has been reaped.
+//! short completions are resubmitted for the rest. Registered memory and files are also
+//! registered with each ring (see `fixed`), so transfers run as fixed-buffer operations on fixed
+//! files. Buffers are checked against the registration table before any submission, and an SQE
+//! is only ever pushed for a buffer that stays borrowed (blocking calls) or owned (submitted
+//! batches) until its completion has been reaped.
+
+mod fixed;
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, types};
+use io_uring::{opcode, types};
 use nixl_core::{
     Direction, Error, PageBatch, PendingTransfer, Registration, RegistrationTable, Result,
     StorageExtent, StorageName, TableEntry, Transport,
 };
 use pinned_alloc::MemoryRegion;
+
+use self::fixed::{Ring, Slots};
 
 /// Largest single submission; longer extents continue through the short-I/O path.
 const MAX_SQE_BYTES: usize = 1 << 30;
@@ -52,34 +58,56 @@ impl UringConfig {
 struct Inner {
     config: UringConfig,
     table: RegistrationTable,
-    /// Idle rings, reused across batches (creating one costs a few system calls).
-    rings: Mutex<Vec<IoUring>>,
+    /// Idle rings, reused across batches (creating one costs a few system calls). Locked before
+    /// `slots` wherever both are held.
+    rings: Mutex<Vec<Ring>>,
+    /// What every ring should have registered.
+    slots: Mutex<Slots>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Inner {
-    fn take_ring(&self) -> Result<IoUring> {
-        let idle = self
-            .rings
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
+    fn take_ring(&self) -> Result<Ring> {
+        let idle = lock(&self.rings).pop();
+        let slots = lock(&self.slots);
         match idle {
-            Some(ring) => Ok(ring),
-            None => IoUring::new(self.config.queue_depth.next_power_of_two()).map_err(|source| {
-                Error::Io {
-                    operation: "creating an io_uring",
-                    path: "io_uring".into(),
-                    source,
-                }
-            }),
+            Some(mut ring) => {
+                ring.sync(&slots);
+                Ok(ring)
+            }
+            None => {
+                Ring::new(self.config.queue_depth.next_power_of_two(), &slots).map_err(|source| {
+                    Error::Io {
+                        operation: "creating an io_uring",
+                        path: "io_uring".into(),
+                        source,
+                    }
+                })
+            }
         }
     }
 
-    fn give_ring(&self, ring: IoUring) {
-        self.rings
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(ring);
+    /// Takes the ring back, letting go of the slots that changed while it was busy.
+    fn give_ring(&self, mut ring: Ring) {
+        let mut rings = lock(&self.rings);
+        ring.sync(&lock(&self.slots));
+        rings.push(ring);
+    }
+
+    /// Changes the slot tables and brings the idle rings in line, so that nothing unregistered
+    /// stays pinned or open in them.
+    fn release(&self, change: impl FnOnce(&mut Slots)) {
+        let mut rings = lock(&self.rings);
+        let mut slots = lock(&self.slots);
+        change(&mut slots);
+        for ring in rings.iter_mut() {
+            ring.sync(&slots);
+        }
     }
 }
 
@@ -104,6 +132,7 @@ impl UringTransport {
             config,
             table: RegistrationTable::new(),
             rings: Mutex::new(Vec::new()),
+            slots: Mutex::new(Slots::new()),
         };
         let ring = inner.take_ring()?;
         inner.give_ring(ring);
@@ -113,10 +142,18 @@ impl UringTransport {
     }
 }
 
-/// Forgets the table entry, then lets go of what it kept alive.
+/// What a registration holds in the rings' slot tables.
+#[derive(Debug)]
+enum Fixed {
+    Buffers(Vec<u16>),
+    File(RawFd),
+}
+
+/// Forgets the table entry and the slots, then lets go of what it kept alive.
 struct Guard<T: Send + Sync + 'static> {
     inner: Arc<Inner>,
     entry: TableEntry,
+    fixed: Fixed,
     _keep_alive: T,
 }
 
@@ -124,6 +161,7 @@ impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UringRegistration")
             .field("entry", &self.entry)
+            .field("fixed", &self.fixed)
             .finish()
     }
 }
@@ -131,6 +169,10 @@ impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
 impl<T: Send + Sync + 'static> Drop for Guard<T> {
     fn drop(&mut self) {
         self.inner.table.remove(self.entry);
+        self.inner.release(|slots| match &self.fixed {
+            Fixed::Buffers(taken) => slots.remove_memory(taken),
+            Fixed::File(fd) => slots.remove_file(*fd),
+        });
     }
 }
 
@@ -142,6 +184,10 @@ struct Op {
     len: usize,
     offset: u64,
     done: usize,
+    /// The ring's buffer slot holding `addr..addr + len`, when registered.
+    buffer_slot: Option<u16>,
+    /// The ring's file slot of `fd`, when registered.
+    file_slot: Option<u32>,
 }
 
 /// The state of one batch on one ring.
@@ -157,7 +203,12 @@ struct Run {
 }
 
 impl Run {
-    fn new(write: bool, ops: Vec<Op>, timeout: Duration) -> Self {
+    /// A run of `ops` on `ring`, each using the ring's registered buffer and file where it has them.
+    fn new(write: bool, mut ops: Vec<Op>, timeout: Duration, ring: &Ring) -> Self {
+        for op in &mut ops {
+            op.buffer_slot = ring.buffer_slot(op.addr, op.len);
+            op.file_slot = ring.file_slot(op.fd);
+        }
         let queue = (0..ops.len()).collect();
         Self {
             write,
@@ -182,7 +233,8 @@ impl Run {
 
     /// Submits what fits, reaps what completed; with `block`, waits for at least one completion
     /// when nothing else can be done. Returns whether the batch is over.
-    fn pump(&mut self, ring: &mut IoUring, block: bool) -> bool {
+    fn pump(&mut self, ring: &mut Ring, block: bool) -> bool {
+        let ring = &mut ring.io;
         loop {
             while self.error.is_none() && (self.in_flight as u32) < ring.params().sq_entries() {
                 let Some(index) = self.queue.pop_front() else {
@@ -192,14 +244,32 @@ impl Run {
                 let len = (op.len - op.done).min(MAX_SQE_BYTES) as u32;
                 let addr = op.addr + op.done;
                 let offset = op.offset + op.done as u64;
-                let entry = if self.write {
-                    opcode::Write::new(types::Fd(op.fd), addr as *const u8, len)
-                        .offset(offset)
-                        .build()
-                } else {
-                    opcode::Read::new(types::Fd(op.fd), addr as *mut u8, len)
-                        .offset(offset)
-                        .build()
+                // The file operand is a fixed slot or a plain descriptor, two distinct types.
+                macro_rules! entry {
+                    ($fd:expr) => {
+                        match (self.write, op.buffer_slot) {
+                            (true, Some(slot)) => {
+                                opcode::WriteFixed::new($fd, addr as *const u8, len, slot)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            (true, None) => opcode::Write::new($fd, addr as *const u8, len)
+                                .offset(offset)
+                                .build(),
+                            (false, Some(slot)) => {
+                                opcode::ReadFixed::new($fd, addr as *mut u8, len, slot)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            (false, None) => opcode::Read::new($fd, addr as *mut u8, len)
+                                .offset(offset)
+                                .build(),
+                        }
+                    };
+                }
+                let entry = match op.file_slot {
+                    Some(slot) => entry!(types::Fixed(slot)),
+                    None => entry!(types::Fd(op.fd)),
                 }
                 .user_data(index as u64);
                 // SAFETY: `addr..addr+len` lies in registered memory (checked against the table
@@ -288,7 +358,7 @@ impl UringTransport {
             .table
             .check(ops.iter().map(|op| (op.addr, op.len, op.fd as u64)))?;
         let mut ring = self.inner.take_ring()?;
-        let mut run = Run::new(write, ops, self.inner.config.timeout);
+        let mut run = Run::new(write, ops, self.inner.config.timeout, &ring);
         while !run.pump(&mut ring, true) {}
         self.inner.give_ring(ring);
         run.outcome()
@@ -307,6 +377,8 @@ fn ops_of(batch: impl Iterator<Item = (usize, usize, StorageExtent)>) -> Result<
                 len,
                 offset: extent.offset,
                 done: 0,
+                buffer_slot: None,
+                file_slot: None,
             })
         })
         .collect()
@@ -315,7 +387,7 @@ fn ops_of(batch: impl Iterator<Item = (usize, usize, StorageExtent)>) -> Result<
 /// A submitted batch: owns its pages and its ring until every completion is reaped.
 struct UringPending {
     inner: Arc<Inner>,
-    ring: Option<IoUring>,
+    ring: Option<Ring>,
     run: Option<Run>,
     pages: Option<PageBatch>,
     failed: Option<Error>,
@@ -388,24 +460,28 @@ impl Transport for UringTransport {
             .inner
             .table
             .add_memory(region.base().as_ptr() as usize, region.len());
+        let taken = lock(&self.inner.slots).add_memory(&region);
         Ok(Registration::new(
             0,
             Box::new(Guard {
                 inner: Arc::clone(&self.inner),
                 entry,
+                fixed: Fixed::Buffers(taken),
                 _keep_alive: region,
             }),
         ))
     }
 
     fn register_file(&self, file: Arc<File>) -> Result<Registration> {
-        let dev_id = file.as_raw_fd() as u64;
-        let entry = self.inner.table.add_storage(dev_id, false)?;
+        let fd = file.as_raw_fd();
+        let entry = self.inner.table.add_storage(fd as u64, false)?;
+        lock(&self.inner.slots).add_file(&file);
         Ok(Registration::new(
-            dev_id,
+            fd as u64,
             Box::new(Guard {
                 inner: Arc::clone(&self.inner),
                 entry,
+                fixed: Fixed::File(fd),
                 _keep_alive: file,
             }),
         ))
@@ -453,7 +529,8 @@ impl Transport for UringTransport {
                 .table
                 .check(ops.iter().map(|op| (op.addr, op.len, op.fd as u64)))?;
             let ring = self.inner.take_ring()?;
-            Ok((ring, Run::new(write, ops, self.inner.config.timeout)))
+            let run = Run::new(write, ops, self.inner.config.timeout, &ring);
+            Ok((ring, run))
         });
         let (ring, run, failed) = match prepared {
             Ok((ring, run)) => (Some(ring), Some(run), None),
@@ -483,5 +560,102 @@ impl Transport for UringTransport {
                 }),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use nixl_core::TransportExt;
+    use pinned_alloc::PoolConfig;
+
+    use super::*;
+
+    fn idle_rings_hold_nothing(engine: &UringTransport) -> bool {
+        lock(&engine.inner.rings)
+            .iter()
+            .all(|ring| ring.registered() == (0, 0))
+    }
+
+    /// Registered memory and files reach every ring as fixed slots, transfers through them move
+    /// the right bytes, and unregistering lets the idle rings drop them.
+    #[test]
+    fn registered_memory_and_files_become_fixed_slots_until_unregistered() {
+        let engine = UringTransport::new(UringConfig::default()).unwrap();
+        let pool = PoolConfig::new(64 << 10, 1 << 20).build().unwrap();
+        let memory = engine.register_pool(&pool).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("chunks"))
+                .unwrap(),
+        );
+        let storage = engine.register_file(Arc::clone(&file)).unwrap();
+
+        let mut pages = pool.allocate_batch(2).unwrap();
+        {
+            let ring = engine.inner.take_ring().unwrap();
+            for page in &pages {
+                let addr = page.as_slice().as_ptr() as usize;
+                assert!(ring.buffer_slot(addr, page.len()).is_some());
+            }
+            assert!(ring.file_slot(file.as_raw_fd()).is_some());
+            engine.inner.give_ring(ring);
+        }
+
+        pages[0].as_mut_slice().fill(0xA5);
+        pages[1].as_mut_slice().fill(0x5A);
+        let extent = |i: u64| StorageExtent::new(storage.dev_id(), i * (64 << 10));
+        engine
+            .write(&[
+                (pages[0].as_slice(), extent(1)),
+                (pages[1].as_slice(), extent(0)),
+            ])
+            .unwrap();
+        let mut on_disk = vec![0u8; 128 << 10];
+        file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert!(on_disk[..64 << 10].iter().all(|&b| b == 0x5A));
+        assert!(on_disk[64 << 10..].iter().all(|&b| b == 0xA5));
+        let (first, second) = pages.split_at_mut(1);
+        engine
+            .read(&mut [
+                (first[0].as_mut_slice(), extent(0)),
+                (second[0].as_mut_slice(), extent(1)),
+            ])
+            .unwrap();
+        assert!(pages[0].as_slice().iter().all(|&b| b == 0x5A));
+        assert!(pages[1].as_slice().iter().all(|&b| b == 0xA5));
+
+        assert!(!idle_rings_hold_nothing(&engine));
+        drop(storage);
+        drop(memory);
+        assert!(idle_rings_hold_nothing(&engine));
+        assert_eq!(Arc::strong_count(&file), 1, "no ring keeps the file open");
+    }
+
+    /// A ring busy with a run while its file is unregistered keeps the file open until the run
+    /// ends, then lets it go when it is given back.
+    #[test]
+    fn a_busy_ring_lets_go_of_unregistered_files_when_given_back() {
+        let engine = UringTransport::new(UringConfig::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(File::create(dir.path().join("chunks")).unwrap());
+        let storage = engine.register_file(Arc::clone(&file)).unwrap();
+        let busy = engine.inner.take_ring().unwrap();
+        assert!(busy.file_slot(file.as_raw_fd()).is_some());
+        drop(storage);
+        assert_eq!(
+            Arc::strong_count(&file),
+            2,
+            "the busy ring still names the file"
+        );
+        engine.inner.give_ring(busy);
+        assert_eq!(Arc::strong_count(&file), 1);
+        assert!(idle_rings_hold_nothing(&engine));
     }
 }
