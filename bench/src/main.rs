@@ -109,9 +109,13 @@ fn table(workload: &Workload, series: &[Series]) -> String {
             ),
             None => ("-".to_owned(), "-".to_owned()),
         };
+        let chunks = if Engine::ONE_FILE.contains(&s.engine) {
+            workload.chunks
+        } else {
+            workload.resident_only().chunks
+        };
         out.push_str(&format!(
-            "| {} x {} KiB | {} | {} | {put:.2} | {get:.2} | {put_ratio} | {get_ratio} |\n",
-            workload.chunks,
+            "| {chunks} x {} KiB | {} | {} | {put:.2} | {get:.2} | {put_ratio} | {get_ratio} |\n",
             workload.chunk_bytes >> 10,
             s.engine.label(),
             s.put_gbps.len(),
