@@ -64,6 +64,8 @@ pub(crate) enum Engine {
     NixlPosix,
     /// The native io_uring engine of nixl-file, one batched request for the put.
     Uring,
+    /// fio writing a fresh file per chunk, then reading them: the raw figure for the per-key rows.
+    FioFreshFiles,
     /// The dynamic file store alone (nixl-file over NIXL POSIX): the backend the adapter runs
     /// on, so the adapter's own overhead is the ratio of the two rows.
     FileStore,
@@ -271,6 +273,7 @@ impl Engine {
             Engine::RawPwrite => "pwrite/pread, 1 thread",
             Engine::NixlPosix => "NIXL POSIX (nixl-core)",
             Engine::Uring => "native io_uring (nixl-file)",
+            Engine::FioFreshFiles => "fio io_uring QD32, a fresh file per chunk (raw)",
             Engine::FileStore => "dynamic file store (NIXL POSIX)",
             Engine::Adapter => "L2 adapter, dynamic (NIXL POSIX)",
             Engine::NixlPython => "NIXL Python API, LMCache-style",
@@ -280,7 +283,7 @@ impl Engine {
     /// Whether this engine can run here (fio and NIXL's Python package must be installed).
     pub(crate) fn available(self) -> bool {
         match self {
-            Engine::Fio => fio_installed(),
+            Engine::Fio | Engine::FioFreshFiles => fio_installed(),
             Engine::NixlPython => python_ready(),
             _ => true,
         }
@@ -355,16 +358,18 @@ trait PerKey {
     fn close(&mut self) -> Result<()>;
 }
 
-/// Runs the stores' passes in interleaved rounds, the order alternating (A, B, then B, A) so
-/// that the file-system state one leaves behind (ext4 slows inode allocation after many
-/// deletions) weighs on both alike. Only put and get calls are timed; every chunk is verified.
+/// Runs the stores' passes, and the raw fresh-file pass when given, in interleaved rounds, the
+/// order alternating (A, B, then B, A) so that the file-system state one leaves behind (ext4
+/// slows inode allocation after many deletions) weighs on all alike. Only put and get calls are
+/// timed; every chunk is verified. Figures per store, then the raw pass's.
 fn per_key_passes(
     workload: &Workload,
     pool: &Arc<PagePool>,
     stores: &mut [&mut dyn PerKey],
+    mut raw: Option<&mut dyn FnMut() -> Result<(f64, f64)>>,
     rounds: usize,
-) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
-    let count = stores.len();
+) -> Result<(Vec<(Vec<f64>, Vec<f64>)>, (Vec<f64>, Vec<f64>))> {
+    let count = stores.len() + usize::from(raw.is_some());
     let mut figures = vec![(Vec::new(), Vec::new()); count];
     let mut expected = pool.allocate().context("a page for verification")?;
     for round in 0..rounds {
@@ -375,7 +380,14 @@ fn per_key_passes(
             } else {
                 count - 1 - step
             };
-            let store = &mut stores[index];
+            let Some(store) = stores.get_mut(index) else {
+                if let Some(raw) = raw.as_mut() {
+                    let (put, get) = raw()?;
+                    figures[index].0.push(put);
+                    figures[index].1.push(get);
+                }
+                continue;
+            };
             let seed = |i: usize| (((round * count + index) << 20) | i) as u64;
             store.open()?;
             let (mut put_time, mut get_time) = (Duration::ZERO, Duration::ZERO);
@@ -412,7 +424,12 @@ fn per_key_passes(
                 .push(gbps(workload.bytes(), get_time.as_secs_f64()));
         }
     }
-    Ok(figures)
+    let raw_figures = if raw.is_some() {
+        figures.pop().unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    Ok((figures, raw_figures))
 }
 
 fn bench_key(i: usize) -> nixl_file::FileKey {
@@ -545,8 +562,16 @@ fn file_store_and_adapter(workload: &Workload, dir: &Path, rounds: usize) -> Res
         folder,
         adapter: None,
     };
-    let figures = per_key_passes(workload, &pool, &mut [&mut store, &mut adapter], rounds)?;
-    Ok([Engine::FileStore, Engine::Adapter]
+    let mut fio = || fio_fresh_files(workload, &dir.join("fio-fresh"));
+    let raw: Option<&mut dyn FnMut() -> Result<(f64, f64)>> = if fio_installed() {
+        Some(&mut fio)
+    } else {
+        None
+    };
+    let with_raw = raw.is_some();
+    let (figures, raw_figures) =
+        per_key_passes(workload, &pool, &mut [&mut store, &mut adapter], raw, rounds)?;
+    let mut series: Vec<_> = [Engine::FileStore, Engine::Adapter]
         .into_iter()
         .zip(figures)
         .map(|(engine, (put_gbps, get_gbps))| Series {
@@ -554,7 +579,36 @@ fn file_store_and_adapter(workload: &Workload, dir: &Path, rounds: usize) -> Res
             put_gbps,
             get_gbps,
         })
-        .collect())
+        .collect();
+    if with_raw {
+        series.insert(
+            0,
+            Series {
+                engine: Engine::FioFreshFiles,
+                put_gbps: raw_figures.0,
+                get_gbps: raw_figures.1,
+            },
+        );
+    }
+    Ok(series)
+}
+
+/// fio writing a fresh file per chunk (created and preallocated by fio, as the store does) at
+/// queue depth 32, then reading them back: the raw figure for the per-key rows, since writing
+/// into newly allocated space costs the file system more than overwriting.
+fn fio_fresh_files(workload: &Workload, folder: &Path) -> Result<(f64, f64)> {
+    std::fs::create_dir_all(folder)?;
+    let layout = [
+        format!("--directory={}", folder.display()),
+        format!("--nrfiles={}", workload.chunks),
+        format!("--filesize={}", workload.chunk_bytes),
+        "--openfiles=64".to_owned(),
+        "--fallocate=native".to_owned(),
+    ];
+    let put = fio_run(workload, &layout, "write");
+    let get = put.and_then(|put| Ok((put, fio_run(workload, &layout, "read")?)));
+    std::fs::remove_dir_all(folder).with_context(|| format!("removing {}", folder.display()))?;
+    get
 }
 
 fn workspace() -> std::path::PathBuf {
@@ -615,8 +669,20 @@ fn fio_installed() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// One fio pass over the file: `rw` is `write` or `read`; returns bytes per second.
+/// One fio pass over the file: `rw` is `write` or `read`; returns GB/s.
 fn fio_pass(workload: &Workload, path: &Path, rw: &str) -> Result<f64> {
+    fio_run(
+        workload,
+        &[
+            "--fallocate=none".to_owned(),
+            format!("--filename={}", path.display()),
+        ],
+        rw,
+    )
+}
+
+/// One fio pass (io_uring, O_DIRECT, queue depth 32) over the files `layout` names; GB/s.
+fn fio_run(workload: &Workload, layout: &[String], rw: &str) -> Result<f64> {
     let output = Command::new("fio")
         .args([
             "--name=kv",
@@ -624,12 +690,11 @@ fn fio_pass(workload: &Workload, path: &Path, rw: &str) -> Result<f64> {
             "--direct=1",
             "--iodepth=32",
             "--output-format=json",
-            "--fallocate=none",
         ])
+        .args(layout)
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", workload.chunk_bytes))
         .arg(format!("--size={}", workload.bytes()))
-        .arg(format!("--filename={}", path.display()))
         .output()
         .context("running fio")?;
     ensure!(

@@ -88,26 +88,38 @@ fn paired(a: &[f64], b: &[f64]) -> String {
     format!("{:.2}x ({low:.2}–{high:.2})", median(&ratios))
 }
 
-/// The throughput table of one workload: every figure the median over rounds; ratios per round
-/// against the baseline for the one-file engines (interleaved with it), ratios of medians (†)
-/// for the per-key rows, which run after it.
+/// The throughput table of one workload: every figure the median over rounds, every ratio the
+/// median of per-round ratios to the raw figure of the same round: fio on one file for the
+/// one-file engines, fio on a fresh file per chunk for the per-key rows. A row that did not run
+/// interleaved with its raw figure (NIXL's Python API, or any row when fio is missing) gets a
+/// ratio of medians, marked †.
 fn table(workload: &Workload, series: &[Series]) -> String {
     let mut out = String::new();
-    let baseline = [Engine::Fio, Engine::RawPwrite]
-        .into_iter()
-        .find_map(|engine| series.iter().find(|s| s.engine == engine));
+    let find = |engine| series.iter().find(|s| s.engine == engine);
+    let one_file_raw = find(Engine::Fio).or_else(|| find(Engine::RawPwrite));
+    let fresh_raw = find(Engine::FioFreshFiles);
     for s in series {
         let (put, get) = (median(&s.put_gbps), median(&s.get_gbps));
-        let (put_ratio, get_ratio) = match baseline {
-            Some(raw) if Engine::ONE_FILE.contains(&s.engine) => (
+        let (paired_raw, unpaired_raw) = if Engine::ONE_FILE.contains(&s.engine) {
+            (one_file_raw, None)
+        } else if matches!(
+            s.engine,
+            Engine::FioFreshFiles | Engine::FileStore | Engine::Adapter
+        ) {
+            (fresh_raw, one_file_raw)
+        } else {
+            (None, fresh_raw.or(one_file_raw))
+        };
+        let (put_ratio, get_ratio) = match (paired_raw, unpaired_raw) {
+            (Some(raw), _) => (
                 paired(&s.put_gbps, &raw.put_gbps),
                 paired(&s.get_gbps, &raw.get_gbps),
             ),
-            Some(raw) => (
+            (None, Some(raw)) => (
                 format!("{:.2}x †", put / median(&raw.put_gbps)),
                 format!("{:.2}x †", get / median(&raw.get_gbps)),
             ),
-            None => ("-".to_owned(), "-".to_owned()),
+            (None, None) => ("-".to_owned(), "-".to_owned()),
         };
         let chunks = if Engine::ONE_FILE.contains(&s.engine) {
             workload.chunks
@@ -273,7 +285,7 @@ fn main() -> Result<()> {
         ),
     };
     let report = format!(
-        "# kv-bench\n\nO_DIRECT, one folder ({}). The one-file engines share one preallocated file and run in interleaved rounds (each round: every engine writes every chunk, then reads it back and verifies it; the order rotates from round to round). Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round (lowest and highest in brackets): fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing. The per-key rows (a file per chunk) run after, on as many chunks as stay in host memory at once (1 GiB); their ratios (†) are ratios of medians.\n\n{}\n## Adapter overhead\n\nThe adapter and the file store it runs on, interleaved rounds (order alternating), per-round ratios: median (lowest–highest).\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
+        "# kv-bench\n\nO_DIRECT, one folder ({}). The one-file engines share one preallocated file and run in interleaved rounds (each round: every engine writes every chunk, then reads it back and verifies it; the order rotates from round to round). Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round (lowest and highest in brackets): fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing. The per-key rows (a file per chunk) run after, on as many chunks as stay in host memory at once (1 GiB), in their own interleaved rounds with fio writing a fresh file per chunk, their raw figure (writing into newly allocated space costs the file system more than overwriting one file). NIXL's Python API runs on its own: its ratios (†) are ratios of medians.\n\n{}\n## Adapter overhead\n\nThe adapter and the file store it runs on, interleaved rounds (order alternating), per-round ratios: median (lowest–highest).\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
         dir.display(),
         throughput,
         overhead,
