@@ -569,8 +569,13 @@ fn file_store_and_adapter(workload: &Workload, dir: &Path, rounds: usize) -> Res
         None
     };
     let with_raw = raw.is_some();
-    let (figures, raw_figures) =
-        per_key_passes(workload, &pool, &mut [&mut store, &mut adapter], raw, rounds)?;
+    let (figures, raw_figures) = per_key_passes(
+        workload,
+        &pool,
+        &mut [&mut store, &mut adapter],
+        raw,
+        rounds,
+    )?;
     let mut series: Vec<_> = [Engine::FileStore, Engine::Adapter]
         .into_iter()
         .zip(figures)
