@@ -358,6 +358,9 @@ trait PerKey {
     fn close(&mut self) -> Result<()>;
 }
 
+/// Per-round put and get GB/s.
+type Figures = (Vec<f64>, Vec<f64>);
+
 /// Runs the stores' passes, and the raw fresh-file pass when given, in interleaved rounds, the
 /// order alternating (A, B, then B, A) so that the file-system state one leaves behind (ext4
 /// slows inode allocation after many deletions) weighs on all alike. Only put and get calls are
@@ -368,7 +371,7 @@ fn per_key_passes(
     stores: &mut [&mut dyn PerKey],
     mut raw: Option<&mut dyn FnMut() -> Result<(f64, f64)>>,
     rounds: usize,
-) -> Result<(Vec<(Vec<f64>, Vec<f64>)>, (Vec<f64>, Vec<f64>))> {
+) -> Result<(Vec<Figures>, Figures)> {
     let count = stores.len() + usize::from(raw.is_some());
     let mut figures = vec![(Vec::new(), Vec::new()); count];
     let mut expected = pool.allocate().context("a page for verification")?;
