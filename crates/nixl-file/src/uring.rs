@@ -658,4 +658,42 @@ mod tests {
         assert_eq!(Arc::strong_count(&file), 1);
         assert!(idle_rings_hold_nothing(&engine));
     }
+
+    /// A file the kernel will not take as a fixed file (an io_uring descriptor) is remembered as
+    /// refused, runs plain, and is not offered again when the tables change.
+    #[test]
+    fn a_refused_registration_runs_plain_and_is_not_retried() {
+        let engine = UringTransport::new(UringConfig::default()).unwrap();
+        let other_ring = io_uring::IoUring::new(2).unwrap();
+        // SAFETY: `dup` returns a new descriptor that nothing else owns (or -1, checked).
+        let duplicate = unsafe { libc::dup(other_ring.as_raw_fd()) };
+        assert!(duplicate >= 0);
+        // SAFETY: `duplicate` is an open descriptor owned by nothing else.
+        let refusable =
+            Arc::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(duplicate) });
+        let refused_registration = engine.register_file(Arc::clone(&refusable)).unwrap();
+        let ring = engine.inner.take_ring().unwrap();
+        assert_eq!(ring.file_slot(refusable.as_raw_fd()), None);
+        assert_eq!(ring.refused(), (1, 1));
+        engine.inner.give_ring(ring);
+
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Arc::new(File::create(dir.path().join("chunks")).unwrap());
+        let _accepted = engine.register_file(Arc::clone(&plain)).unwrap();
+        let ring = engine.inner.take_ring().unwrap();
+        assert!(ring.file_slot(plain.as_raw_fd()).is_some());
+        assert_eq!(ring.file_slot(refusable.as_raw_fd()), None);
+        assert_eq!(
+            ring.refused(),
+            (1, 1),
+            "the refused file was not offered again"
+        );
+        engine.inner.give_ring(ring);
+        drop(refused_registration);
+        assert!(
+            lock(&engine.inner.rings)
+                .iter()
+                .all(|ring| ring.refused().0 == 0)
+        );
+    }
 }

@@ -177,6 +177,11 @@ pub(super) struct Ring {
     /// Occupied buffer slots: (slot, start, length), for lookups.
     live_buffers: Vec<(u16, usize, usize)>,
     live_files: HashMap<RawFd, u32>,
+    /// Slot ids the kernel refused for this ring: not asked again (pinning a large region only
+    /// to be refused, at every change of the tables, would cost more than it saves).
+    refused: std::collections::HashSet<u64>,
+    /// Refusals so far, for the log.
+    refusals: u64,
 }
 
 impl Ring {
@@ -207,6 +212,8 @@ impl Ring {
             files,
             live_buffers: Vec::new(),
             live_files: HashMap::new(),
+            refused: std::collections::HashSet::new(),
+            refusals: 0,
         };
         ring.sync(slots);
         Ok(ring)
@@ -221,7 +228,10 @@ impl Ring {
         self.version = Some(slots.version);
         if let Some(mine) = &mut self.buffers {
             for (index, (have, want)) in mine.iter_mut().zip(&slots.buffers).enumerate() {
-                if have.as_ref().map(|b| b.id) == want.as_ref().map(|b| b.id) {
+                let want_id = want.as_ref().map(|b| b.id);
+                if have.as_ref().map(|b| b.id) == want_id
+                    || (have.is_none() && want_id.is_some_and(|id| self.refused.contains(&id)))
+                {
                     continue;
                 }
                 let iovec = |slot: Option<&BufferSlot>| libc::iovec {
@@ -242,7 +252,9 @@ impl Ring {
                 match set {
                     Ok(()) => *have = want.clone(),
                     Err(err) => {
-                        tracing::debug!(slot = index, error = %err, "io_uring refused a buffer; it runs unregistered");
+                        self.refusals += 1;
+                        tracing::debug!(slot = index, error = %err, refusals = self.refusals, "io_uring refused a buffer; it runs unregistered");
+                        self.refused.extend(want_id);
                         // SAFETY: an empty iovec only clears the slot.
                         let cleared = unsafe {
                             self.io.submitter().register_buffers_update(
@@ -269,7 +281,10 @@ impl Ring {
         }
         if let Some(mine) = &mut self.files {
             for (index, (have, want)) in mine.iter_mut().zip(&slots.files).enumerate() {
-                if have.as_ref().map(|f| f.id) == want.as_ref().map(|f| f.id) {
+                let want_id = want.as_ref().map(|f| f.id);
+                if have.as_ref().map(|f| f.id) == want_id
+                    || (have.is_none() && want_id.is_some_and(|id| self.refused.contains(&id)))
+                {
                     continue;
                 }
                 let fd = want.as_ref().map_or(-1, |f| f.file.as_raw_fd());
@@ -280,7 +295,9 @@ impl Ring {
                 {
                     Ok(_) => *have = want.clone(),
                     Err(err) => {
-                        tracing::debug!(slot = index, error = %err, "io_uring refused a file; it runs unregistered");
+                        self.refusals += 1;
+                        tracing::debug!(slot = index, error = %err, refusals = self.refusals, "io_uring refused a file; it runs unregistered");
+                        self.refused.extend(want_id);
                         if self
                             .io
                             .submitter()
@@ -302,6 +319,22 @@ impl Ring {
                 })
                 .collect();
         }
+        if !self.refused.is_empty() {
+            let live: std::collections::HashSet<u64> = slots
+                .buffers
+                .iter()
+                .flatten()
+                .map(|b| b.id)
+                .chain(slots.files.iter().flatten().map(|f| f.id))
+                .collect();
+            self.refused.retain(|id| live.contains(id));
+        }
+    }
+
+    /// Live registrations the kernel refused for this ring, and refusals so far.
+    #[cfg(test)]
+    pub(super) fn refused(&self) -> (usize, u64) {
+        (self.refused.len(), self.refusals)
     }
 
     /// The buffer slot wholly holding `addr..addr + len`, if any.
