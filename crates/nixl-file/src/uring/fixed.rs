@@ -9,7 +9,7 @@
 //! lets the slot go. Whatever cannot be registered (tables full, a kernel without sparse tables,
 //! memory the kernel will not pin) runs as a plain operation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -40,6 +40,56 @@ struct FileSlot {
     id: u64,
     file: Arc<File>,
     registrations: usize,
+}
+
+/// An entry of a slot table, known by an id unique across both tables.
+trait Entry: Clone {
+    fn id(&self) -> u64;
+}
+
+impl Entry for BufferSlot {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Entry for FileSlot {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// Brings one of a ring's tables (`mine`, what the kernel holds) in line with the engine's
+/// (`wanted`). `set` asks the kernel for slot `index` to hold an entry, or nothing. An entry the
+/// kernel refuses is recorded in `refused` and not offered again; its slot is cleared, and stays
+/// as it was if even clearing fails, so the mirror never claims less than the kernel holds.
+fn sync_table<T: Entry>(
+    mine: &mut [Option<T>],
+    wanted: &[Option<T>],
+    refused: &mut HashSet<u64>,
+    refusals: &mut u64,
+    kind: &str,
+    mut set: impl FnMut(u32, Option<&T>) -> std::io::Result<()>,
+) {
+    for (index, (have, want)) in mine.iter_mut().zip(wanted).enumerate() {
+        let want_id = want.as_ref().map(T::id);
+        if have.as_ref().map(T::id) == want_id
+            || (have.is_none() && want_id.is_some_and(|id| refused.contains(&id)))
+        {
+            continue;
+        }
+        match set(index as u32, want.as_ref()) {
+            Ok(()) => *have = want.clone(),
+            Err(err) => {
+                *refusals += 1;
+                tracing::debug!(slot = index, kind, error = %err, refusals = *refusals, "io_uring refused a registration; it runs unregistered");
+                refused.extend(want_id);
+                if set(index as u32, None).is_ok() {
+                    *have = None;
+                }
+            }
+        }
+    }
 }
 
 /// The engine's slot tables: what every ring should have registered.
@@ -179,7 +229,7 @@ pub(super) struct Ring {
     live_files: HashMap<RawFd, u32>,
     /// Slot ids the kernel refused for this ring: not asked again (pinning a large region only
     /// to be refused, at every change of the tables, would cost more than it saves).
-    refused: std::collections::HashSet<u64>,
+    refused: HashSet<u64>,
     /// Refusals so far, for the log.
     refusals: u64,
 }
@@ -212,7 +262,7 @@ impl Ring {
             files,
             live_buffers: Vec::new(),
             live_files: HashMap::new(),
-            refused: std::collections::HashSet::new(),
+            refused: HashSet::new(),
             refusals: 0,
         };
         ring.sync(slots);
@@ -226,49 +276,31 @@ impl Ring {
             return;
         }
         self.version = Some(slots.version);
+        let io = &self.io;
         if let Some(mine) = &mut self.buffers {
-            for (index, (have, want)) in mine.iter_mut().zip(&slots.buffers).enumerate() {
-                let want_id = want.as_ref().map(|b| b.id);
-                if have.as_ref().map(|b| b.id) == want_id
-                    || (have.is_none() && want_id.is_some_and(|id| self.refused.contains(&id)))
-                {
-                    continue;
-                }
-                let iovec = |slot: Option<&BufferSlot>| libc::iovec {
-                    iov_base: slot.map_or(std::ptr::null_mut(), |b| b.addr as *mut libc::c_void),
-                    iov_len: slot.map_or(0, |b| b.len),
-                };
-                // SAFETY: a non-empty iovec lies inside `want._region` (a piece of its
-                // `base..base + len`, which `MemoryRegion` guarantees mapped while the region
-                // lives), and the mirror keeps that `Arc` until the kernel has let the slot go
-                // (this update replacing it, or the ring closing). An empty iovec clears the slot.
-                let set = unsafe {
-                    self.io.submitter().register_buffers_update(
-                        index as u32,
-                        &[iovec(want.as_ref())],
-                        None,
-                    )
-                };
-                match set {
-                    Ok(()) => *have = want.clone(),
-                    Err(err) => {
-                        self.refusals += 1;
-                        tracing::debug!(slot = index, error = %err, refusals = self.refusals, "io_uring refused a buffer; it runs unregistered");
-                        self.refused.extend(want_id);
-                        // SAFETY: an empty iovec only clears the slot.
-                        let cleared = unsafe {
-                            self.io.submitter().register_buffers_update(
-                                index as u32,
-                                &[iovec(None)],
-                                None,
-                            )
-                        };
-                        if cleared.is_ok() {
-                            *have = None;
-                        }
+            sync_table(
+                mine,
+                &slots.buffers,
+                &mut self.refused,
+                &mut self.refusals,
+                "buffer",
+                |index, slot| {
+                    let iovec = libc::iovec {
+                        iov_base: slot
+                            .map_or(std::ptr::null_mut(), |b| b.addr as *mut libc::c_void),
+                        iov_len: slot.map_or(0, |b| b.len),
+                    };
+                    // SAFETY: a non-empty iovec lies inside the slot's `_region` (a piece of its
+                    // `base..base + len`, which `MemoryRegion` guarantees mapped while the region
+                    // lives), and the mirror keeps that `Arc` until the kernel has let the slot
+                    // go (a later update replacing it, or the ring closing). An empty iovec only
+                    // clears the slot.
+                    unsafe {
+                        io.submitter()
+                            .register_buffers_update(index, &[iovec], None)
                     }
-                }
-            }
+                },
+            );
             self.live_buffers = mine
                 .iter()
                 .enumerate()
@@ -280,35 +312,17 @@ impl Ring {
                 .collect();
         }
         if let Some(mine) = &mut self.files {
-            for (index, (have, want)) in mine.iter_mut().zip(&slots.files).enumerate() {
-                let want_id = want.as_ref().map(|f| f.id);
-                if have.as_ref().map(|f| f.id) == want_id
-                    || (have.is_none() && want_id.is_some_and(|id| self.refused.contains(&id)))
-                {
-                    continue;
-                }
-                let fd = want.as_ref().map_or(-1, |f| f.file.as_raw_fd());
-                match self
-                    .io
-                    .submitter()
-                    .register_files_update(index as u32, &[fd])
-                {
-                    Ok(_) => *have = want.clone(),
-                    Err(err) => {
-                        self.refusals += 1;
-                        tracing::debug!(slot = index, error = %err, refusals = self.refusals, "io_uring refused a file; it runs unregistered");
-                        self.refused.extend(want_id);
-                        if self
-                            .io
-                            .submitter()
-                            .register_files_update(index as u32, &[-1])
-                            .is_ok()
-                        {
-                            *have = None;
-                        }
-                    }
-                }
-            }
+            sync_table(
+                mine,
+                &slots.files,
+                &mut self.refused,
+                &mut self.refusals,
+                "file",
+                |index, slot| {
+                    let fd = slot.map_or(-1, |f| f.file.as_raw_fd());
+                    io.submitter().register_files_update(index, &[fd]).map(drop)
+                },
+            );
             self.live_files = mine
                 .iter()
                 .enumerate()
@@ -320,7 +334,7 @@ impl Ring {
                 .collect();
         }
         if !self.refused.is_empty() {
-            let live: std::collections::HashSet<u64> = slots
+            let live: HashSet<u64> = slots
                 .buffers
                 .iter()
                 .flatten()
