@@ -44,6 +44,16 @@ impl StoreReport {
         Self { keys }
     }
 
+    /// A report of outcomes decided per key, where a key left undecided was already present.
+    pub(crate) fn already_present_unless(outcomes: Vec<Option<KeyOutcome>>) -> Self {
+        Self::new(
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(KeyOutcome::AlreadyPresent))
+                .collect(),
+        )
+    }
+
     /// Bytes written by this task.
     pub fn bytes(&self) -> u64 {
         self.keys

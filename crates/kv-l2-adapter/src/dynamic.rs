@@ -184,12 +184,7 @@ impl Shared {
                 });
             }
         }
-        StoreReport {
-            keys: outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or(KeyOutcome::AlreadyPresent))
-                .collect(),
-        }
+        StoreReport::already_present_unless(outcomes)
     }
 
     /// Lazy recovery: keys on storage but not in the index (after a restart) join it, within

@@ -164,12 +164,7 @@ impl L2Adapter for StaticAdapter {
                 });
             }
         }
-        StoreReport {
-            keys: outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or(KeyOutcome::AlreadyPresent))
-                .collect(),
-        }
+        StoreReport::already_present_unless(outcomes)
     }
 
     fn lookup_and_pin(&self, keys: &[ChunkKey]) -> Vec<bool> {
