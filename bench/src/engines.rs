@@ -613,10 +613,10 @@ fn fio_fresh_files(workload: &Workload, folder: &Path) -> Result<(f64, f64)> {
         "--openfiles=64".to_owned(),
         "--fallocate=native".to_owned(),
     ];
-    let put = fio_run(workload, &layout, "write");
-    let get = put.and_then(|put| Ok((put, fio_run(workload, &layout, "read")?)));
+    let figures = fio_run(workload, &layout, "write")
+        .and_then(|put| Ok((put, fio_run(workload, &layout, "read")?)));
     std::fs::remove_dir_all(folder).with_context(|| format!("removing {}", folder.display()))?;
-    get
+    figures
 }
 
 fn workspace() -> std::path::PathBuf {
