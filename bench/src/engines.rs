@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use nixl_core::{NixlConfig, NixlTransport, Registration, StorageExtent, Transport};
+use nixl_core::{
+    NixlConfig, NixlTransport, PageView, Registration, StorageExtent, Transport, TransportExt,
+};
 use nixl_file::{FileOptions, UringConfig, UringTransport, open_storage_file};
 use pinned_alloc::{MemoryRegion, Page, PagePool, PoolConfig};
 
@@ -214,12 +216,12 @@ impl Runner {
                 let batch: Vec<_> = (0..workload.chunks)
                     .map(|i| {
                         (
-                            buffers.sources[i % resident].as_slice(),
+                            &buffers.sources[i % resident],
                             StorageExtent::new(storage.dev_id(), i as u64 * size),
                         )
                     })
                     .collect();
-                transport.write(&batch)?;
+                transport.write_pages(&batch, PageView::Exact)?;
             }
             Self::Fio(_) => {}
         }
@@ -242,12 +244,12 @@ impl Runner {
                         .enumerate()
                         .map(|(j, page)| {
                             (
-                                page.as_mut_slice(),
+                                page,
                                 StorageExtent::new(storage.dev_id(), (first + j) as u64 * size),
                             )
                         })
                         .collect();
-                    transport.read(&mut batch)?;
+                    transport.read_pages(&mut batch, PageView::Exact)?;
                 }
                 Self::Fio(_) => {}
             }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use kv_integration_tests::services::S3Server;
 use kv_l2_adapter::{ChunkKey, ChunkStorage, DynamicAdapter, DynamicOptions, L2Adapter, ObjectKey};
-use nixl_core::{NixlTransport, StorageExtent, Transport, TransportExt};
+use nixl_core::{NixlTransport, PageView, StorageExtent, Transport, TransportExt};
 use nixl_obj::{ObjectConfig, ObjectStore};
 use pinned_alloc::{Page, PoolConfig};
 
@@ -129,19 +129,19 @@ pub(crate) fn objects(chunks: usize, chunk_bytes: usize) -> Result<Vec<(&'static
     let writes: Vec<_> = sources
         .iter()
         .zip(&registrations)
-        .map(|(p, r)| (p.as_slice(), StorageExtent::new(r.dev_id(), 0)))
+        .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
         .collect();
     let started = Instant::now();
-    transport.write(&writes)?;
+    transport.write_pages(&writes, PageView::Exact)?;
     let raw_put = bytes / started.elapsed().as_secs_f64() / 1e9;
     let mut targets = pool.allocate_batch(chunks)?;
     let mut reads: Vec<_> = targets
         .iter_mut()
         .zip(&registrations)
-        .map(|(p, r)| (p.as_mut_slice(), StorageExtent::new(r.dev_id(), 0)))
+        .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
         .collect();
     let started = Instant::now();
-    transport.read(&mut reads)?;
+    transport.read_pages(&mut reads, PageView::Exact)?;
     let raw_get = bytes / started.elapsed().as_secs_f64() / 1e9;
     drop(reads);
     ensure!(

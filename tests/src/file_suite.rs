@@ -301,11 +301,22 @@ pub fn static_pool(transport: Arc<dyn Transport>, direct_io: bool) {
     assert_eq!(pool.free_slots(), 12, "a refused allocation keeps nothing");
     let slots = pool.allocate(12).unwrap();
     let pages = memory.filled(0..12);
-    let items: Vec<_> = pages.iter().zip(slots.iter().copied()).collect();
+    let names: Vec<Vec<u8>> = (0..12).map(|i| format!("slot-{i}").into_bytes()).collect();
+    let items: Vec<_> = names
+        .iter()
+        .zip(&pages)
+        .zip(slots.iter().copied())
+        .map(|((name, page), slot)| (name.as_slice(), page, slot))
+        .collect();
     pool.write(&items).unwrap();
     let mut targets: Vec<Page> = (0..12).map(|_| memory.pool.allocate().unwrap()).collect();
-    let mut reads: Vec<_> = targets.iter_mut().zip(slots.iter().copied()).collect();
-    pool.read(&mut reads).unwrap();
+    let mut reads: Vec<_> = names
+        .iter()
+        .zip(targets.iter_mut())
+        .zip(slots.iter().copied())
+        .map(|((name, page), slot)| (name.as_slice(), page, slot))
+        .collect();
+    assert_eq!(pool.read(&mut reads).unwrap(), vec![true; 12]);
     let mut expected = vec![0u8; CHUNK];
     for (i, page) in targets.iter().enumerate() {
         fill_chunk(i, &mut expected);

@@ -4,7 +4,10 @@
 use std::fs::OpenOptions;
 use std::sync::Arc;
 
-use nixl_core::{Direction, Error, PageBatch, Registration, StorageExtent, StorageName, Transport};
+use nixl_core::{
+    Direction, Error, PageBatch, PageView, Registration, StorageExtent, StorageName, Transport,
+    TransportExt,
+};
 use nixl_file::{FileOptions, open_storage_file};
 use pinned_alloc::{MemoryRegion, PagePool, PoolConfig};
 
@@ -71,17 +74,19 @@ pub fn round_trip(transport: Arc<dyn Transport>, n: usize, direct_io: bool) {
     let writes: Vec<_> = sources
         .iter()
         .enumerate()
-        .map(|(i, p)| (p.as_slice(), rig.extent(slot(i))))
+        .map(|(i, p)| (p, rig.extent(slot(i))))
         .collect();
-    rig.transport.write(&writes).unwrap();
+    rig.transport.write_pages(&writes, PageView::Exact).unwrap();
     drop(sources);
     let mut targets = rig.pool.allocate_batch(n).unwrap();
     let mut reads: Vec<_> = targets
         .iter_mut()
         .enumerate()
-        .map(|(i, p)| (p.as_mut_slice(), rig.extent(slot(i))))
+        .map(|(i, p)| (p, rig.extent(slot(i))))
         .collect();
-    rig.transport.read(&mut reads).unwrap();
+    rig.transport
+        .read_pages(&mut reads, PageView::Exact)
+        .unwrap();
     drop(reads);
     let mut expected = vec![0u8; CHUNK];
     for (i, page) in targets.iter().enumerate() {
@@ -147,10 +152,11 @@ pub fn unstartable_batch(transport: Arc<dyn Transport>) {
 /// a registration deregisters it.
 pub fn refusals(transport: Arc<dyn Transport>) {
     let rig = Rig::new(transport, 4, false);
-    let heap = vec![7u8; CHUNK];
+    let unregistered = PoolConfig::new(CHUNK, CHUNK as u64).build().unwrap();
+    let outside = unregistered.allocate().unwrap();
     let err = rig
         .transport
-        .write(&[(&heap[..], rig.extent(0))])
+        .write_pages(&[(&outside, rig.extent(0))], PageView::Exact)
         .unwrap_err();
     assert!(
         matches!(err, Error::UnregisteredMemory { len: CHUNK, .. }),
@@ -159,7 +165,7 @@ pub fn refusals(transport: Arc<dyn Transport>) {
     let page = rig.pool.allocate().unwrap();
     let err = rig
         .transport
-        .write(&[(page.as_slice(), StorageExtent::new(987_654, 0))])
+        .write_pages(&[(&page, StorageExtent::new(987_654, 0))], PageView::Exact)
         .unwrap_err();
     assert!(
         matches!(err, Error::UnregisteredStorage { dev_id: 987_654 }),
@@ -172,9 +178,13 @@ pub fn refusals(transport: Arc<dyn Transport>) {
         ..
     } = rig;
     let extent = StorageExtent::new(storage.dev_id(), 0);
-    transport.write(&[(page.as_slice(), extent)]).unwrap();
+    transport
+        .write_pages(&[(&page, extent)], PageView::Exact)
+        .unwrap();
     drop(_memory);
-    let err = transport.write(&[(page.as_slice(), extent)]).unwrap_err();
+    let err = transport
+        .write_pages(&[(&page, extent)], PageView::Exact)
+        .unwrap_err();
     assert!(matches!(err, Error::UnregisteredMemory { .. }), "{err:?}");
 }
 
@@ -191,7 +201,10 @@ pub fn failing_transfer(transport: Arc<dyn Transport>) {
     let storage = transport.register_file(Arc::new(write_only)).unwrap();
     let mut page = pool.allocate().unwrap();
     let err = transport
-        .read(&mut [(page.as_mut_slice(), StorageExtent::new(storage.dev_id(), 0))])
+        .read_pages(
+            &mut [(&mut page, StorageExtent::new(storage.dev_id(), 0))],
+            PageView::Exact,
+        )
         .unwrap_err();
     assert!(
         !matches!(

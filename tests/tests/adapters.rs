@@ -376,8 +376,10 @@ fn submitted_tasks_complete_and_hand_results_out_once() {
         test_utils::fill(i as u32, page);
     }
     let keys: Vec<_> = (0..3).map(|i| key(i, None)).collect();
-    let store = tasks.submit_store(keys.clone(), pages);
-    let lookup = tasks.submit_lookup_and_lock(vec![key(0, None), key(7, None)]);
+    let store = tasks.submit_store(keys.clone(), pages).unwrap();
+    let lookup = tasks
+        .submit_lookup_and_lock(vec![key(0, None), key(7, None)])
+        .unwrap();
     assert!(lookup > store, "ids increase");
     assert_eq!(tasks.wait_completed(2, Duration::from_secs(30)), 2);
     let stored = tasks.pop_completed_store_tasks();
@@ -398,7 +400,9 @@ fn submitted_tasks_complete_and_hand_results_out_once() {
         "handed out once"
     );
     tasks.submit_unlock(vec![key(0, None)]);
-    let load = tasks.submit_load(keys, pool.allocate_batch(3).unwrap());
+    let load = tasks
+        .submit_load(keys, pool.allocate_batch(3).unwrap())
+        .unwrap();
     tasks.wait_completed(3, Duration::from_secs(30));
     let (bits, pages) = tasks.query_load_result(load).unwrap();
     assert_eq!(bits, vec![true, true, true]);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kv_integration_tests::{file_suite, fill_chunk, nixl_plugin};
-use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport, TransportExt};
+use nixl_core::{NixlConfig, NixlTransport, PageView, StorageExtent, Transport, TransportExt};
 use nixl_file::{FileOptions, open_storage_file};
 use pinned_alloc::{DeviceBufferPool, PoolConfig};
 
@@ -72,11 +72,17 @@ fn gpu_vram_host_file_round_trip_through_posix() {
     let mut staged = host.allocate().unwrap();
     slot.copy_to_host(&mut staged).unwrap();
     transport
-        .write(&[(staged.as_slice(), StorageExtent::new(storage.dev_id(), 0))])
+        .write_pages(
+            &[(&staged, StorageExtent::new(storage.dev_id(), 0))],
+            PageView::Exact,
+        )
         .unwrap();
     let mut back = host.allocate().unwrap();
     transport
-        .read(&mut [(back.as_mut_slice(), StorageExtent::new(storage.dev_id(), 0))])
+        .read_pages(
+            &mut [(&mut back, StorageExtent::new(storage.dev_id(), 0))],
+            PageView::Exact,
+        )
         .unwrap();
     let mut second = device.allocate().unwrap();
     second.copy_from_host(&back).unwrap();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kv_integration_tests::fill_chunk;
-use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport};
+use nixl_core::{NixlConfig, NixlTransport, PageView, StorageExtent, Transport, TransportExt};
 use nixl_file::{FileOptions, open_storage_file};
 use pinned_alloc::{MemoryRegion, PAGE_ALIGN, PoolConfig};
 
@@ -54,13 +54,10 @@ fn round_trip(direct_io: bool) {
         .enumerate()
         .map(|(i, page)| {
             let offset = scattered_slot(i) * CHUNK_BYTES as u64;
-            (
-                page.as_slice(),
-                StorageExtent::new(storage.dev_id(), offset),
-            )
+            (page, StorageExtent::new(storage.dev_id(), offset))
         })
         .collect();
-    transport.write(&writes).unwrap();
+    transport.write_pages(&writes, PageView::Exact).unwrap();
 
     let mut targets = pool.allocate_batch(CHUNKS).unwrap();
     for page in &mut targets {
@@ -71,13 +68,10 @@ fn round_trip(direct_io: bool) {
         .enumerate()
         .map(|(i, page)| {
             let offset = scattered_slot(i) * CHUNK_BYTES as u64;
-            (
-                page.as_mut_slice(),
-                StorageExtent::new(storage.dev_id(), offset),
-            )
+            (page, StorageExtent::new(storage.dev_id(), offset))
         })
         .collect();
-    transport.read(&mut reads).unwrap();
+    transport.read_pages(&mut reads, PageView::Exact).unwrap();
     drop(reads);
 
     for (i, (source, target)) in sources.iter().zip(&targets).enumerate() {

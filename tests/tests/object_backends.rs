@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use kv_config::{ConfigLoader, Deployment};
 use kv_integration_tests::fill_chunk;
 use kv_integration_tests::services::{AzuriteServer, S3Server};
-use nixl_core::{NixlConfig, NixlTransport, StorageExtent, Transport, TransportExt};
+use nixl_core::{NixlConfig, NixlTransport, PageView, StorageExtent, Transport, TransportExt};
 use nixl_obj::{ObjectConfig, ObjectStore, StaticObjectPool, object_id};
 use pinned_alloc::{Page, PagePool, PoolConfig};
 
@@ -123,17 +123,18 @@ fn round_trip_restart_and_foreign(make: &dyn Fn() -> NixlConfig) {
     // their batch neighbours still load.
     let mut foreign = rig.pool.allocate().unwrap();
     foreign.as_mut_slice().fill(0x42);
-    let short = rig.pool.allocate().unwrap();
-    for (i, page, len) in [(20, &foreign, CHUNK), (21, &short, 100)] {
+    let mut short = rig.pool.allocate().unwrap();
+    short.set_len(100);
+    for (i, page) in [(20, &foreign), (21, &short)] {
         let registration = rig
             .transport
-            .register_object(object_id(&key(i)), len)
+            .register_object(object_id(&key(i)), page.len())
             .unwrap();
         rig.transport
-            .write(&[(
-                &page.as_slice()[..len],
-                StorageExtent::new(registration.dev_id(), 0),
-            )])
+            .write_pages(
+                &[(page, StorageExtent::new(registration.dev_id(), 0))],
+                PageView::Exact,
+            )
             .unwrap();
     }
     assert_eq!(rig.get(&[4, 20, 21, 6]), vec![true, false, false, true]);
@@ -161,11 +162,23 @@ fn static_pool(config: NixlConfig) {
     for (i, page) in pages.iter_mut().enumerate() {
         fill_chunk(i, page.as_mut_slice());
     }
-    let writes: Vec<_> = pages.iter().zip(0u32..).collect();
+    let names: Vec<Vec<u8>> = (0..4).map(|i| format!("slot-{i}").into_bytes()).collect();
+    let writes: Vec<_> = names
+        .iter()
+        .zip(&pages)
+        .zip(0u32..)
+        .map(|((name, page), slot)| (name.as_slice(), page, slot))
+        .collect();
     slots.write(&writes).unwrap();
     let mut targets = pool.allocate_batch(4).unwrap();
-    let mut reads: Vec<_> = targets.iter_mut().zip([3u32, 2, 1, 0]).collect();
-    slots.read(&mut reads).unwrap();
+    let mut reads: Vec<_> = names
+        .iter()
+        .rev()
+        .zip(targets.iter_mut())
+        .zip([3u32, 2, 1, 0])
+        .map(|((name, page), slot)| (name.as_slice(), page, slot))
+        .collect();
+    assert_eq!(slots.read(&mut reads).unwrap(), vec![true; 4]);
     for (target, source) in targets.iter().zip(pages.iter().rev()) {
         assert!(target.as_slice() == source.as_slice());
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use kv_integration_tests::fill_chunk;
 use kv_integration_tests::services::{AzuriteServer, S3Server};
-use nixl_core::{NixlTransport, StorageExtent, StorageName, Transport, TransportExt};
+use nixl_core::{NixlTransport, PageView, StorageExtent, StorageName, Transport, TransportExt};
 use pinned_alloc::PoolConfig;
 
 const CHUNK: usize = 256 << 10;
@@ -36,9 +36,9 @@ fn object_round_trip(transport: Arc<dyn Transport>) {
     let writes: Vec<_> = sources
         .iter()
         .zip(&registrations)
-        .map(|(p, r)| (p.as_slice(), StorageExtent::new(r.dev_id(), 0)))
+        .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
         .collect();
-    transport.write(&writes).unwrap();
+    transport.write_pages(&writes, PageView::Exact).unwrap();
     assert_eq!(
         transport
             .exists(&[
@@ -53,9 +53,9 @@ fn object_round_trip(transport: Arc<dyn Transport>) {
     let mut reads: Vec<_> = targets
         .iter_mut()
         .zip(&registrations)
-        .map(|(p, r)| (p.as_mut_slice(), StorageExtent::new(r.dev_id(), 0)))
+        .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
         .collect();
-    transport.read(&mut reads).unwrap();
+    transport.read_pages(&mut reads, PageView::Exact).unwrap();
     drop(reads);
     for (i, (s, t)) in sources.iter().zip(&targets).enumerate() {
         assert!(s.as_slice() == t.as_slice(), "object {i} differs");
@@ -63,7 +63,10 @@ fn object_round_trip(transport: Arc<dyn Transport>) {
     let mut ranged = pool.allocate().unwrap();
     ranged.set_len(4096);
     transport
-        .read(&mut [(ranged.as_mut_slice(), StorageExtent::new(12, 8192))])
+        .read_pages(
+            &mut [(&mut ranged, StorageExtent::new(12, 8192))],
+            PageView::Exact,
+        )
         .unwrap();
     assert_eq!(
         ranged.as_slice(),

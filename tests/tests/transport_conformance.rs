@@ -1,6 +1,16 @@
 //! The same transport suite against NIXL POSIX and the native io_uring engine.
 
+use std::sync::Arc;
+
 use kv_integration_tests::{nixl_posix, suite, uring};
+use nixl_core::{NixlConfig, NixlTransport, ThreadSync, Transport};
+
+/// NIXL with no locking inside the agent (`nixl_sync_mode: NONE`): the transport serialises
+/// agent calls itself, so the shared transport stays safe from several threads.
+fn nixl_posix_unsynchronised() -> Arc<dyn Transport> {
+    let config = NixlConfig::new("POSIX").with_thread_sync(ThreadSync::None);
+    Arc::new(NixlTransport::new(config).unwrap_or_else(|err| panic!("{err}")))
+}
 
 macro_rules! conformance {
     ($engine:ident) => {
@@ -56,4 +66,5 @@ macro_rules! conformance {
 }
 
 conformance!(nixl_posix);
+conformance!(nixl_posix_unsynchronised);
 conformance!(uring);

@@ -1,9 +1,9 @@
 //! `nixl_store_dynamic`: one file or object per key, capacity reserved before writing, lazy
 //! recovery after a restart, presence cache, optional background puts.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use kv_config::PresenceCache;
@@ -68,18 +68,82 @@ impl DynamicOptions {
     }
 }
 
-#[derive(Debug, Default)]
+/// Keys the presence cache remembers at most. Past that the oldest insertions are forgotten
+/// first: a forgotten key costs one storage query (or, presence-cache-only, reads as a miss),
+/// never a wrong answer.
+const PRESENCE_LIMIT: usize = 1 << 20;
+
+/// Keys known to exist in storage beyond the index, bounded: insertion order is kept, and the
+/// oldest go when the limit is passed. A key removed and inserted again may be forgotten
+/// early (its old place in the order still counts), which only costs a lookup.
+#[derive(Debug)]
+struct Presence {
+    keys: HashSet<ChunkKey>,
+    order: VecDeque<ChunkKey>,
+    limit: usize,
+}
+
+impl Presence {
+    fn new(limit: usize) -> Self {
+        Self {
+            keys: HashSet::new(),
+            order: VecDeque::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    fn insert(&mut self, key: ChunkKey) {
+        if self.keys.contains(&key) {
+            return;
+        }
+        self.keys.insert(key.clone());
+        self.order.push_back(key);
+        while self.order.len() > self.limit {
+            if let Some(oldest) = self.order.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &ChunkKey) {
+        self.keys.remove(key);
+    }
+
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.keys.contains(key)
+    }
+}
+
+#[derive(Debug)]
 struct State {
     index: Index,
     /// Keys known to exist in storage (presence cache), beyond the index.
-    present: HashSet<ChunkKey>,
+    present: Presence,
+    /// Keys whose storage is being deleted or looked at for recovery. Index and storage change
+    /// together per key: while a key is here, lookups miss it, deletes and recoveries leave it
+    /// alone, and stores of it wait (a store racing the delete would otherwise have its fresh
+    /// file deleted, and a recovery could index a file a delete is removing).
+    busy: HashSet<ChunkKey>,
     closed: bool,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            index: Index::default(),
+            present: Presence::new(PRESENCE_LIMIT),
+            busy: HashSet::new(),
+            closed: false,
+        }
+    }
 }
 
 struct Shared {
     storage: Box<dyn ChunkStorage>,
     options: DynamicOptions,
     state: Mutex<State>,
+    /// Signalled whenever keys leave `State::busy`.
+    settled: Condvar,
 }
 
 impl std::fmt::Debug for Shared {
@@ -112,6 +176,14 @@ impl Shared {
         self.options.capacity_bytes.unwrap_or(0)
     }
 
+    /// Ends the delete or recovery of `keys`: stores waiting on them go on.
+    fn settle<'a>(&self, state: &mut State, keys: impl IntoIterator<Item = &'a ChunkKey>) {
+        for key in keys {
+            state.busy.remove(key);
+        }
+        self.settled.notify_all();
+    }
+
     /// Phase 1 of a store: skip what is stored or in flight, reserve capacity key by key and stop
     /// at the first key that does not fit (the reference's behaviour: earlier keys still go).
     /// `claimed`: the keys were marked in flight by this very task (background puts), so the
@@ -123,16 +195,33 @@ impl Shared {
         claimed: bool,
     ) -> (Vec<Option<KeyOutcome>>, Vec<usize>) {
         let mut state = self.state();
+        // A key being deleted or recovered is written once that is over, never beside it.
+        while keys.iter().any(|k| state.busy.contains(k)) {
+            state = self.settled.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
         let mut outcomes: Vec<Option<KeyOutcome>> = (0..keys.len()).map(|_| None).collect();
         let mut reserved = Vec::new();
         let mut reserved_bytes = 0u64;
         let mut full = false;
-        for (i, (key, page)) in keys.iter().zip(pages).enumerate() {
+        let mut batch = HashSet::new();
+        for (i, key) in keys.iter().enumerate() {
+            let Some(page) = pages.get(i) else {
+                outcomes[i] = Some(KeyOutcome::Failed(Error::LengthMismatch {
+                    key: key.clone(),
+                    keys: keys.len(),
+                    pages: pages.len(),
+                }));
+                continue;
+            };
             if state.closed {
                 outcomes[i] = Some(KeyOutcome::Failed(Error::Closed));
                 continue;
             }
-            if state.index.contains(key) || (!claimed && state.index.inflight.contains(key)) {
+            if state.index.contains(key)
+                || (!claimed && state.index.inflight.contains(key))
+                || !batch.insert(key)
+            {
+                // A key twice in one batch is written once; the second is the first's.
                 outcomes[i] = Some(KeyOutcome::AlreadyPresent);
                 continue;
             }
@@ -145,6 +234,7 @@ impl Shared {
                     }
                     full = true;
                     outcomes[i] = Some(KeyOutcome::Failed(Error::CapacityExceeded {
+                        key: key.clone(),
                         used,
                         size,
                         capacity,
@@ -188,33 +278,40 @@ impl Shared {
     }
 
     /// Lazy recovery: keys on storage but not in the index (after a restart) join it, within
-    /// capacity; returns which of `keys` are now indexed.
+    /// capacity; returns which of `keys` are now indexed. Each key looked at is busy from the
+    /// check to the insert, so no delete or store of it interleaves.
     fn recover(&self, keys: &[ChunkKey]) -> Vec<bool> {
-        let sizes: Vec<Option<u64>> = keys
+        let mut indexed = vec![false; keys.len()];
+        let mut looked: Vec<usize> = Vec::new();
+        {
+            let mut state = self.state();
+            for (i, key) in keys.iter().enumerate() {
+                if state.index.contains(key) {
+                    indexed[i] = true;
+                } else if !state.index.inflight.contains(key) && state.busy.insert(key.clone()) {
+                    looked.push(i);
+                }
+            }
+        }
+        let sizes: Vec<Option<u64>> = looked
             .iter()
-            .map(|k| self.storage.stored_size(k).ok().flatten())
+            .map(|&i| self.storage.stored_size(&keys[i]).ok().flatten())
             .collect();
         let mut state = self.state();
-        keys.iter()
-            .zip(sizes)
-            .map(|(key, size)| {
-                if state.index.contains(key) {
-                    return true;
+        for (&i, size) in looked.iter().zip(sizes) {
+            let key = &keys[i];
+            let Some(size) = size else { continue };
+            if let Some(capacity) = self.options.capacity_bytes {
+                if state.index.used() + size > capacity {
+                    tracing::debug!(key = ?key, "recovered key does not fit the capacity");
+                    continue;
                 }
-                let Some(size) = size else { return false };
-                if state.index.inflight.contains(key) {
-                    return false;
-                }
-                if let Some(capacity) = self.options.capacity_bytes {
-                    if state.index.used() + size > capacity {
-                        tracing::debug!(key = ?key, "recovered key does not fit the capacity");
-                        return false;
-                    }
-                }
-                state.index.insert(key.clone(), size, 0);
-                true
-            })
-            .collect()
+            }
+            state.index.insert(key.clone(), size, 0);
+            indexed[i] = true;
+        }
+        self.settle(&mut state, looked.iter().map(|&i| &keys[i]));
+        indexed
     }
 }
 
@@ -251,6 +348,7 @@ impl DynamicAdapter {
             storage,
             options,
             state: Mutex::new(State::default()),
+            settled: Condvar::new(),
         });
         let queue = (depth > 0).then(|| spawn_async(Arc::clone(&shared), depth));
         Self {
@@ -315,7 +413,7 @@ impl L2Adapter for DynamicAdapter {
         {
             let mut state = self.shared.state();
             for (i, key) in keys.iter().enumerate() {
-                if state.index.inflight.contains(key) {
+                if state.index.inflight.contains(key) || state.busy.contains(key) {
                     continue;
                 }
                 if state.index.pin(key) {
@@ -351,42 +449,62 @@ impl L2Adapter for DynamicAdapter {
     }
 
     fn load(&self, keys: &[ChunkKey], pages: &mut [&mut Page]) -> Vec<bool> {
+        // Which indexed entry each key had before the read: a miss may only drop that one, not
+        // one a store made meanwhile.
+        let seen: Vec<Option<u64>> = {
+            let state = self.shared.state();
+            keys.iter()
+                .map(|k| state.index.get(k).map(|e| e.id))
+                .collect()
+        };
         let mut items: Vec<_> = keys
             .iter()
             .zip(pages.iter_mut().map(|p| &mut **p))
             .collect();
         let results = self.shared.storage.get(&mut items);
+        drop(items);
         let mut state = self.shared.state();
-        keys.iter()
-            .zip(results)
-            .map(|(key, result)| match result {
+        let mut found = vec![false; keys.len()];
+        for ((i, key), result) in keys.iter().enumerate().zip(results) {
+            match result {
                 Ok(true) => {
                     state.index.touch(key);
-                    true
+                    found[i] = true;
                 }
                 Ok(false) => {
                     // Gone or damaged on storage: it is no longer ours to report.
                     state.present.remove(key);
-                    if state.index.get(key).is_some_and(|e| e.pins == 0) {
+                    let same = state
+                        .index
+                        .get(key)
+                        .is_some_and(|e| e.pins == 0 && Some(e.id) == seen[i]);
+                    if same && !state.busy.contains(key) {
                         state.index.remove(key);
                     }
-                    false
                 }
                 Err(err) => {
                     tracing::warn!(key = ?key, error = %err, "load failed");
                     state.present.remove(key);
-                    false
                 }
-            })
-            .collect()
+            }
+        }
+        found
     }
 
     fn delete(&self, keys: &[ChunkKey]) -> usize {
+        // The keys leave the index and stay busy until their storage is gone: a store of one
+        // waits, so its fresh file is never the one deleted, and no recovery re-indexes it.
         let removed = {
             let mut state = self.shared.state();
-            let removed = state.index.remove_unpinned(keys);
+            let free: Vec<ChunkKey> = keys
+                .iter()
+                .filter(|k| !state.busy.contains(*k))
+                .cloned()
+                .collect();
+            let removed = state.index.remove_unpinned(&free);
             for (key, _) in &removed {
                 state.present.remove(key);
+                state.busy.insert(key.clone());
             }
             removed
         };
@@ -395,6 +513,9 @@ impl L2Adapter for DynamicAdapter {
                 tracing::warn!(key = ?key, error = %err, "deleting from storage failed");
             }
         }
+        let mut state = self.shared.state();
+        self.shared
+            .settle(&mut state, removed.iter().map(|(key, _)| key));
         removed.len()
     }
 
@@ -405,7 +526,7 @@ impl L2Adapter for DynamicAdapter {
             let state = self.shared.state();
             let writing = !state.index.inflight.is_empty();
             for key in keys {
-                if writing && state.index.inflight.contains(key) {
+                if (writing && state.index.inflight.contains(key)) || state.busy.contains(key) {
                     return count;
                 }
                 let known = state.index.contains(key)
@@ -429,7 +550,7 @@ impl L2Adapter for DynamicAdapter {
         };
         let mut state = self.shared.state();
         for (key, present) in rest.iter().zip(found) {
-            if !present || state.index.inflight.contains(*key) {
+            if !present || state.index.inflight.contains(*key) || state.busy.contains(*key) {
                 break;
             }
             if mode != PresenceCache::Off {
@@ -441,11 +562,17 @@ impl L2Adapter for DynamicAdapter {
     }
 
     fn stored_size(&self, key: &ChunkKey) -> Option<u64> {
-        if let Some(entry) = self.shared.state().index.get(key) {
-            return Some(entry.size);
-        }
-        if self.shared.state().index.inflight.contains(key) {
-            return None;
+        {
+            let state = self.shared.state();
+            if state.busy.contains(key) {
+                return None;
+            }
+            if let Some(entry) = state.index.get(key) {
+                return Some(entry.size);
+            }
+            if state.index.inflight.contains(key) {
+                return None;
+            }
         }
         self.shared.storage.stored_size(key).ok().flatten()
     }
@@ -506,5 +633,29 @@ impl Drop for DynamicAdapter {
         if let Err(err) = self.close() {
             tracing::warn!(error = %err, "closing the dynamic adapter failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Presence;
+    use crate::test_utils::key;
+
+    #[test]
+    fn the_presence_set_forgets_its_oldest_keys_past_its_limit() {
+        let mut presence = Presence::new(2);
+        for i in 0..3 {
+            presence.insert(key(i, None));
+        }
+        assert!(!presence.contains(&key(0, None)), "the oldest is forgotten");
+        assert!(presence.contains(&key(1, None)) && presence.contains(&key(2, None)));
+        for i in 0..100 {
+            presence.insert(key(i, None));
+            presence.remove(&key(i, None));
+        }
+        assert!(
+            presence.order.len() <= 2 && presence.keys.len() <= 2,
+            "bounded"
+        );
     }
 }

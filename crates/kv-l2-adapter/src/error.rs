@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use crate::keys::ChunkKey;
+
 /// Errors of the L2 adapters.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -26,10 +28,12 @@ pub enum Error {
 
     /// A static pool is full and nothing in it can be evicted (everything is pinned).
     #[error(
-        "the static pool is full ({total} slots) and no unpinned key can be evicted for a batch \
-         of {needed}; unlock keys or grow nixl_pool_size"
+        "no slot for {key:?}: the static pool is full ({total} slots) and no unpinned key can be \
+         evicted for a batch of {needed}; unlock keys or grow nixl_pool_size"
     )]
     PoolFull {
+        /// The key refused.
+        key: ChunkKey,
         /// Slots needed.
         needed: usize,
         /// Slots in the pool.
@@ -38,9 +42,12 @@ pub enum Error {
 
     /// Storing this key would exceed the configured capacity.
     #[error(
-        "storage capacity exceeded: {used} + {size} bytes > {capacity} bytes (max_capacity_gb)"
+        "storage capacity exceeded for {key:?}: {used} + {size} bytes > {capacity} bytes \
+         (max_capacity_gb)"
     )]
     CapacityExceeded {
+        /// The key refused.
+        key: ChunkKey,
         /// Bytes in use.
         used: u64,
         /// Bytes of this key.
@@ -50,8 +57,25 @@ pub enum Error {
     },
 
     /// The batch this key was in failed as a whole.
-    #[error("the batch failed: {0}")]
-    Batch(Arc<Error>),
+    #[error("the batch with {key:?} failed: {source}")]
+    Batch {
+        /// The key of this outcome.
+        key: ChunkKey,
+        /// What failed the batch, shared by every key in it.
+        #[source]
+        source: Arc<Error>,
+    },
+
+    /// A store was given a different number of keys and pages.
+    #[error("{key:?} has no page: a store of {keys} keys came with {pages} pages")]
+    LengthMismatch {
+        /// A key without a page.
+        key: ChunkKey,
+        /// Keys in the call.
+        keys: usize,
+        /// Pages in the call.
+        pages: usize,
+    },
 
     /// A page that does not fit the adapter's chunks.
     #[error("page of {len} bytes does not fit chunks of {chunk} bytes")]
@@ -60,6 +84,16 @@ pub enum Error {
         len: usize,
         /// The adapter's chunk size.
         chunk: usize,
+    },
+
+    /// Too many submitted tasks whose results were not collected yet.
+    #[error(
+        "{limit} submitted tasks are still queued or uncollected; collect results before \
+         submitting more"
+    )]
+    Busy {
+        /// Tasks allowed outstanding at once.
+        limit: usize,
     },
 
     /// An adapter type is registered twice, or not at all.

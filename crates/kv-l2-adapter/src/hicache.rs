@@ -67,8 +67,35 @@ impl HiCache {
     }
 
     /// Loads pages; per key, whether it loaded.
+    ///
+    /// Each key is pinned for the load (lookup, load, unlock), so neither eviction nor a delete
+    /// can take its slot or file while it is read.
     pub fn batch_get(&self, keys: &[&str], pages: &mut [&mut Page]) -> Vec<bool> {
-        self.adapter.load(&self.keys(keys), pages)
+        let keys = self.keys(keys);
+        let pinned = self.adapter.lookup_and_pin(&keys);
+        let mut found = vec![false; keys.len()];
+        let held: Vec<usize> = (0..keys.len().min(pages.len()))
+            .filter(|&i| pinned[i])
+            .collect();
+        if !held.is_empty() {
+            let wanted: Vec<ChunkKey> = held.iter().map(|&i| keys[i].clone()).collect();
+            let mut targets: Vec<&mut Page> = pages
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| pinned.get(*i).copied().unwrap_or(false))
+                .map(|(_, page)| &mut **page)
+                .collect();
+            for (&i, ok) in held.iter().zip(self.adapter.load(&wanted, &mut targets)) {
+                found[i] = ok;
+            }
+        }
+        let locked: Vec<ChunkKey> = keys
+            .into_iter()
+            .zip(pinned)
+            .filter_map(|(key, pin)| pin.then_some(key))
+            .collect();
+        self.adapter.unlock(&locked);
+        found
     }
 
     /// Whether one page is stored.

@@ -10,6 +10,9 @@ pub(crate) struct Entry {
     pub(crate) size: u64,
     pub(crate) pins: u32,
     tick: u64,
+    /// Which insertion this is: a key deleted and stored again gets a new id, so a caller that
+    /// looked at the entry earlier can tell it is not the same one.
+    pub(crate) id: u64,
     /// Where a static adapter keeps it; unused by dynamic adapters.
     pub(crate) slot: u32,
 }
@@ -70,6 +73,7 @@ impl Index {
                 size,
                 pins: 0,
                 tick,
+                id: tick,
                 slot,
             },
         );

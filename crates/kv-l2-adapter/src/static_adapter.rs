@@ -1,8 +1,9 @@
 //! `nixl_store`: a fixed pool of slots registered once; when it is full, the least recently used
 //! unpinned keys make room at store time, and a batch nothing can make room for is refused.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nixl_file::StaticFilePool;
 use nixl_obj::StaticObjectPool;
@@ -14,15 +15,24 @@ use crate::index::Index;
 use crate::keys::ChunkKey;
 
 /// Slots under a [`StaticAdapter`].
+///
+/// # Contract
+///
+/// - `write` MUST store, beside each page, a header naming the key, the length and a checksum;
+///   `read` MUST answer `false` for a slot whose header or payload does not check out against
+///   the key and the page's length (a stale, torn or reassigned slot), never `true`.
+/// - An `Err` fails the whole batch: every item in it counts as not written, or not loaded.
 pub trait SlotStorage: Send + Sync + Debug + 'static {
     /// Slots in the pool.
     fn slots(&self) -> usize;
 
-    /// Writes each page into its slot, as one batch.
-    fn write(&self, items: &[(&Page, u32)]) -> Result<()>;
+    /// Writes each page, under the header of its key (canonical bytes), into its slot, as one
+    /// batch.
+    fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()>;
 
-    /// Reads each slot into its page, as one batch.
-    fn read(&self, items: &mut [(&mut Page, u32)]) -> Result<()>;
+    /// Reads each slot into its page, as one batch; per item whether the slot held that key's
+    /// chunk of the page's length, intact.
+    fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>>;
 }
 
 impl SlotStorage for StaticFilePool {
@@ -30,11 +40,11 @@ impl SlotStorage for StaticFilePool {
         self.total_slots()
     }
 
-    fn write(&self, items: &[(&Page, u32)]) -> Result<()> {
+    fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
         Ok(StaticFilePool::write(self, items)?)
     }
 
-    fn read(&self, items: &mut [(&mut Page, u32)]) -> Result<()> {
+    fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
         Ok(StaticFilePool::read(self, items)?)
     }
 }
@@ -44,11 +54,11 @@ impl SlotStorage for StaticObjectPool {
         self.len()
     }
 
-    fn write(&self, items: &[(&Page, u32)]) -> Result<()> {
+    fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
         Ok(StaticObjectPool::write(self, items)?)
     }
 
-    fn read(&self, items: &mut [(&mut Page, u32)]) -> Result<()> {
+    fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
         Ok(StaticObjectPool::read(self, items)?)
     }
 }
@@ -58,7 +68,41 @@ struct State {
     index: Index,
     /// Free slots; the last pushed is taken first.
     free: Vec<u32>,
+    /// Loads in flight per slot. A slot with readers is never handed to another key: the
+    /// readers would get that key's bytes.
+    readers: HashMap<u32, u32>,
+    /// Slots freed (deleted, evicted) while loads of them were in flight; each returns to
+    /// `free` when its last reader ends.
+    draining: HashSet<u32>,
+    /// Slots whose write failed: the transfer may still be running, so they never return.
+    quarantined: usize,
     closed: bool,
+}
+
+impl State {
+    /// Gives a slot back: to the free list, or to the draining set while loads read it.
+    fn release(&mut self, slot: u32) {
+        if self.readers.contains_key(&slot) {
+            self.draining.insert(slot);
+        } else {
+            self.free.push(slot);
+        }
+    }
+
+    /// One load of `slot` ended.
+    fn end_read(&mut self, slot: u32) {
+        let Some(count) = self.readers.get_mut(&slot) else {
+            tracing::error!(slot, "a load ended on a slot that had no reader");
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.readers.remove(&slot);
+            if self.draining.remove(&slot) {
+                self.free.push(slot);
+            }
+        }
+    }
 }
 
 /// The static adapter.
@@ -81,6 +125,9 @@ impl StaticAdapter {
             state: Mutex::new(State {
                 index: Index::default(),
                 free,
+                readers: HashMap::new(),
+                draining: HashSet::new(),
+                quarantined: 0,
                 closed: false,
             }),
         }
@@ -98,7 +145,7 @@ impl StaticAdapter {
             }
             for (key, entry) in state.index.remove_unpinned(std::slice::from_ref(&key)) {
                 tracing::debug!(key = ?key, "evicted to make room in the static pool");
-                state.free.push(entry.slot);
+                state.release(entry.slot);
             }
         }
     }
@@ -111,7 +158,16 @@ impl L2Adapter for StaticAdapter {
         {
             let mut state = self.state();
             let mut fresh = Vec::new();
-            for (i, (key, page)) in keys.iter().zip(pages).enumerate() {
+            let mut batch = HashSet::new();
+            for (i, key) in keys.iter().enumerate() {
+                let Some(page) = pages.get(i) else {
+                    outcomes[i] = Some(KeyOutcome::Failed(Error::LengthMismatch {
+                        key: key.clone(),
+                        keys: keys.len(),
+                        pages: pages.len(),
+                    }));
+                    continue;
+                };
                 if state.closed {
                     outcomes[i] = Some(KeyOutcome::Failed(Error::Closed));
                 } else if page.len() as u64 > self.slot_bytes {
@@ -119,7 +175,11 @@ impl L2Adapter for StaticAdapter {
                         len: page.len(),
                         chunk: self.slot_bytes as usize,
                     }));
-                } else if state.index.contains(key) || state.index.inflight.contains(key) {
+                } else if state.index.contains(key)
+                    || state.index.inflight.contains(key)
+                    || !batch.insert(key)
+                {
+                    // A key twice in one batch is written once; the second is the first's.
                     outcomes[i] = Some(KeyOutcome::AlreadyPresent);
                 } else {
                     fresh.push(i);
@@ -133,6 +193,7 @@ impl L2Adapter for StaticAdapter {
                 let total = self.storage.slots();
                 for &i in &fresh {
                     outcomes[i] = Some(KeyOutcome::Failed(Error::PoolFull {
+                        key: keys[i].clone(),
                         needed: fresh.len(),
                         total,
                     }));
@@ -140,14 +201,21 @@ impl L2Adapter for StaticAdapter {
                 fresh.clear();
             }
             for i in fresh {
-                let slot = state.free.pop().unwrap_or_default();
+                let Some(slot) = state.free.pop() else {
+                    break;
+                };
                 state.index.inflight.insert(keys[i].clone());
                 todo.push((i, slot));
             }
         }
         if !todo.is_empty() {
-            let items: Vec<_> = todo.iter().map(|&(i, slot)| (pages[i], slot)).collect();
-            let result = self.storage.write(&items).map_err(std::sync::Arc::new);
+            let canonical: Vec<Vec<u8>> = todo.iter().map(|&(i, _)| keys[i].canonical()).collect();
+            let items: Vec<_> = todo
+                .iter()
+                .zip(&canonical)
+                .map(|(&(i, slot), key)| (key.as_slice(), pages[i], slot))
+                .collect();
+            let result = self.storage.write(&items).map_err(Arc::new);
             let mut state = self.state();
             for &(i, slot) in &todo {
                 state.index.inflight.remove(&keys[i]);
@@ -158,8 +226,19 @@ impl L2Adapter for StaticAdapter {
                         KeyOutcome::Stored { bytes }
                     }
                     Err(err) => {
-                        state.free.push(slot);
-                        KeyOutcome::Failed(Error::Batch(std::sync::Arc::clone(err)))
+                        // The transfer may still be running into this slot: never reuse it.
+                        state.quarantined += 1;
+                        tracing::error!(
+                            key = ?keys[i],
+                            slot,
+                            quarantined = state.quarantined,
+                            error = %err,
+                            "static slot write failed; the slot is quarantined for good"
+                        );
+                        KeyOutcome::Failed(Error::Batch {
+                            key: keys[i].clone(),
+                            source: Arc::clone(err),
+                        })
                     }
                 });
             }
@@ -189,21 +268,55 @@ impl L2Adapter for StaticAdapter {
 
     fn load(&self, keys: &[ChunkKey], pages: &mut [&mut Page]) -> Vec<bool> {
         let mut found = vec![false; keys.len()];
-        let mut items = Vec::new();
+        // (index, slot) of every key indexed now; each slot counts a reader until the read ends.
+        let mut taken: Vec<(usize, u32)> = Vec::new();
         {
             let mut state = self.state();
             for (i, (key, page)) in keys.iter().zip(pages.iter_mut()).enumerate() {
                 if let Some(entry) = state.index.get(key).copied() {
                     page.set_len(entry.size as usize);
-                    items.push((&mut **page, entry.slot));
-                    found[i] = true;
+                    *state.readers.entry(entry.slot).or_insert(0) += 1;
+                    taken.push((i, entry.slot));
                     state.index.touch(key);
                 }
             }
         }
-        if let Err(err) = self.storage.read(&mut items) {
-            tracing::warn!(error = %err, "NIXL load task failed");
-            return vec![false; keys.len()];
+        if taken.is_empty() {
+            return found;
+        }
+        let canonical: Vec<Vec<u8>> = taken.iter().map(|&(i, _)| keys[i].canonical()).collect();
+        let mut wanted = taken.iter().peekable();
+        let mut items = Vec::with_capacity(taken.len());
+        for (i, page) in pages.iter_mut().enumerate() {
+            if let Some(&(_, slot)) = wanted.next_if(|(at, _)| *at == i) {
+                items.push((canonical[items.len()].as_slice(), &mut **page, slot));
+            }
+        }
+        let result = self.storage.read(&mut items);
+        drop(items);
+        let mut state = self.state();
+        for &(_, slot) in &taken {
+            state.end_read(slot);
+        }
+        match result {
+            Ok(verdicts) => {
+                for (&(i, slot), ok) in taken.iter().zip(verdicts) {
+                    found[i] = ok;
+                    if ok {
+                        continue;
+                    }
+                    // No slot is reassigned under a load, so a refusal is damage: drop the key
+                    // (unless pinned) so its slot is written afresh.
+                    tracing::warn!(key = ?keys[i], slot, "static slot does not check out; a miss");
+                    let same = state.index.get(&keys[i]).is_some_and(|e| e.slot == slot);
+                    if same {
+                        for (_, entry) in state.index.remove_unpinned(&keys[i..=i]) {
+                            state.release(entry.slot);
+                        }
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "NIXL load task failed"),
         }
         found
     }
@@ -212,7 +325,7 @@ impl L2Adapter for StaticAdapter {
         let mut state = self.state();
         let removed = state.index.remove_unpinned(keys);
         for (_, entry) in &removed {
-            state.free.push(entry.slot);
+            state.release(entry.slot);
         }
         removed.len()
     }
@@ -264,5 +377,103 @@ impl L2Adapter for StaticAdapter {
     fn close(&self) -> Result<()> {
         self.state().closed = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use pinned_alloc::{Page, PagePool, PoolConfig};
+
+    use super::{SlotStorage, StaticAdapter};
+    use crate::adapter::{KeyOutcome, L2Adapter};
+    use crate::error::{Error, Result};
+    use crate::test_utils::{fill, key};
+
+    /// The key a slot was written under, and its bytes.
+    type Slot = (Vec<u8>, Vec<u8>);
+
+    /// Slots in memory, each holding the key it was written under beside the bytes.
+    #[derive(Debug, Default)]
+    struct Memory {
+        slots: Mutex<HashMap<u32, Slot>>,
+    }
+
+    impl SlotStorage for Arc<Memory> {
+        fn slots(&self) -> usize {
+            2
+        }
+
+        fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
+            let mut slots = self.slots.lock().unwrap();
+            for (key, page, slot) in items {
+                slots.insert(*slot, (key.to_vec(), page.as_slice().to_vec()));
+            }
+            Ok(())
+        }
+
+        fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
+            let slots = self.slots.lock().unwrap();
+            Ok(items
+                .iter_mut()
+                .map(|(key, page, slot)| match slots.get(slot) {
+                    Some((stored, bytes)) if stored == key && bytes.len() == page.len() => {
+                        page.as_mut_slice().copy_from_slice(bytes);
+                        true
+                    }
+                    _ => false,
+                })
+                .collect())
+        }
+    }
+
+    fn pages() -> Arc<PagePool> {
+        PoolConfig::new(4096, 8 * 4096).build().unwrap()
+    }
+
+    #[test]
+    fn keys_without_pages_fail_with_a_length_mismatch() {
+        let pool = pages();
+        let adapter = StaticAdapter::new(Box::new(Arc::new(Memory::default())), "memory", 4096);
+        let mut page = pool.allocate().unwrap();
+        fill(1, &mut page);
+        let report = adapter.store(&[key(1, None), key(2, None)], &[&page]);
+        assert!(matches!(report.keys[0], KeyOutcome::Stored { .. }));
+        assert!(
+            matches!(
+                &report.keys[1],
+                KeyOutcome::Failed(Error::LengthMismatch {
+                    keys: 2,
+                    pages: 1,
+                    ..
+                })
+            ),
+            "{report:?}"
+        );
+        assert_eq!(adapter.lookup_and_pin(&[key(2, None)]), vec![false]);
+    }
+
+    #[test]
+    fn a_slot_that_holds_another_key_reads_as_a_miss_and_is_dropped() {
+        let pool = pages();
+        let memory = Arc::new(Memory::default());
+        let adapter = StaticAdapter::new(Box::new(Arc::clone(&memory)), "memory", 4096);
+        let mut page = pool.allocate().unwrap();
+        fill(1, &mut page);
+        assert!(adapter.store(&[key(1, None)], &[&page]).is_successful());
+        for (stored, _) in memory.slots.lock().unwrap().values_mut() {
+            *stored = key(9, None).canonical();
+        }
+        let mut target = pool.allocate().unwrap();
+        assert_eq!(
+            adapter.load(&[key(1, None)], &mut [&mut target]),
+            vec![false]
+        );
+        assert_eq!(adapter.usage().keys, 0, "a damaged slot is not kept");
+        let two: Vec<_> = (0..2).map(|_| pool.allocate().unwrap()).collect();
+        let report = adapter.store(&[key(3, None), key(4, None)], &[&two[0], &two[1]]);
+        assert!(report.is_successful(), "its slot is free again: {report:?}");
     }
 }

@@ -1,9 +1,14 @@
 //! Non-blocking forms of the adapter API, as LMCache's L2 adapter interface has them: submit a
 //! task, get an id at once, collect its result later (each result is handed out once). Tasks run
 //! in order on one worker thread per adapter; a completion counter can be waited on.
+//!
+//! Bounded: at most 4096 (`MAX_OUTSTANDING`) stores, lookups and loads may be queued or finished but
+//! not collected at once; a submission past that is refused with [`Error::Busy`]. Unlocks carry
+//! no result and are never refused (a lost unlock would leave a key pinned for good): they wait
+//! for room in the queue instead.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Sender, channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -11,7 +16,11 @@ use std::time::Duration;
 use pinned_alloc::Page;
 
 use crate::adapter::{L2Adapter, StoreReport};
+use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
+
+/// Tasks with a result that may be queued or uncollected at once, per adapter.
+const MAX_OUTSTANDING: usize = 4096;
 
 /// The id of a submitted task (monotonically increasing).
 pub type TaskId = u64;
@@ -35,13 +44,15 @@ enum Done {
 struct Results {
     done: HashMap<TaskId, Done>,
     completed: u64,
+    /// Tasks with a result submitted and not yet collected (queued, running or done).
+    outstanding: usize,
 }
 
 /// An adapter driven through submitted tasks.
 #[derive(Debug)]
 pub struct AsyncAdapter {
     adapter: Arc<dyn L2Adapter>,
-    tasks: Mutex<Option<Sender<Task>>>,
+    tasks: Mutex<Option<SyncSender<Task>>>,
     next_id: Mutex<TaskId>,
     results: Arc<(Mutex<Results>, Condvar)>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -50,7 +61,8 @@ pub struct AsyncAdapter {
 impl AsyncAdapter {
     /// Starts the worker thread for `adapter`.
     pub fn new(adapter: Arc<dyn L2Adapter>) -> Self {
-        let (tx, rx) = channel::<Task>();
+        // Room for every task with a result, and as many unlocks beside them.
+        let (tx, rx) = sync_channel::<Task>(2 * MAX_OUTSTANDING);
         let results: Arc<(Mutex<Results>, Condvar)> = Arc::default();
         let worker = {
             let adapter = Arc::clone(&adapter);
@@ -103,47 +115,64 @@ impl AsyncAdapter {
         &self.adapter
     }
 
-    fn submit(&self, make: impl FnOnce(TaskId) -> Task) -> TaskId {
+    fn send(&self, task: Task) {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = tasks.as_ref() {
+            let tx = tx.clone();
+            drop(tasks);
+            if tx.send(task).is_err() {
+                tracing::error!("the adapter task thread is gone; task dropped");
+            }
+        }
+    }
+
+    /// Queues a task with a result, unless `MAX_OUTSTANDING` are queued or uncollected.
+    fn submit(&self, make: impl FnOnce(TaskId) -> Task) -> Result<TaskId> {
+        {
+            let (lock, _) = &*self.results;
+            let mut results = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if results.outstanding >= MAX_OUTSTANDING {
+                return Err(Error::Busy {
+                    limit: MAX_OUTSTANDING,
+                });
+            }
+            results.outstanding += 1;
+        }
         let id = {
             let mut next = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
             *next += 1;
             *next
         };
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = tasks.as_ref() {
-            if tx.send(make(id)).is_err() {
-                tracing::error!(id, "the adapter task thread is gone; task dropped");
-            }
-        }
-        id
+        self.send(make(id));
+        Ok(id)
     }
 
     /// Stores `pages` under `keys`; the pages come back with the result.
-    pub fn submit_store(&self, keys: Vec<ChunkKey>, pages: Vec<Page>) -> TaskId {
+    pub fn submit_store(&self, keys: Vec<ChunkKey>, pages: Vec<Page>) -> Result<TaskId> {
         self.submit(|id| Task::Store(id, keys, pages))
     }
 
     /// Looks keys up and pins the hits.
-    pub fn submit_lookup_and_lock(&self, keys: Vec<ChunkKey>) -> TaskId {
+    pub fn submit_lookup_and_lock(&self, keys: Vec<ChunkKey>) -> Result<TaskId> {
         self.submit(|id| Task::Lookup(id, keys))
     }
 
     /// Loads keys into `pages`; the pages come back with the result.
-    pub fn submit_load(&self, keys: Vec<ChunkKey>, pages: Vec<Page>) -> TaskId {
+    pub fn submit_load(&self, keys: Vec<ChunkKey>, pages: Vec<Page>) -> Result<TaskId> {
         self.submit(|id| Task::Load(id, keys, pages))
     }
 
-    /// Releases pins, fire and forget.
+    /// Releases pins, fire and forget; waits while the queue is full.
     pub fn submit_unlock(&self, keys: Vec<ChunkKey>) {
-        self.submit(|_| Task::Unlock(keys));
+        self.send(Task::Unlock(keys));
     }
 
     fn take(&self, id: TaskId) -> Option<Done> {
         let (lock, _) = &*self.results;
-        lock.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .done
-            .remove(&id)
+        let mut results = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let done = results.done.remove(&id)?;
+        results.outstanding = results.outstanding.saturating_sub(1);
+        Some(done)
     }
 
     /// Every finished store task (handed out once), with its pages.
@@ -163,6 +192,7 @@ impl AsyncAdapter {
                 _ => None,
             })
             .collect();
+        results.outstanding = results.outstanding.saturating_sub(finished.len());
         finished.sort_by_key(|(id, _, _)| *id);
         finished
     }
@@ -191,10 +221,9 @@ impl AsyncAdapter {
 
     fn put_back(&self, id: TaskId, done: Done) {
         let (lock, _) = &*self.results;
-        lock.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .done
-            .insert(id, done);
+        let mut results = lock.lock().unwrap_or_else(|p| p.into_inner());
+        results.done.insert(id, done);
+        results.outstanding += 1;
     }
 
     /// Waits until at least `count` tasks (stores, lookups, loads) have completed, or `timeout`

@@ -17,7 +17,7 @@ use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, NotificationMap, OptArgs, RegistrationHandle,
     XferDescList, XferOp, XferStatus,
 };
-use pinned_alloc::{MemoryRegion, Page, PagePool, Quarantine};
+use pinned_alloc::{MemoryRegion, Page, PagePool};
 
 use crate::error::{Error, Result};
 use crate::nixl::Descriptor;
@@ -235,8 +235,6 @@ struct NixlChannel {
     listener: Option<TcpListener>,
     link: Mutex<Option<Link>>,
     next_batch: Mutex<u64>,
-    /// Receiver pages a failed batch may still be written into.
-    held: Quarantine,
 }
 
 impl Debug for NixlChannel {
@@ -308,7 +306,6 @@ impl NixlChannel {
             listener,
             link: Mutex::new(None),
             next_batch: Mutex::new(0),
-            held: Quarantine::new(Duration::from_secs(60)),
         })
     }
 
@@ -564,7 +561,8 @@ impl Channel for NixlChannel {
                     return Ok(pages);
                 }
                 if Self::peer_closed(&link.stream) || started.elapsed() > self.config.timeout {
-                    self.held.hold(pages);
+                    // The sender may still write into them: retired for good.
+                    pages.iter().for_each(Page::abandon);
                     return Err(Error::Peer("the sender went away mid-transfer".to_owned()));
                 }
                 std::thread::sleep(Duration::from_micros(50));

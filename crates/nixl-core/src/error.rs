@@ -141,6 +141,30 @@ pub enum Error {
         timeout: std::time::Duration,
     },
 
+    /// A batch failed or timed out while the engine may still be reading or writing its
+    /// buffers: the engine was left with them, and they must never be reused (the page-based
+    /// calls retire the pages themselves, see `pinned_alloc::Page::abandon`).
+    #[error(
+        "{cause}; the engine may still access the batch's {descriptors} buffers, so they are retired for good"
+    )]
+    Abandoned {
+        /// Descriptors in the batch.
+        descriptors: usize,
+        /// What went wrong.
+        #[source]
+        cause: Box<Error>,
+    },
+
+    /// So many requests were abandoned to the engine that the transport stops taking new ones
+    /// rather than leak further.
+    #[error(
+        "{abandoned} transfers were abandoned to a backend that never finished them; this transport takes no more (restart the process)"
+    )]
+    TooManyAbandoned {
+        /// Requests abandoned so far.
+        abandoned: usize,
+    },
+
     /// An I/O error outside NIXL (opening files, probing folders).
     #[error("{operation} {path}: {source}")]
     Io {
@@ -155,6 +179,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the engine may still access the buffers of the batch this error ended: they must
+    /// then never be reused.
+    pub fn memory_abandoned(&self) -> bool {
+        matches!(self, Error::Abandoned { .. })
+    }
+
+    /// Whether the batch ran out of time (directly or as the cause of an abandonment).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Abandoned { cause, .. } => cause.is_timeout(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn nixl(operation: &'static str) -> impl FnOnce(nixl_sys::NixlError) -> Error {
         move |err| Error::Nixl {
             operation,

@@ -12,11 +12,11 @@ mod transport;
 
 pub use channel::{Channel, ChannelConfig, ChannelType, Role, create_channel};
 pub use error::{Error, NixlStatus, Result};
-pub use nixl::{NixlConfig, NixlTransport, ThreadSync};
+pub use nixl::{MAX_ABANDONED_REQUESTS, NixlConfig, NixlTransport, ThreadSync};
 pub use probe::{PluginInfo, direct_io_supported, plugins};
 pub use runtime::{NixlRuntime, RuntimeLocator};
-pub use table::{RegistrationTable, TableEntry};
+pub use table::{Lease, RegistrationTable, TableEntry};
 pub use transport::{
-    Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
-    TransportExt,
+    Direction, PageBatch, PageView, PendingTransfer, Registration, StorageExtent, StorageName,
+    Transport, TransportExt,
 };

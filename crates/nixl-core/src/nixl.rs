@@ -5,26 +5,31 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, NixlDescriptor, OptArgs, RegDescList, RegistrationHandle,
     XferDescList, XferOp, XferRequest, XferStatus,
 };
-use pinned_alloc::{MemoryRegion, Quarantine};
+use pinned_alloc::MemoryRegion;
 
 /// The longest sleep between two status polls: short enough that a batch finishing in well under
 /// a millisecond is seen at once, long enough that a waiting thread uses almost no CPU.
 const MAX_POLL_PAUSE: Duration = Duration::from_micros(50);
 
-/// How long the pages of a failed batch stay out of their pool.
-const FAILED_PAGE_GRACE: Duration = Duration::from_secs(60);
+/// How long dropping an unfinished transfer waits for it before abandoning its pages.
+const DROP_WAIT: Duration = Duration::from_secs(2);
+
+/// Abandoned requests (each keeps its memory and storage for good) after which the transport
+/// refuses new transfers: a backend that keeps failing that way would otherwise leak without
+/// bound.
+pub const MAX_ABANDONED_REQUESTS: usize = 256;
 
 use crate::error::{Error, NixlStatus, Result};
 use crate::runtime::NixlRuntime;
-use crate::table::{RegistrationTable, TableEntry};
+use crate::table::{Lease, RegistrationTable, TableEntry};
 use crate::transport::{
     Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
 };
@@ -43,7 +48,8 @@ const OBJECT_PLUGINS: &[&str] = &["OBJ", "AZURE_BLOB", "DOCA_MEMOS"];
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ThreadSync {
-    /// No locking inside NIXL; the caller serialises.
+    /// No locking inside NIXL: the transport then serialises every agent call itself, since it
+    /// is shared between threads.
     None,
     /// One lock around every agent call.
     #[default]
@@ -147,46 +153,50 @@ struct Shared {
     config: NixlConfig,
     storage_mem: MemType,
     table: RegistrationTable,
-    /// Registered host memory, to quarantine when a transfer fails.
-    live_regions: Mutex<Vec<(TableEntry, Arc<dyn MemoryRegion>)>>,
-    /// Base addresses of regions kept mapped for good because a failed transfer may still touch
-    /// them.
-    pinned_for_good: Mutex<std::collections::HashSet<usize>>,
-    /// Pages of failed submitted batches, held back from their pool for a grace period.
-    held_pages: Quarantine,
-    /// GPU buffers registered as VRAM, kept allocated for good if a transfer on them fails.
-    #[cfg(feature = "cuda")]
-    device_pools: Mutex<Vec<Arc<pinned_alloc::DeviceBufferPool>>>,
+    /// Held around every agent call when the agent itself does not synchronise
+    /// ([`ThreadSync::None`]).
+    serial: Option<Mutex<()>>,
+    /// Requests abandoned to the plugin so far.
+    abandoned: AtomicUsize,
+}
+
+/// A request posted to NIXL with a lease on every registration it names.
+struct Posted {
+    request: XferRequest,
+    /// Dropped after the request: the registrations outlive its release.
+    _leases: Vec<Lease>,
+    descriptors: usize,
 }
 
 impl Shared {
-    /// After a failed request, a plugin may still be working on some of its descriptors (a
-    /// storage SDK retrying in the background, seen with NIXL OBJ against a missing bucket).
-    /// The request handle is never released under it (which also keeps the agent alive), and
-    /// every registered region stays mapped for the rest of the process: a bounded leak that only
-    /// failures pay, instead of a use-after-unmap.
-    fn quarantine(&self, request: XferRequest) {
-        std::mem::forget(request);
-        let live = self.live_regions.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pinned = self
-            .pinned_for_good
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for (_, region) in live.iter() {
-            if pinned.insert(region.base().as_ptr() as usize) {
-                std::mem::forget(Arc::clone(region));
-            }
-        }
-        #[cfg(feature = "cuda")]
-        for pool in self
-            .device_pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            if pinned.insert(pool.device_ptr() as usize) {
-                std::mem::forget(Arc::clone(pool));
-            }
+    /// The agent-call lock, where the agent does not lock itself.
+    fn serial(&self) -> Option<MutexGuard<'_, ()>> {
+        self.serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// After a failed or timed-out request, the plugin may still be working on some of its
+    /// descriptors (a storage SDK retrying in the background, seen with NIXL OBJ against a
+    /// missing bucket), and NIXL cannot say when it stops. The request is never released under
+    /// it (releasing an active request frees what the plugin still uses), and the registrations
+    /// it names stay registered, mapped and open for the rest of the process: a leak that only
+    /// failures pay, counted and bounded by [`MAX_ABANDONED_REQUESTS`], instead of a
+    /// use-after-free. Returns the error for the caller, which must retire the batch's memory.
+    fn abandon(&self, posted: Posted, cause: Error) -> Error {
+        let count = self.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::error!(
+            backend = %self.config.backend,
+            descriptors = posted.descriptors,
+            abandoned_requests = count,
+            error = %cause,
+            "NIXL request abandoned: its memory and storage are retired for good"
+        );
+        let descriptors = posted.descriptors;
+        std::mem::forget(posted);
+        Error::Abandoned {
+            descriptors,
+            cause: Box::new(cause),
         }
     }
 
@@ -260,16 +270,12 @@ impl<T: Send + Sync + 'static> fmt::Debug for Guard<T> {
 impl<T: Send + Sync + 'static> Drop for Guard<T> {
     fn drop(&mut self) {
         if let Some(mut handle) = self.handle.take() {
+            let _serial = self.shared.serial();
             if let Err(err) = handle.deregister() {
                 tracing::warn!(entry = ?self.entry, error = %err, "NIXL deregistration failed");
             }
         }
         self.shared.table.remove(self.entry);
-        self.shared
-            .live_regions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(entry, _)| *entry != self.entry);
     }
 }
 
@@ -312,6 +318,7 @@ impl NixlTransport {
         } else {
             MemType::File
         };
+        let serial = (config.thread_sync == ThreadSync::None).then(|| Mutex::new(()));
         Ok(Self {
             shared: Arc::new(Shared {
                 agent,
@@ -319,11 +326,8 @@ impl NixlTransport {
                 config,
                 storage_mem,
                 table: RegistrationTable::new(),
-                live_regions: Mutex::new(Vec::new()),
-                pinned_for_good: Mutex::new(std::collections::HashSet::new()),
-                held_pages: Quarantine::new(FAILED_PAGE_GRACE),
-                #[cfg(feature = "cuda")]
-                device_pools: Mutex::new(Vec::new()),
+                serial,
+                abandoned: AtomicUsize::new(0),
             }),
         })
     }
@@ -351,6 +355,7 @@ impl NixlTransport {
     ) -> Result<Registration> {
         let dev_id = descriptor.dev_id;
         let registered = self.shared.opt_args().and_then(|opt_args| {
+            let _serial = self.shared.serial();
             self.shared
                 .agent
                 .register_memory(&descriptor, Some(&opt_args))
@@ -363,26 +368,34 @@ impl NixlTransport {
                 return Err(err);
             }
         };
-        let guard = Guard {
+        let guard = Arc::new(Guard {
             handle: Some(handle),
             shared: Arc::clone(&self.shared),
             entry,
             _keep_alive: keep_alive,
-        };
+        });
+        let lease: Arc<dyn std::any::Any + Send + Sync> = guard.clone();
+        self.shared.table.attach(entry, Arc::downgrade(&lease));
         Ok(Registration::new(dev_id, Box::new(guard)))
     }
 
-    /// Checks the batch, builds one request for all of it and posts it.
+    /// Checks the batch, builds one request for all of it and posts it. The request holds a
+    /// lease on every registration it names, taken in the same step as the check. An error
+    /// is either one from before anything was handed to NIXL, or [`Error::Abandoned`].
     fn post(
         &self,
         op: XferOp,
         batch: &[(usize, usize, StorageExtent)],
         local_memory: (MemType, u64),
-    ) -> Result<Option<XferRequest>> {
+    ) -> Result<Option<Posted>> {
         if batch.is_empty() {
             return Ok(None);
         }
-        self.shared.table.check(
+        let abandoned = self.shared.abandoned.load(Ordering::Relaxed);
+        if abandoned >= MAX_ABANDONED_REQUESTS {
+            return Err(Error::TooManyAbandoned { abandoned });
+        }
+        let leases = self.shared.table.check(
             batch
                 .iter()
                 .map(|&(addr, len, extent)| (addr, len, extent.dev_id)),
@@ -405,6 +418,7 @@ impl NixlTransport {
         }
         let agent = &self.shared.agent;
         let opt_args = self.shared.opt_args()?;
+        let _serial = self.shared.serial();
         let request = agent
             .create_xfer_req(
                 op,
@@ -414,11 +428,20 @@ impl NixlTransport {
                 Some(&opt_args),
             )
             .map_err(Error::nixl("create transfer request"))?;
-        // Completed at once or still in progress: the status poll answers either way.
-        agent
-            .post_xfer_req(&request, Some(&opt_args))
-            .map_err(Error::nixl("post transfer"))?;
-        Ok(Some(request))
+        let posted = Posted {
+            request,
+            _leases: leases,
+            descriptors: batch.len(),
+        };
+        // Completed at once or still in progress: the status poll answers either way. A failed
+        // post may have handed part of the batch to the plugin already.
+        if let Err(err) = agent.post_xfer_req(&posted.request, Some(&opt_args)) {
+            drop(_serial);
+            return Err(self
+                .shared
+                .abandon(posted, Error::nixl("post transfer")(err)));
+        }
+        Ok(Some(posted))
     }
 
     /// Posts the batch and waits for it.
@@ -428,19 +451,35 @@ impl NixlTransport {
         batch: &[(usize, usize, StorageExtent)],
         local_memory: (MemType, u64),
     ) -> Result<()> {
-        let Some(request) = self.post(op, batch, local_memory)? else {
+        let Some(posted) = self.post(op, batch, local_memory)? else {
             return Ok(());
         };
-        let outcome = wait_request(&self.shared, &request, batch.len());
-        if outcome.is_err() {
-            self.shared.quarantine(request);
+        match wait_request(&self.shared, &posted, self.shared.config.timeout) {
+            Ok(()) => {
+                release(&self.shared, posted);
+                Ok(())
+            }
+            Err(err) => Err(self.shared.abandon(posted, err)),
         }
-        outcome
     }
+}
+
+/// Releases a finished request, then its leases (outside the agent-call lock: the last lease
+/// of a dropped registration deregisters, which takes that lock itself).
+fn release(shared: &Shared, posted: Posted) {
+    let Posted {
+        request, _leases, ..
+    } = posted;
+    {
+        let _serial = shared.serial();
+        drop(request);
+    }
+    drop(_leases);
 }
 
 /// One status check: `Ok(true)` when done.
 fn poll_request(shared: &Shared, request: &XferRequest) -> Result<bool> {
+    let _serial = shared.serial();
     match shared
         .agent
         .get_xfer_status(request)
@@ -451,10 +490,11 @@ fn poll_request(shared: &Shared, request: &XferRequest) -> Result<bool> {
     }
 }
 
-/// Polls for completion with a growing back-off, so a waiting thread does not burn a core.
-fn wait_request(shared: &Shared, request: &XferRequest, descriptors: usize) -> Result<()> {
+/// Polls for completion, for at most `timeout`, with a growing back-off, so a waiting thread
+/// does not burn a core.
+fn wait_request(shared: &Shared, posted: &Posted, timeout: Duration) -> Result<()> {
+    let request = &posted.request;
     let started = Instant::now();
-    let timeout = shared.config.timeout;
     let mut pause = Duration::from_micros(2);
     let mut polls = 0u32;
     loop {
@@ -463,7 +503,7 @@ fn wait_request(shared: &Shared, request: &XferRequest, descriptors: usize) -> R
         }
         if started.elapsed() > timeout {
             return Err(Error::Timeout {
-                descriptors,
+                descriptors: posted.descriptors,
                 timeout,
             });
         }
@@ -486,10 +526,11 @@ enum State {
     Failed(Option<Error>),
 }
 
-/// A batch in flight, owning its pages.
+/// A batch in flight, owning its pages and, through its request, a lease on every registration
+/// it names.
 struct NixlPending {
     shared: Arc<Shared>,
-    request: Option<XferRequest>,
+    posted: Option<Posted>,
     pages: Option<PageBatch>,
     state: State,
 }
@@ -505,35 +546,32 @@ impl fmt::Debug for NixlPending {
 
 impl NixlPending {
     fn finish(&mut self, outcome: Result<()>) {
-        self.state = match outcome {
-            Ok(()) => State::Succeeded,
-            Err(err) => {
-                // The plugin may still touch these pages: hold them back from their pool for a
-                // grace period rather than hand them to another chunk now.
-                if let Some(request) = self.request.take() {
-                    self.shared.quarantine(request);
-                    if let Some(pages) = self.pages.take() {
-                        tracing::warn!(
-                            pages = pages.len(),
-                            error = %err,
-                            "transfer failed; its pages are held back from the pool for a while"
-                        );
-                        self.shared
-                            .held_pages
-                            .hold(pages.into_iter().map(|(p, _)| p).collect());
+        let posted = self.posted.take();
+        self.state = match (outcome, posted) {
+            (Ok(()), posted) => {
+                if let Some(posted) = posted {
+                    release(&self.shared, posted);
+                }
+                State::Succeeded
+            }
+            (Err(err), Some(posted)) => {
+                // The plugin may still touch these pages: they are retired for good.
+                if let Some(pages) = self.pages.take() {
+                    for (page, _) in &pages {
+                        page.abandon();
                     }
                 }
-                State::Failed(Some(err))
+                State::Failed(Some(self.shared.abandon(posted, err)))
             }
+            (Err(err), None) => State::Failed(Some(err)),
         };
     }
 
-    /// Waits (bounded by the transport's timeout) until the batch is over.
-    fn settle(&mut self) {
+    /// Waits, for at most `timeout`, until the batch is over.
+    fn settle(&mut self, timeout: Duration) {
         if matches!(self.state, State::InFlight) {
-            let descriptors = self.pages.as_ref().map_or(0, Vec::len);
-            let outcome = match &self.request {
-                Some(request) => wait_request(&self.shared, request, descriptors),
+            let outcome = match &self.posted {
+                Some(posted) => wait_request(&self.shared, posted, timeout),
                 None => Ok(()),
             };
             self.finish(outcome);
@@ -553,9 +591,9 @@ impl NixlPending {
 impl PendingTransfer for NixlPending {
     fn poll(&mut self) -> Result<bool> {
         if matches!(self.state, State::InFlight) {
-            let outcome = match &self.request {
+            let outcome = match &self.posted {
                 None => Ok(()),
-                Some(request) => match poll_request(&self.shared, request) {
+                Some(posted) => match poll_request(&self.shared, &posted.request) {
                     Ok(false) => return Ok(false),
                     Ok(true) => Ok(()),
                     Err(err) => Err(err),
@@ -567,7 +605,8 @@ impl PendingTransfer for NixlPending {
     }
 
     fn wait(mut self: Box<Self>) -> (PageBatch, Result<()>) {
-        self.settle();
+        let timeout = self.shared.config.timeout;
+        self.settle(timeout);
         let status = self.status();
         (self.pages.take().unwrap_or_default(), status)
     }
@@ -575,7 +614,8 @@ impl PendingTransfer for NixlPending {
 
 impl Drop for NixlPending {
     fn drop(&mut self) {
-        self.settle();
+        // Bounded: past this the pages are abandoned rather than the caller held up.
+        self.settle(DROP_WAIT.min(self.shared.config.timeout));
         if let State::Failed(Some(err)) = &self.state {
             tracing::debug!(error = %err, "dropped transfer ended in error");
         }
@@ -602,11 +642,6 @@ impl NixlTransport {
             mem_type: MemType::Vram,
         };
         let entry = self.shared.table.add_memory(addr, len);
-        self.shared
-            .device_pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&pool));
         self.register(descriptor, entry, pool)
     }
 
@@ -665,11 +700,6 @@ impl Transport for NixlTransport {
             mem_type: MemType::Dram,
         };
         let entry = self.shared.table.add_memory(addr, len);
-        self.shared
-            .live_regions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((entry, Arc::clone(&region)));
         self.register(descriptor, entry, region)
     }
 
@@ -732,13 +762,20 @@ impl Transport for NixlTransport {
                     .collect(),
             ),
         };
-        let (request, state) = match self.post(op, &descs, HOST) {
-            Ok(request) => (request, State::InFlight),
-            Err(err) => (None, State::Failed(Some(err))),
+        let (posted, state) = match self.post(op, &descs, HOST) {
+            Ok(posted) => (posted, State::InFlight),
+            Err(err) => {
+                if err.memory_abandoned() {
+                    for (page, _) in &batch {
+                        page.abandon();
+                    }
+                }
+                (None, State::Failed(Some(err)))
+            }
         };
         Box::new(NixlPending {
             shared: Arc::clone(&self.shared),
-            request,
+            posted,
             pages: Some(batch),
             state,
         })
@@ -770,6 +807,7 @@ impl Transport for NixlTransport {
             }
         }
         let opt_args = self.shared.opt_args()?;
+        let _serial = self.shared.serial();
         let responses = self
             .shared
             .agent
@@ -790,7 +828,7 @@ impl Transport for NixlTransport {
         Ok(found)
     }
 
-    fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {
+    unsafe fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {
         let descs: Vec<_> = batch
             .iter()
             .map(|(buf, extent)| (buf.as_ptr() as usize, buf.len(), *extent))
@@ -798,7 +836,7 @@ impl Transport for NixlTransport {
         self.transfer(XferOp::Write, &descs, HOST)
     }
 
-    fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
+    unsafe fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
         let descs: Vec<_> = batch
             .iter_mut()
             .map(|(buf, extent)| (buf.as_mut_ptr() as usize, buf.len(), *extent))

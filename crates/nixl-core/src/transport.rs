@@ -100,7 +100,13 @@ pub trait PendingTransfer: Send + Debug {
 ///   [`register_memory`](Transport::register_memory), or whose [`StorageExtent::dev_id`] is not
 ///   a live storage registration.
 /// - [`write`](Transport::write) and [`read`](Transport::read) MUST NOT return before the whole
-///   batch is complete or has failed; the caller's buffers stay borrowed until then.
+///   batch is complete or has failed. They return [`Error::Abandoned`](crate::Error::Abandoned)
+///   exactly when the engine may still access the buffers (a timeout, or a failure the engine
+///   did not confirm as over); every other return means it no longer does. Safe callers use
+///   [`TransportExt::write_pages`] and [`TransportExt::read_pages`], which retire abandoned pages.
+/// - A submitted batch holds every registration it names until it is over: dropping a
+///   [`Registration`] while a transfer uses it defers the deregistration (and the closing of the
+///   file) until the engine is done.
 /// - A failed batch MUST be reported as an error for the whole batch: callers treat every chunk
 ///   in it as missing, never as present.
 /// - Dropping a [`Registration`] MUST deregister it, and MUST keep the memory or storage it
@@ -119,11 +125,27 @@ pub trait Transport: Send + Sync + Debug + 'static {
     /// Registers the object named by `object_id` (in decimal), `len` bytes long.
     fn register_object(&self, object_id: u64, len: usize) -> Result<Registration>;
 
-    /// Writes every buffer to its extent, as one batch, and waits for it.
-    fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()>;
+    /// Writes every buffer to its extent, as one batch, and waits for it (at most the
+    /// transport's timeout).
+    ///
+    /// # Safety
+    ///
+    /// When this returns an error for which
+    /// [`memory_abandoned`](crate::Error::memory_abandoned) is true, the engine may go on reading
+    /// the buffers at any later time: the caller MUST keep their memory mapped, and MUST NOT
+    /// write to it or hand it to anyone who would, for the rest of the process.
+    unsafe fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()>;
 
-    /// Reads every extent into its buffer, as one batch, and waits for it.
-    fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()>;
+    /// Reads every extent into its buffer, as one batch, and waits for it (at most the
+    /// transport's timeout).
+    ///
+    /// # Safety
+    ///
+    /// When this returns an error for which
+    /// [`memory_abandoned`](crate::Error::memory_abandoned) is true, the engine may go on writing
+    /// the buffers at any later time: the caller MUST keep their memory mapped, and MUST NOT read,
+    /// write or reuse it, for the rest of the process.
+    unsafe fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()>;
 
     /// Starts one batch without waiting; a batch that cannot start comes back as a pending
     /// transfer that has already failed.
@@ -133,11 +155,68 @@ pub trait Transport: Send + Sync + Debug + 'static {
     fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>>;
 }
 
+/// Which bytes of a page a transfer moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageView {
+    /// The page's view ([`Page::as_slice`]): exactly its chunk's bytes.
+    Exact,
+    /// The view rounded up to whole 4 KiB blocks ([`Page::io_slice`]), as `O_DIRECT` needs.
+    Padded,
+}
+
 /// Conveniences over any [`Transport`], for callers (implementers never override them).
 pub trait TransportExt: Transport {
     /// Registers a page pool, the usual host memory of a transport.
     fn register_pool(&self, pool: &Arc<PagePool>) -> Result<Registration> {
         self.register_memory(Arc::clone(pool) as Arc<dyn MemoryRegion>)
+    }
+
+    /// Writes pages to their extents, as one batch, and waits for it. Pages the engine may still
+    /// read after an error are [abandoned](Page::abandon): they show nothing from then on and
+    /// never return to their pool.
+    fn write_pages(&self, batch: &[(&Page, StorageExtent)], view: PageView) -> Result<()> {
+        let buffers: Vec<(&[u8], StorageExtent)> = batch
+            .iter()
+            .map(|(page, extent)| (view_of(page, view), *extent))
+            .collect();
+        // SAFETY: on an abandoning error every page of the batch is abandoned below, after which
+        // no view of its memory is ever handed out again, it never returns to its pool, and its
+        // pool stays mapped (`Page::abandon`): the engine's later reads touch memory nobody uses.
+        let outcome = unsafe { self.write(&buffers) };
+        if outcome.as_ref().is_err_and(crate::Error::memory_abandoned) {
+            batch.iter().for_each(|(page, _)| page.abandon());
+        }
+        outcome
+    }
+
+    /// Reads extents into pages, as one batch, and waits for it; pages the engine may still
+    /// write after an error are [abandoned](Page::abandon).
+    fn read_pages(&self, batch: &mut [(&mut Page, StorageExtent)], view: PageView) -> Result<()> {
+        let mut buffers: Vec<(&mut [u8], StorageExtent)> = batch
+            .iter_mut()
+            .map(|(page, extent)| {
+                let buffer = match view {
+                    PageView::Exact => page.as_mut_slice(),
+                    PageView::Padded => page.io_slice_mut(),
+                };
+                (buffer, *extent)
+            })
+            .collect();
+        // SAFETY: as in `write_pages`; the buffers' borrows end before the pages are abandoned,
+        // and an abandoned page never shows its memory again.
+        let outcome = unsafe { self.read(&mut buffers) };
+        drop(buffers);
+        if outcome.as_ref().is_err_and(crate::Error::memory_abandoned) {
+            batch.iter().for_each(|(page, _)| page.abandon());
+        }
+        outcome
+    }
+}
+
+fn view_of(page: &Page, view: PageView) -> &[u8] {
+    match view {
+        PageView::Exact => page.as_slice(),
+        PageView::Padded => page.io_slice(),
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixl_core::{Registration, StorageExtent, Transport};
+use nixl_core::{PageView, Registration, StorageExtent, Transport, TransportExt};
 use pinned_alloc::{LockMode, MemoryRegion, PAGE_ALIGN, Page, PagePool, PoolConfig};
 
 use crate::error::{Error, Result};
@@ -298,13 +298,13 @@ impl DynamicFileStore {
         for file in &open {
             let page = items[file.index].1;
             let dev_id = file.registration.dev_id();
-            batch.push((file.header.io_slice(), StorageExtent::new(dev_id, 0)));
-            batch.push((
-                page.io_slice(),
-                StorageExtent::new(dev_id, HEADER_BYTES as u64),
-            ));
+            batch.push((&file.header, StorageExtent::new(dev_id, 0)));
+            batch.push((page, StorageExtent::new(dev_id, HEADER_BYTES as u64)));
         }
-        let outcome = self.transport.write(&batch).map_err(Arc::new);
+        let outcome = self
+            .transport
+            .write_pages(&batch, PageView::Padded)
+            .map_err(Arc::new);
         drop(batch);
         for file in open {
             let Open {
@@ -470,15 +470,14 @@ impl DynamicFileStore {
             let mut batch = Vec::with_capacity(open.len() * 2);
             for file in &mut open {
                 let dev_id = file.registration.dev_id();
-                batch.push((file.header.io_slice_mut(), StorageExtent::new(dev_id, 0)));
+                batch.push((&mut file.header, StorageExtent::new(dev_id, 0)));
                 if let Some(page) = pages[file.index].take() {
-                    batch.push((
-                        page.io_slice_mut(),
-                        StorageExtent::new(dev_id, HEADER_BYTES as u64),
-                    ));
+                    batch.push((page, StorageExtent::new(dev_id, HEADER_BYTES as u64)));
                 }
             }
-            self.transport.read(&mut batch).map_err(Arc::new)
+            self.transport
+                .read_pages(&mut batch, PageView::Padded)
+                .map_err(Arc::new)
         };
         for file in open {
             let index = file.index;

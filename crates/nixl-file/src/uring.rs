@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
+use io_uring::{IoUring, opcode, types};
 use nixl_core::{
     Direction, Error, PageBatch, PendingTransfer, Registration, RegistrationTable, Result,
     StorageExtent, StorageName, TableEntry, Transport,
@@ -51,6 +51,13 @@ impl UringConfig {
     /// Sets the queue depth.
     pub fn with_queue_depth(mut self, depth: u32) -> Self {
         self.queue_depth = depth.max(1);
+        self
+    }
+
+    /// How long one batch may take before it fails with a timeout; entries still in the kernel
+    /// after as long again are abandoned with their memory.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 }
@@ -190,39 +197,136 @@ struct Op {
     file_slot: Option<u32>,
 }
 
+/// Marks the user data of a cancellation entry, apart from the op indices of transfers.
+const CANCEL_TAG: u64 = 1 << 63;
+
+/// The longest single wait for completions, so that deadlines are checked while waiting.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// How long dropping an unfinished batch waits (then cancels, then abandons) at most.
+const DROP_WAIT: Duration = Duration::from_secs(2);
+
 /// The state of one batch on one ring.
 struct Run {
     write: bool,
     ops: Vec<Op>,
     /// Indices of ops with bytes left to submit, in order.
     queue: std::collections::VecDeque<usize>,
+    /// Which ops have an entry in the kernel now (at most one each).
+    flying: Vec<bool>,
     in_flight: usize,
     error: Option<Error>,
-    started: Instant,
+    /// Past this the run fails with a timeout and cancels what is in flight.
+    deadline: Instant,
+    /// Past this, entries the kernel has not let go of are abandoned with their memory.
+    give_up: Instant,
     timeout: Duration,
+    cancelled: bool,
+    /// The kernel may still access this run's buffers: its ring and memory are retired.
+    abandoned: bool,
+    /// Leases on every registration the run names, held until the kernel is done with them.
+    leases: Vec<nixl_core::Lease>,
 }
 
 impl Run {
     /// A run of `ops` on `ring`, each using the ring's registered buffer and file where it has them.
-    fn new(write: bool, mut ops: Vec<Op>, timeout: Duration, ring: &Ring) -> Self {
+    /// A run fails with a timeout after `timeout`; entries still in the kernel another
+    /// `timeout` later (cancelled but not let go) are abandoned.
+    fn new(
+        write: bool,
+        mut ops: Vec<Op>,
+        timeout: Duration,
+        ring: &Ring,
+        leases: Vec<nixl_core::Lease>,
+    ) -> Self {
         for op in &mut ops {
             op.buffer_slot = ring.buffer_slot(op.addr, op.len);
             op.file_slot = ring.file_slot(op.fd);
         }
         let queue = (0..ops.len()).collect();
+        let now = Instant::now();
         Self {
             write,
+            flying: vec![false; ops.len()],
             ops,
             queue,
             in_flight: 0,
             error: None,
-            started: Instant::now(),
+            deadline: now + timeout,
+            give_up: now + timeout * 2,
             timeout,
+            cancelled: false,
+            abandoned: false,
+            leases,
         }
     }
 
     fn finished(&self) -> bool {
-        self.in_flight == 0 && (self.queue.is_empty() || self.error.is_some())
+        self.abandoned || (self.in_flight == 0 && (self.queue.is_empty() || self.error.is_some()))
+    }
+
+    /// Brings the deadlines forward to at most `wait` from now (a transfer being dropped).
+    fn expedite(&mut self, wait: Duration) {
+        let now = Instant::now();
+        self.deadline = self.deadline.min(now + wait / 2);
+        self.give_up = self.give_up.min(now + wait);
+    }
+
+    /// Asks the kernel to cancel every entry in flight.
+    fn cancel_in_flight(&mut self, ring: &mut IoUring) {
+        self.cancelled = true;
+        for (index, _) in self.flying.iter().enumerate().filter(|(_, f)| **f) {
+            let cancel = opcode::AsyncCancel::new(index as u64)
+                .build()
+                .user_data(CANCEL_TAG | index as u64);
+            // SAFETY: a cancellation entry names no memory; it only carries user data.
+            while unsafe { ring.submission().push(&cancel) }.is_err() {
+                if ring.submit().is_err() {
+                    return;
+                }
+            }
+        }
+        if let Err(err) = ring.submit() {
+            tracing::warn!(error = %err, "submitting io_uring cancellations failed");
+        }
+    }
+
+    /// Checks the deadlines: past the first, fail and cancel; past the second, abandon.
+    fn check_deadlines(&mut self, ring: &mut IoUring) {
+        let now = Instant::now();
+        if now >= self.deadline && !self.cancelled {
+            self.fail(Error::Timeout {
+                descriptors: self.ops.len(),
+                timeout: self.timeout,
+            });
+            self.cancel_in_flight(ring);
+        }
+        if now >= self.give_up && self.in_flight > 0 {
+            tracing::error!(
+                in_flight = self.in_flight,
+                "io_uring entries neither completed nor cancelled: their memory is retired for good"
+            );
+            self.abandoned = true;
+        }
+    }
+
+    /// Waits for at least `want` completions, at most until the next deadline.
+    fn wait(&mut self, ring: &mut IoUring, want: usize) -> std::io::Result<()> {
+        if want == 0 {
+            return ring.submit().map(|_| ());
+        }
+        let next = if self.cancelled {
+            self.give_up
+        } else {
+            self.deadline
+        };
+        let left = next.saturating_duration_since(Instant::now()).min(MAX_WAIT);
+        let ts = types::Timespec::from(left.max(Duration::from_micros(1)));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(want, &args) {
+            Err(err) if err.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 
     fn fail(&mut self, err: Error) {
@@ -279,13 +383,14 @@ impl Run {
                     self.queue.push_front(index);
                     break;
                 }
+                self.flying[index] = true;
                 self.in_flight += 1;
             }
             if self.finished() {
                 return true;
             }
             let want = usize::from(block && self.in_flight > 0);
-            if let Err(source) = ring.submit_and_wait(want) {
+            if let Err(source) = self.wait(ring, want) {
                 if source.raw_os_error() != Some(libc::EINTR) {
                     self.fail(Error::Io {
                         operation: "submitting to io_uring",
@@ -301,18 +406,20 @@ impl Run {
                 .collect();
             for (user_data, result) in completions {
                 reaped += 1;
+                if user_data & CANCEL_TAG != 0 {
+                    continue;
+                }
                 self.in_flight -= 1;
                 let index = user_data as usize;
+                self.flying[index] = false;
                 self.complete(index, result);
             }
             if self.finished() {
                 return true;
             }
-            if self.started.elapsed() > self.timeout && self.error.is_none() {
-                self.fail(Error::Timeout {
-                    descriptors: self.ops.len(),
-                    timeout: self.timeout,
-                });
+            self.check_deadlines(ring);
+            if self.finished() {
+                return true;
             }
             if !block && reaped == 0 {
                 return false;
@@ -330,7 +437,12 @@ impl Run {
             };
             self.fail(Error::Io {
                 operation: if self.write { "writing" } else { "reading" },
-                path: format!("fd {} at offset {}", op.fd, op.offset + op.done as u64).into(),
+                path: format!(
+                    "{} at offset {}",
+                    describe_fd(op.fd),
+                    op.offset + op.done as u64
+                )
+                .into(),
                 source,
             });
             return;
@@ -341,26 +453,63 @@ impl Run {
         }
     }
 
+    /// The batch's status; an abandoned run's error says the memory was kept by the kernel.
     fn outcome(&mut self) -> Result<()> {
-        match self.error.take() {
+        let err = self.error.take();
+        match err {
+            Some(cause) if self.abandoned => Err(Error::Abandoned {
+                descriptors: self.ops.len(),
+                cause: Box::new(cause),
+            }),
             Some(err) => Err(err),
             None => Ok(()),
         }
     }
+
+    /// Ends the run: a ring the kernel may still use, and the leases of what it names, are
+    /// leaked for good (the kernel keeps writing into or reading from them); otherwise the ring
+    /// goes back to the pool and the leases are let go.
+    fn retire(&mut self, inner: &Inner, ring: Ring) {
+        if self.abandoned {
+            std::mem::forget(ring);
+            std::mem::forget(std::mem::take(&mut self.leases));
+        } else {
+            inner.give_ring(ring);
+            self.leases.clear();
+        }
+    }
+}
+
+/// A descriptor as an error names it: the file's path where /proc tells it.
+fn describe_fd(fd: i32) -> String {
+    match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+        Ok(path) => format!("{} (fd {fd})", path.display()),
+        Err(_) => format!("fd {fd}"),
+    }
 }
 
 impl UringTransport {
+    /// A registration whose guard transfers lease while they run.
+    fn registration<T: Send + Sync + 'static>(&self, dev_id: u64, guard: Guard<T>) -> Registration {
+        let entry = guard.entry;
+        let guard = Arc::new(guard);
+        let lease: nixl_core::Lease = guard.clone();
+        self.inner.table.attach(entry, Arc::downgrade(&lease));
+        Registration::new(dev_id, Box::new(guard))
+    }
+
     fn run_blocking(&self, write: bool, ops: Vec<Op>) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
-        self.inner
+        let leases = self
+            .inner
             .table
             .check(ops.iter().map(|op| (op.addr, op.len, op.fd as u64)))?;
         let mut ring = self.inner.take_ring()?;
-        let mut run = Run::new(write, ops, self.inner.config.timeout, &ring);
+        let mut run = Run::new(write, ops, self.inner.config.timeout, &ring, leases);
         while !run.pump(&mut ring, true) {}
-        self.inner.give_ring(ring);
+        run.retire(&self.inner, ring);
         run.outcome()
     }
 }
@@ -415,7 +564,12 @@ impl UringPending {
         }
         let outcome = run.outcome();
         if let Some(ring) = self.ring.take() {
-            self.inner.give_ring(ring);
+            run.retire(&self.inner, ring);
+        }
+        if run.abandoned {
+            if let Some(pages) = self.pages.take() {
+                pages.iter().for_each(|(page, _)| page.abandon());
+            }
         }
         self.run = None;
         outcome.map(|()| true)
@@ -441,7 +595,11 @@ impl PendingTransfer for UringPending {
 
 impl Drop for UringPending {
     fn drop(&mut self) {
-        // Every submitted entry must complete before the pages can go back to their pool.
+        // Every submitted entry must complete before the pages can go back to their pool; past a
+        // short wait, entries are cancelled and, failing that, abandoned with their pages.
+        if let Some(run) = self.run.as_mut() {
+            run.expedite(DROP_WAIT);
+        }
         while self.run.is_some() {
             if let Err(err) = self.settle(true) {
                 tracing::debug!(error = %err, "dropped io_uring batch ended in error");
@@ -461,14 +619,14 @@ impl Transport for UringTransport {
             .table
             .add_memory(region.base().as_ptr() as usize, region.len());
         let taken = lock(&self.inner.slots).add_memory(&region);
-        Ok(Registration::new(
+        Ok(self.registration(
             0,
-            Box::new(Guard {
+            Guard {
                 inner: Arc::clone(&self.inner),
                 entry,
                 fixed: Fixed::Buffers(taken),
                 _keep_alive: region,
-            }),
+            },
         ))
     }
 
@@ -476,14 +634,14 @@ impl Transport for UringTransport {
         let fd = file.as_raw_fd();
         let entry = self.inner.table.add_storage(fd as u64, false)?;
         lock(&self.inner.slots).add_file(&file);
-        Ok(Registration::new(
+        Ok(self.registration(
             fd as u64,
-            Box::new(Guard {
+            Guard {
                 inner: Arc::clone(&self.inner),
                 entry,
                 fixed: Fixed::File(fd),
                 _keep_alive: file,
-            }),
+            },
         ))
     }
 
@@ -494,7 +652,7 @@ impl Transport for UringTransport {
         })
     }
 
-    fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {
+    unsafe fn write(&self, batch: &[(&[u8], StorageExtent)]) -> Result<()> {
         let ops = ops_of(
             batch
                 .iter()
@@ -503,7 +661,7 @@ impl Transport for UringTransport {
         self.run_blocking(true, ops)
     }
 
-    fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
+    unsafe fn read(&self, batch: &mut [(&mut [u8], StorageExtent)]) -> Result<()> {
         let ops = ops_of(
             batch
                 .iter_mut()
@@ -525,11 +683,12 @@ impl Transport for UringTransport {
             })
             .collect();
         let prepared = ops_of(spans.into_iter()).and_then(|ops| {
-            self.inner
+            let leases = self
+                .inner
                 .table
                 .check(ops.iter().map(|op| (op.addr, op.len, op.fd as u64)))?;
             let ring = self.inner.take_ring()?;
-            let run = Run::new(write, ops, self.inner.config.timeout, &ring);
+            let run = Run::new(write, ops, self.inner.config.timeout, &ring, leases);
             Ok((ring, run))
         });
         let (ring, run, failed) = match prepared {
@@ -567,7 +726,7 @@ impl Transport for UringTransport {
 mod tests {
     use std::os::unix::fs::FileExt;
 
-    use nixl_core::TransportExt;
+    use nixl_core::{PageView, TransportExt};
     use pinned_alloc::PoolConfig;
 
     use super::*;
@@ -612,10 +771,10 @@ mod tests {
         pages[1].as_mut_slice().fill(0x5A);
         let extent = |i: u64| StorageExtent::new(storage.dev_id(), i * (64 << 10));
         engine
-            .write(&[
-                (pages[0].as_slice(), extent(1)),
-                (pages[1].as_slice(), extent(0)),
-            ])
+            .write_pages(
+                &[(&pages[0], extent(1)), (&pages[1], extent(0))],
+                PageView::Exact,
+            )
             .unwrap();
         let mut on_disk = vec![0u8; 128 << 10];
         file.read_exact_at(&mut on_disk, 0).unwrap();
@@ -623,10 +782,10 @@ mod tests {
         assert!(on_disk[64 << 10..].iter().all(|&b| b == 0xA5));
         let (first, second) = pages.split_at_mut(1);
         engine
-            .read(&mut [
-                (first[0].as_mut_slice(), extent(0)),
-                (second[0].as_mut_slice(), extent(1)),
-            ])
+            .read_pages(
+                &mut [(&mut first[0], extent(0)), (&mut second[0], extent(1))],
+                PageView::Exact,
+            )
             .unwrap();
         assert!(pages[0].as_slice().iter().all(|&b| b == 0x5A));
         assert!(pages[1].as_slice().iter().all(|&b| b == 0xA5));

@@ -1,13 +1,29 @@
 //! Static mode: `pool_size` object slots registered once, written whole, read by range.
+//!
+//! Each slot object is the 4 KiB chunk header (full key, payload length, checksums) followed by
+//! the payload, as dynamic objects are: a slot never written, torn, or now holding another key
+//! reads as a miss, never as data. Objects are written whole, so a write copies header and
+//! payload into one registered staging buffer; reads are ranged, the header into a registered
+//! header buffer and the payload straight into the caller's page.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use nixl_core::{Registration, StorageExtent, Transport};
-use pinned_alloc::Page;
+use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
+use nixl_core::{PageView, Registration, StorageExtent, Transport, TransportExt};
+use pinned_alloc::{LockMode, Page, PagePool, PoolConfig};
 
 use crate::error::{Error, Result};
+
+/// Items per transfer batch; a longer call goes as several batches.
+const MAX_BATCH: usize = 16;
+/// Staging and header buffers: room for a few batches at once.
+const BUFFERS: u64 = 4 * MAX_BATCH as u64;
+/// How long a batch waits for buffers held by other batches.
+const BUFFER_WAIT: Duration = Duration::from_secs(30);
 
 /// A pool of objects whose ids are this process's own: a random 32-bit prefix and the slot index
 /// (the reference names static objects per process too; nothing survives a restart).
@@ -16,24 +32,69 @@ pub struct StaticObjectPool {
     transport: Arc<dyn Transport>,
     slots: Vec<Registration>,
     slot_bytes: usize,
+    /// Header + payload, contiguous: objects are written whole.
+    staging: Arc<PagePool>,
+    /// Headers read back.
+    headers: Arc<PagePool>,
+    /// Buffers of failed batches, never reused (the transfer may still be running).
+    leaked: AtomicU64,
+    _registrations: [Registration; 2],
+}
+
+fn wait_for_pages(pool: &Arc<PagePool>, n: usize) -> Result<Vec<Page>> {
+    let started = Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        if let Ok(pages) = pool.allocate_batch(n) {
+            return Ok(pages);
+        }
+        if started.elapsed() > BUFFER_WAIT {
+            return Err(Error::Config(format!(
+                "no slot buffer came free within {BUFFER_WAIT:?}"
+            )));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(2));
+    }
 }
 
 impl StaticObjectPool {
-    /// Registers `pool_size` objects of `slot_bytes` each.
+    /// Registers `pool_size` objects of a header and `slot_bytes` each, and the buffers that
+    /// stage them.
     pub fn open(transport: Arc<dyn Transport>, pool_size: u32, slot_bytes: usize) -> Result<Self> {
         if pool_size == 0 || slot_bytes == 0 {
             return Err(Error::Config(
                 "pool_size and the slot size must both be positive".to_owned(),
             ));
         }
+        let object_bytes = HEADER_BYTES + slot_bytes;
+        let staging = PoolConfig::new(
+            object_bytes,
+            BUFFERS * object_bytes.next_multiple_of(4096) as u64,
+        )
+        .with_lock(LockMode::BestEffort)
+        .build()
+        .map_err(|e| Error::Config(format!("staging buffers: {e}")))?;
+        let headers = PoolConfig::new(HEADER_BYTES, BUFFERS * HEADER_BYTES as u64)
+            .with_lock(LockMode::BestEffort)
+            .build()
+            .map_err(|e| Error::Config(format!("header buffers: {e}")))?;
+        let registrations = [
+            transport.register_pool(&staging)?,
+            transport.register_pool(&headers)?,
+        ];
         let prefix = (RandomState::new().build_hasher().finish() >> 32) << 32;
         let slots = (0..pool_size)
-            .map(|i| transport.register_object(prefix | u64::from(i), slot_bytes))
+            .map(|i| transport.register_object(prefix | u64::from(i), object_bytes))
             .collect::<nixl_core::Result<Vec<_>>>()?;
         Ok(Self {
             transport,
             slots,
             slot_bytes,
+            staging,
+            headers,
+            leaked: AtomicU64::new(0),
+            _registrations: registrations,
         })
     }
 
@@ -47,38 +108,102 @@ impl StaticObjectPool {
         self.slots.is_empty()
     }
 
-    fn extent(&self, slot: u32) -> Result<StorageExtent> {
+    /// The object of `slot`, checked: the key and length must fit it.
+    fn extent(&self, key: &[u8], len: usize, slot: u32) -> Result<StorageExtent> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(Error::InvalidKey(format!(
+                "a slot key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+                key.len()
+            )));
+        }
+        if len > self.slot_bytes {
+            return Err(Error::Config(format!(
+                "a chunk of {len} bytes does not fit slots of {} (slot {slot})",
+                self.slot_bytes
+            )));
+        }
         self.slots
             .get(slot as usize)
             .map(|r| StorageExtent::new(r.dev_id(), 0))
             .ok_or_else(|| Error::Config(format!("slot {slot} is outside the pool")))
     }
 
-    /// Writes each page as the whole object of its slot, in one batch.
-    pub fn write(&self, items: &[(&Page, u32)]) -> Result<()> {
-        let batch = items
-            .iter()
-            .map(|(page, slot)| {
-                if page.len() > self.slot_bytes {
-                    return Err(Error::Config(format!(
-                        "a chunk of {} bytes does not fit slots of {}",
-                        page.len(),
-                        self.slot_bytes
-                    )));
-                }
-                Ok((page.as_slice(), self.extent(*slot)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(self.transport.write(&batch)?)
+    /// Keeps the buffers of a failed batch out of circulation for good: the engine (an SDK
+    /// retrying in the background) may still be reading or writing them.
+    fn leak(&self, buffers: Vec<Page>) {
+        let n = buffers.len() as u64;
+        let total = self.leaked.fetch_add(n, Ordering::Relaxed) + n;
+        tracing::error!(
+            leaked = n,
+            total,
+            "static object batch failed; its buffers are retired for good"
+        );
+        std::mem::forget(buffers);
     }
 
-    /// Reads each slot into its page, in one batch.
-    pub fn read(&self, items: &mut [(&mut Page, u32)]) -> Result<()> {
-        let mut batch = Vec::with_capacity(items.len());
-        for (page, slot) in items.iter_mut() {
-            let extent = self.extent(*slot)?;
-            batch.push((page.as_mut_slice(), extent));
+    /// Writes each page, after the header of its key (canonical bytes), as the whole object of
+    /// its slot. An error fails every item of the call.
+    pub fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
+        for piece in items.chunks(MAX_BATCH) {
+            let mut staging = wait_for_pages(&self.staging, piece.len())?;
+            let mut extents = Vec::with_capacity(piece.len());
+            for ((key, page, slot), buffer) in piece.iter().zip(staging.iter_mut()) {
+                extents.push(self.extent(key, page.len(), *slot)?);
+                buffer.set_len(HEADER_BYTES + page.len());
+                let (head, body) = buffer.as_mut_slice().split_at_mut(HEADER_BYTES);
+                header::write(head, key, page.as_slice());
+                body.copy_from_slice(page.as_slice());
+            }
+            let batch: Vec<_> = staging
+                .iter()
+                .zip(&extents)
+                .map(|(buffer, extent)| (buffer, *extent))
+                .collect();
+            let written = self.transport.write_pages(&batch, PageView::Exact);
+            drop(batch);
+            if let Err(err) = written {
+                self.leak(staging);
+                return Err(Error::Batch(Arc::new(err)));
+            }
         }
-        Ok(self.transport.read(&mut batch)?)
+        Ok(())
+    }
+
+    /// Reads each slot into its page (whose length is the payload expected); per item whether
+    /// the slot's header names that key and length and the payload matches its checksum.
+    /// An error fails every item of the call.
+    pub fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
+        let mut verdicts = Vec::with_capacity(items.len());
+        for piece in items.chunks_mut(MAX_BATCH) {
+            let mut headers = wait_for_pages(&self.headers, piece.len())?;
+            let mut extents = Vec::with_capacity(piece.len());
+            for (key, page, slot) in piece.iter() {
+                extents.push(self.extent(key, page.len(), *slot)?);
+            }
+            let mut batch: Vec<_> = piece
+                .iter_mut()
+                .zip(headers.iter_mut())
+                .zip(&extents)
+                .flat_map(|(((_, page, _), head), extent)| {
+                    let body = StorageExtent::new(extent.dev_id, HEADER_BYTES as u64);
+                    [(head, *extent), (&mut **page, body)]
+                })
+                .collect();
+            let read = self.transport.read_pages(&mut batch, PageView::Exact);
+            drop(batch);
+            if let Err(err) = read {
+                self.leak(headers);
+                return Err(Error::Batch(Arc::new(err)));
+            }
+            for ((key, page, slot), head) in piece.iter().zip(&headers) {
+                let verdict = header::check(head.as_slice(), key, page.len() as u64)
+                    .and_then(|checksum| header::verify_payload(page.as_slice(), checksum));
+                if let Err(refusal) = &verdict {
+                    tracing::debug!(slot, %refusal, "static object slot read as a miss");
+                }
+                verdicts.push(verdict.is_ok());
+            }
+        }
+        Ok(verdicts)
     }
 }

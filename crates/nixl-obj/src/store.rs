@@ -4,15 +4,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
-use nixl_core::{Registration, StorageExtent, StorageName, Transport, TransportExt};
-use pinned_alloc::{LockMode, Page, PagePool, PoolConfig, Quarantine};
+use nixl_core::{PageView, Registration, StorageExtent, StorageName, Transport, TransportExt};
+use pinned_alloc::{LockMode, Page, PagePool, PoolConfig};
 
 use crate::error::{Error, Result};
 use crate::naming::object_id;
 
 const BUFFER_WAIT: Duration = Duration::from_secs(30);
-/// How long the buffers of a failed batch stay out of use (an SDK may retry in the background).
-const FAILED_BUFFER_GRACE: Duration = Duration::from_secs(60);
 
 /// Configuration of an [`ObjectStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +47,6 @@ pub struct ObjectStore {
     staging: Arc<PagePool>,
     /// Headers read back (ranged reads land payloads in the caller's pages directly).
     headers: Arc<PagePool>,
-    held: Quarantine,
     _registrations: [Registration; 2],
 }
 
@@ -106,7 +103,6 @@ impl ObjectStore {
             config,
             staging,
             headers,
-            held: Quarantine::new(FAILED_BUFFER_GRACE),
             _registrations: registrations,
         })
     }
@@ -164,11 +160,11 @@ impl ObjectStore {
         }
         let batch: Vec<_> = ready
             .iter()
-            .map(|(i, r)| (staging[*i].as_slice(), StorageExtent::new(r.dev_id(), 0)))
+            .map(|(i, r)| (&staging[*i], StorageExtent::new(r.dev_id(), 0)))
             .collect();
-        if let Err(err) = self.transport.write(&batch) {
+        // Pages the plugin may still read after a failure are retired by `write_pages`.
+        if let Err(err) = self.transport.write_pages(&batch, PageView::Exact) {
             drop(batch);
-            self.held.hold(staging);
             let err = Arc::new(err);
             for (i, _) in &ready {
                 results[*i] = Err(Error::Batch(Arc::clone(&err)));
@@ -269,17 +265,13 @@ impl ObjectStore {
                 which.iter().zip(&registrations).zip(headers.iter_mut())
             {
                 let dev_id = registration.dev_id();
-                batch.push((head.as_mut_slice(), StorageExtent::new(dev_id, 0)));
+                batch.push((head, StorageExtent::new(dev_id, 0)));
                 if let Some(page) = targets[i].take() {
-                    batch.push((
-                        page.as_mut_slice(),
-                        StorageExtent::new(dev_id, HEADER_BYTES as u64),
-                    ));
+                    batch.push((page, StorageExtent::new(dev_id, HEADER_BYTES as u64)));
                 }
             }
-            if let Err(err) = self.transport.read(&mut batch) {
-                drop(batch);
-                self.held.hold(headers);
+            // Pages the plugin may still write after a failure are retired by `read_pages`.
+            if let Err(err) = self.transport.read_pages(&mut batch, PageView::Exact) {
                 return Err(Error::Batch(Arc::new(err)));
             }
         }

@@ -6,12 +6,10 @@ mod cuda;
 mod error;
 mod mapping;
 mod pool;
-mod quarantine;
 mod region;
 
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaPinned, DeviceBufferPool, DeviceSlot, cuda_available, round_to_chunks};
 pub use error::{Error, Result};
 pub use pool::{KvShape, LockMode, PAGE_ALIGN, Page, PagePool, PoolConfig, PoolStats};
-pub use quarantine::Quarantine;
 pub use region::MemoryRegion;

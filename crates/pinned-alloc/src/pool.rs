@@ -3,7 +3,7 @@
 use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -176,6 +176,8 @@ pub struct PoolStats {
     pub free: usize,
     /// Most pages ever in use at once.
     pub high_water: usize,
+    /// Pages retired for good because hardware may still access them ([`Page::abandon`]).
+    pub abandoned: usize,
 }
 
 /// A pool of fixed-size, 4 KiB-aligned pages carved from one mapping.
@@ -187,6 +189,7 @@ pub struct PagePool {
     free: ArrayQueue<u32>,
     in_use: AtomicUsize,
     high_water: AtomicUsize,
+    abandoned: AtomicUsize,
 }
 
 impl fmt::Debug for PagePool {
@@ -235,6 +238,7 @@ impl PagePool {
             free,
             in_use: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
         }))
     }
 
@@ -259,6 +263,7 @@ impl PagePool {
             total: self.total,
             free: self.free.len(),
             high_water: self.high_water.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
         }
     }
 
@@ -272,6 +277,7 @@ impl PagePool {
             pool: Arc::clone(self),
             index,
             len: self.page_bytes,
+            abandoned: AtomicBool::new(false),
         }
     }
 
@@ -330,10 +336,15 @@ unsafe impl MemoryRegion for PagePool {
 ///
 /// A page may be narrowed to a shorter view ([`Page::set_len`]) for a partial ("unfull") chunk;
 /// it still occupies a whole page of the pool.
+///
+/// A page that hardware may still be accessing after a failed or timed-out transfer is
+/// [abandoned](Page::abandon): from then on it shows no bytes, and its memory never returns to
+/// the pool nor is unmapped, so nothing can observe or reuse what the engine may still touch.
 pub struct Page {
     pool: Arc<PagePool>,
     index: u32,
     len: usize,
+    abandoned: AtomicBool,
 }
 
 impl fmt::Debug for Page {
@@ -341,6 +352,7 @@ impl fmt::Debug for Page {
         f.debug_struct("Page")
             .field("index", &self.index)
             .field("len", &self.len)
+            .field("abandoned", &self.is_abandoned())
             .finish()
     }
 }
@@ -356,14 +368,38 @@ impl Page {
         self.index as usize * self.pool.stride
     }
 
-    /// Bytes in the current view.
+    /// Bytes in the current view; 0 once abandoned.
     pub fn len(&self) -> usize {
-        self.len
+        if self.is_abandoned() { 0 } else { self.len }
     }
 
     /// Whether the view is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Retires the page for good: an engine may still read or write its memory (a transfer
+    /// that timed out or failed without the engine letting go of it). From now on every view of
+    /// the page is empty, dropping it does not return it to the pool, and the pool's mapping is
+    /// never unmapped. Counted in [`PoolStats::abandoned`]. Idempotent.
+    pub fn abandon(&self) {
+        if self.abandoned.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.pool.abandoned.fetch_add(1, Ordering::Relaxed);
+        // The engine may touch this memory at any later time: keep the mapping for the rest of
+        // the process (one pool reference per abandoned page, a bounded leak failures pay).
+        std::mem::forget(Arc::clone(&self.pool));
+        tracing::warn!(
+            index = self.index,
+            bytes = self.pool.page_bytes,
+            "page abandoned: an engine may still access it, so it is retired for good"
+        );
+    }
+
+    /// Whether the page was [abandoned](Page::abandon).
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     /// Bytes of a full page.
@@ -395,7 +431,7 @@ impl Page {
     }
 
     fn io_len(&self) -> usize {
-        self.len.next_multiple_of(PAGE_ALIGN)
+        self.len().next_multiple_of(PAGE_ALIGN)
     }
 
     /// The pool this page belongs to.
@@ -414,19 +450,21 @@ impl Page {
         // SAFETY: `start()..start()+len` lies inside this page (len <= page_bytes <= stride), the
         // mapping outlives `self` (we hold an Arc of the pool), and no other `Page` covers these
         // bytes because an index is owned by at most one `Page` at a time.
-        unsafe { std::slice::from_raw_parts(self.start(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.start(), self.len()) }
     }
 
     /// The bytes of the current view, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`; `&mut self` makes this the only live view of the page.
-        unsafe { std::slice::from_raw_parts_mut(self.start(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.start(), self.len()) }
     }
 }
 
 impl Drop for Page {
     fn drop(&mut self) {
-        self.pool.release(self.index);
+        if !self.is_abandoned() {
+            self.pool.release(self.index);
+        }
     }
 }
 
@@ -442,6 +480,29 @@ mod tests {
         .with_lock(LockMode::Off)
         .build()
         .unwrap()
+    }
+
+    #[test]
+    fn an_abandoned_page_shows_nothing_and_never_returns_to_the_pool() {
+        let pool = pool(8192, 2);
+        let mut page = pool.allocate().unwrap();
+        page.as_mut_slice().fill(7);
+        page.abandon();
+        page.abandon();
+        assert!(page.as_slice().is_empty() && page.io_slice().is_empty());
+        assert!(page.as_mut_slice().is_empty() && page.io_slice_mut().is_empty());
+        assert_eq!(page.len(), 0);
+        drop(page);
+        assert_eq!(
+            pool.stats().free,
+            1,
+            "the abandoned page stays out of circulation"
+        );
+        assert_eq!(pool.stats().abandoned, 1);
+        let other = pool.allocate().unwrap();
+        assert!(pool.allocate().is_none());
+        drop(other);
+        assert_eq!(pool.stats().free, 1);
     }
 
     #[test]
@@ -509,7 +570,8 @@ mod tests {
             PoolStats {
                 total: 2,
                 free: 2,
-                high_water: 2
+                high_water: 2,
+                abandoned: 0,
             }
         );
     }

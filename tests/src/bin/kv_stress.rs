@@ -18,6 +18,10 @@ use kv_l2_adapter::{
 };
 use pinned_alloc::{Page, PagePool, PoolConfig};
 
+/// The adapter torture, shared with `tests/adapter_torture.rs`.
+#[path = "../../tests/torture/mod.rs"]
+mod torture;
+
 /// A tool built beside this one (`cargo xtask stress` builds them all).
 fn sibling(name: &str) -> Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
@@ -390,6 +394,39 @@ fn concurrency(seconds: u64, summary: &mut Summary) -> Result<()> {
     Ok(())
 }
 
+/// Eight threads on pools of six slots, per adapter and engine: store, load without a pin,
+/// lookup-and-pin / load / unlock, delete, eviction and HiCache get on overlapping keys, every
+/// byte of every hit compared. A row fails on any wrong byte or pinned miss.
+fn torture_rows(operations: u64, summary: &mut Summary) -> Result<()> {
+    for kind in ["nixl_store", "nixl_store_dynamic"] {
+        for engine in [Engine::Native, Engine::Nixl] {
+            let plan = torture::Plan {
+                kind,
+                engine,
+                slots: 6,
+                chunk: 16 << 10,
+                operations,
+            };
+            match torture::run(&plan) {
+                Ok(tally) => summary.add(
+                    "torture",
+                    format!(
+                        "{}: {} operations, {} hits, wrong: {}, pinned misses: {}",
+                        plan.label(),
+                        tally.operations,
+                        tally.hits,
+                        tally.wrong,
+                        tally.pinned_misses
+                    ),
+                    tally.wrong == 0 && tally.pinned_misses == 0 && tally.hits > 0,
+                ),
+                Err(err) => summary.add("torture", format!("{}: {err:#}", plan.label()), false),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn page_fallback(pool: &Arc<PagePool>) -> Page {
     loop {
         if let Some(page) = pool.allocate() {
@@ -560,10 +597,10 @@ fn secrets(summary: &mut Summary) -> Result<()> {
 fn main() -> Result<()> {
     let short = std::env::args().any(|a| a == "--short");
     let mut summary = Summary::default();
-    let (kills, keys, seconds, iterations) = if short {
-        (20, 10_000, 3, 2_000)
+    let (kills, keys, seconds, iterations, tortures) = if short {
+        (20, 10_000, 3, 2_000, 20_000)
     } else {
-        (200, 100_000, 20, 50_000)
+        (200, 100_000, 20, 50_000, 1_000_000)
     };
     let sections: Vec<(&str, Section)> = vec![
         ("crash", Box::new(move |s| crash(kills, s))),
@@ -571,6 +608,7 @@ fn main() -> Result<()> {
         ("full disk", Box::new(full_disk)),
         ("limits", Box::new(move |s| limits(keys, s))),
         ("concurrency", Box::new(move |s| concurrency(seconds, s))),
+        ("torture", Box::new(move |s| torture_rows(tortures, s))),
         ("multi-tenant", Box::new(multi_tenant)),
         ("hostile input", Box::new(move |s| hostile(iterations, s))),
         ("secrets", Box::new(secrets)),
