@@ -281,14 +281,14 @@ impl Shared {
     /// capacity; returns which of `keys` are now indexed. Each key looked at is busy from the
     /// check to the insert, so no delete or store of it interleaves.
     fn recover(&self, keys: &[ChunkKey]) -> Vec<bool> {
-        let mut indexed = vec![false; keys.len()];
         let mut looked: Vec<usize> = Vec::new();
         {
             let mut state = self.state();
             for (i, key) in keys.iter().enumerate() {
-                if state.index.contains(key) {
-                    indexed[i] = true;
-                } else if !state.index.inflight.contains(key) && state.busy.insert(key.clone()) {
+                if !state.index.contains(key)
+                    && !state.index.inflight.contains(key)
+                    && state.busy.insert(key.clone())
+                {
                     looked.push(i);
                 }
             }
@@ -308,10 +308,10 @@ impl Shared {
                 }
             }
             state.index.insert(key.clone(), size, 0);
-            indexed[i] = true;
         }
         self.settle(&mut state, looked.iter().map(|&i| &keys[i]));
-        indexed
+        // Asked of the index itself, so a key named twice is answered alike both times.
+        keys.iter().map(|k| state.index.contains(k)).collect()
     }
 }
 
