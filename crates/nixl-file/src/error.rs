@@ -1,6 +1,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::key::FileKey;
+
 /// Errors of the file backends.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -39,6 +41,21 @@ pub enum Error {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+
+    /// An operation on one key failed: names the key and its file, and keeps the cause (which,
+    /// for a failed batch, every key of the batch shares).
+    #[error("{operation} {key} at {path} failed: {source}")]
+    Key {
+        /// What was done to the key (`storing`, `loading`, `deleting`, …).
+        operation: &'static str,
+        /// The key (boxed: it would make every `Result` of this crate several times larger).
+        key: Box<FileKey>,
+        /// The key's file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<Error>,
     },
 
     /// A key that cannot name a file safely (path separators, NUL, `..`, too long, …).

@@ -74,6 +74,68 @@ pub(crate) fn preallocate(file: &File, bytes: u64) -> io::Result<()> {
     Err(err)
 }
 
+/// Takes the exclusive `flock` of `file` without waiting: `Ok(false)` when another open file
+/// (of this process or another) holds it.
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
+    // SAFETY: the descriptor belongs to `file`, which is borrowed for the whole call; flock
+    // touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(err)
+}
+
+/// Takes the exclusive `flock` of `file`, waiting while another open file holds it.
+pub(crate) fn lock(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: as in `try_lock`.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Whether no process `pid` exists in this pid namespace (`kill(pid, 0)` fails with `ESRCH`).
+/// A pid that no process can have (0, or beyond `pid_t`) is gone; `kill` would read it as a
+/// process group.
+pub(crate) fn process_gone(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 delivers nothing; kill only checks that the process exists and that we
+    // may signal it, and touches no memory.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Opens a file only to look at it: `O_NONBLOCK`, so that a FIFO planted under a chunk's name
+/// cannot hang the caller (it has no effect on regular files).
+pub(crate) fn open_to_inspect(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// `fsync` of a folder, so that the names created in it or renamed into it survive a power
+/// loss.
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +154,27 @@ mod tests {
         let path = dir.path().join("missing-folder").join("chunks.bin");
         let err = open_storage_file(&path, FileOptions::new()).unwrap_err();
         assert!(err.to_string().contains("missing-folder"), "{err}");
+    }
+
+    #[test]
+    fn a_lock_held_by_another_open_file_is_refused_until_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locked");
+        let holder = open_storage_file(&path, FileOptions::new()).unwrap();
+        assert!(try_lock(&holder).unwrap());
+        let other = open_to_inspect(&path).unwrap();
+        assert!(
+            !try_lock(&other).unwrap(),
+            "flock is per open file, even in one process"
+        );
+        drop(holder);
+        assert!(try_lock(&other).unwrap());
+    }
+
+    #[test]
+    fn this_process_is_alive_and_impossible_pids_are_gone() {
+        assert!(!process_gone(std::process::id()));
+        assert!(process_gone(0));
+        assert!(process_gone(u32::MAX));
     }
 }
