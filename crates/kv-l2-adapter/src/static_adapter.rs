@@ -1,9 +1,10 @@
 //! `nixl_store`: a fixed pool of slots registered once; when it is full, the least recently used
 //! unpinned keys make room at store time, and a batch nothing can make room for is refused.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use nixl_file::StaticFilePool;
 use nixl_obj::StaticObjectPool;
@@ -74,8 +75,11 @@ struct State {
     /// Slots freed (deleted, evicted) while loads of them were in flight; each returns to
     /// `free` when its last reader ends.
     draining: HashSet<u32>,
-    /// Slots whose write failed: the transfer may still be running, so they never return.
-    quarantined: usize,
+    /// Slots whose write failed, with when: the engine may go on writing into them for
+    /// [`nixl_core::FAILED_REQUEST_GRACE`], after which they return to `free`.
+    quarantined: VecDeque<(Instant, u32)>,
+    /// Slots whose write timed out: the engine may write into them at any time, for good.
+    retired: usize,
     closed: bool,
 }
 
@@ -86,6 +90,18 @@ impl State {
             self.draining.insert(slot);
         } else {
             self.free.push(slot);
+        }
+    }
+
+    /// Takes back the quarantined slots whose grace period has passed.
+    fn reclaim(&mut self) {
+        let now = Instant::now();
+        while let Some(&(since, slot)) = self.quarantined.front() {
+            if now.duration_since(since) < nixl_core::FAILED_REQUEST_GRACE {
+                break;
+            }
+            self.quarantined.pop_front();
+            self.release(slot);
         }
     }
 
@@ -127,7 +143,8 @@ impl StaticAdapter {
                 free,
                 readers: HashMap::new(),
                 draining: HashSet::new(),
-                quarantined: 0,
+                quarantined: VecDeque::new(),
+                retired: 0,
                 closed: false,
             }),
         }
@@ -157,6 +174,7 @@ impl L2Adapter for StaticAdapter {
         let mut todo: Vec<(usize, u32)> = Vec::new();
         {
             let mut state = self.state();
+            state.reclaim();
             let mut fresh = Vec::new();
             let mut batch = HashSet::new();
             for (i, key) in keys.iter().enumerate() {
@@ -226,15 +244,26 @@ impl L2Adapter for StaticAdapter {
                         KeyOutcome::Stored { bytes }
                     }
                     Err(err) => {
-                        // The transfer may still be running into this slot: never reuse it.
-                        state.quarantined += 1;
-                        tracing::error!(
-                            key = ?keys[i],
-                            slot,
-                            quarantined = state.quarantined,
-                            error = %err,
-                            "static slot write failed; the slot is quarantined for good"
-                        );
+                        // The engine may still be writing into this slot: not reused while it
+                        // may, for good after a timeout.
+                        if nixl_core::timed_out_within(&**err) {
+                            state.retired += 1;
+                            tracing::error!(
+                                key = ?keys[i],
+                                slot,
+                                retired = state.retired,
+                                error = %err,
+                                "static slot write timed out; the slot is retired for good"
+                            );
+                        } else {
+                            state.quarantined.push_back((Instant::now(), slot));
+                            tracing::warn!(
+                                key = ?keys[i],
+                                slot,
+                                error = %err,
+                                "static slot write failed; the slot is quarantined for a while"
+                            );
+                        }
                         KeyOutcome::Failed(Error::Batch {
                             key: keys[i].clone(),
                             source: Arc::clone(err),
@@ -431,6 +460,53 @@ mod tests {
 
     fn pages() -> Arc<PagePool> {
         PoolConfig::new(4096, 8 * 4096).build().unwrap()
+    }
+
+    /// Two slots whose writes fail while `failure` holds an error to fail with.
+    #[derive(Debug, Default)]
+    struct Failing {
+        failure: Mutex<Option<fn() -> nixl_core::Error>>,
+    }
+
+    impl SlotStorage for Arc<Failing> {
+        fn slots(&self) -> usize {
+            2
+        }
+
+        fn write(&self, _items: &[(&[u8], &Page, u32)]) -> Result<()> {
+            match *self.failure.lock().unwrap() {
+                Some(failure) => Err(Error::Transport(failure())),
+                None => Ok(()),
+            }
+        }
+
+        fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
+            Ok(vec![false; items.len()])
+        }
+    }
+
+    #[test]
+    fn a_slot_whose_write_failed_or_timed_out_is_not_handed_out_again() {
+        let reported = || nixl_core::Error::Failed("the plugin said no".to_owned());
+        let timed_out = || nixl_core::Error::Timeout {
+            descriptors: 1,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        for failure in [reported as fn() -> nixl_core::Error, timed_out] {
+            let pool = pages();
+            let storage = Arc::new(Failing::default());
+            let adapter = StaticAdapter::new(Box::new(Arc::clone(&storage)), "failing", 4096);
+            let batch: Vec<_> = (0..2).map(|_| pool.allocate().unwrap()).collect();
+            *storage.failure.lock().unwrap() = Some(failure);
+            assert!(!adapter.store(&[key(1, None)], &[&batch[0]]).is_successful());
+            *storage.failure.lock().unwrap() = None;
+            let report = adapter.store(&[key(2, None), key(3, None)], &[&batch[0], &batch[1]]);
+            assert!(
+                report.keys.iter().all(|k| !k.is_stored()),
+                "only one slot is free while the other may still be written: {report:?}"
+            );
+            assert!(adapter.store(&[key(2, None)], &[&batch[0]]).is_successful());
+        }
     }
 
     #[test]

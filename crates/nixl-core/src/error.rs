@@ -202,5 +202,22 @@ impl Error {
     }
 }
 
+/// Whether a transfer error ran out of time, anywhere in its chain of causes: an engine may
+/// then go on using the storage it was writing for good (a failure it reported lasts at most
+/// [`FAILED_REQUEST_GRACE`](crate::FAILED_REQUEST_GRACE)).
+pub fn timed_out_within(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        let own = err
+            .downcast_ref::<Error>()
+            .or_else(|| err.downcast_ref::<std::sync::Arc<Error>>().map(|a| &**a));
+        if own.is_some_and(Error::is_timeout) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

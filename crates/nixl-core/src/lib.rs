@@ -11,8 +11,10 @@ mod table;
 mod transport;
 
 pub use channel::{Channel, ChannelConfig, ChannelType, Role, create_channel};
-pub use error::{Error, NixlStatus, Result};
-pub use nixl::{MAX_ABANDONED_REQUESTS, NixlConfig, NixlTransport, ThreadSync};
+pub use error::{Error, NixlStatus, Result, timed_out_within};
+pub use nixl::{
+    FAILED_REQUEST_GRACE, MAX_ABANDONED_REQUESTS, NixlConfig, NixlTransport, ThreadSync,
+};
 pub use probe::{PluginInfo, direct_io_supported, plugins};
 pub use runtime::{NixlRuntime, RuntimeLocator};
 pub use table::{Lease, RegistrationTable, TableEntry};

@@ -13,7 +13,7 @@ use nixl_sys::{
     Agent, AgentConfig, Backend, MemType, NixlDescriptor, OptArgs, RegDescList, RegistrationHandle,
     XferDescList, XferOp, XferRequest, XferStatus,
 };
-use pinned_alloc::MemoryRegion;
+use pinned_alloc::{MemoryRegion, Page};
 
 /// The longest sleep between two status polls: short enough that a batch finishing in well under
 /// a millisecond is seen at once, long enough that a waiting thread uses almost no CPU.
@@ -21,6 +21,16 @@ const MAX_POLL_PAUSE: Duration = Duration::from_micros(50);
 
 /// How long dropping an unfinished transfer waits for it before abandoning its pages.
 const DROP_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a request that NIXL reported failed, and the memory it named, are kept out of use:
+/// NIXL's status says failed while the plugin may go on using the buffers (seen with NIXL OBJ
+/// against a missing bucket: the AWS SDK retried `PutObject`, reading the batch's memory, after
+/// the status came back as an error).
+pub const FAILED_REQUEST_GRACE: Duration = Duration::from_secs(60);
+
+/// Failed requests held for their grace period at most; past this, new transfers are refused
+/// until some expire, rather than memory held without bound.
+const MAX_HELD_FAILURES: usize = 1024;
 
 /// Abandoned requests (each keeps its memory and storage for good) after which the transport
 /// refuses new transfers: a backend that keeps failing that way would otherwise leak without
@@ -158,14 +168,26 @@ struct Shared {
     serial: Option<Mutex<()>>,
     /// Requests abandoned to the plugin so far.
     abandoned: AtomicUsize,
+    /// Failed requests and the pages they named, kept until their grace period ends (oldest
+    /// first).
+    held: Mutex<std::collections::VecDeque<(Instant, Held)>>,
 }
 
 /// A request posted to NIXL with a lease on every registration it names.
 struct Posted {
     request: XferRequest,
     /// Dropped after the request: the registrations outlive its release.
-    _leases: Vec<Lease>,
+    leases: Vec<(TableEntry, Lease)>,
     descriptors: usize,
+}
+
+/// What a failed transfer left behind, held out of use for its grace period.
+enum Held {
+    /// The request (never released under a plugin that may still use it) and the leases that
+    /// keep its memory registered and its files open.
+    Request(XferRequest, Vec<Lease>),
+    /// The pages the batch named.
+    Pages(Vec<Page>),
 }
 
 impl Shared {
@@ -176,7 +198,80 @@ impl Shared {
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// After a failed or timed-out request, the plugin may still be working on some of its
+    /// Ends a request that did not succeed, NIXL having handed it to the plugin. Either way the
+    /// plugin may still use the batch's memory, so the caller gets [`Error::Abandoned`] and must
+    /// retire it ([`Transport::retire`]). A request that ran out of time may still be running:
+    /// it is [abandoned](Shared::abandon) for good. One NIXL reported failed is held, with its
+    /// memory and file registrations, for [`FAILED_REQUEST_GRACE`] and then released; its
+    /// object registrations are let go at once, so a retry may register the same object id
+    /// (an object id names storage by name, unlike a file descriptor that a later file reuses).
+    fn fail(&self, posted: Posted, cause: Error) -> Error {
+        if cause.is_timeout() {
+            return self.abandon(posted, cause);
+        }
+        tracing::warn!(
+            backend = %self.config.backend,
+            descriptors = posted.descriptors,
+            error = %cause,
+            "NIXL transfer failed; its request and memory are held out of use for a grace period"
+        );
+        let descriptors = posted.descriptors;
+        let objects = self.storage_mem == MemType::Object;
+        let (released, kept): (Vec<_>, Vec<_>) = posted
+            .leases
+            .into_iter()
+            .partition(|(entry, _)| objects && matches!(entry, TableEntry::Storage(..)));
+        let kept = kept.into_iter().map(|(_, lease)| lease).collect();
+        self.hold(Held::Request(posted.request, kept));
+        // Outside the custody lock: the last lease of a dropped registration deregisters.
+        drop(released);
+        Error::Abandoned {
+            descriptors,
+            cause: Box::new(cause),
+        }
+    }
+
+    /// Holds what a failed transfer left behind, and releases what has served its grace period.
+    fn hold(&self, held: Held) {
+        let now = Instant::now();
+        let expired = {
+            let mut list = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            list.push_back((now, held));
+            expired_of(&mut list, now)
+        };
+        self.release_held(expired);
+    }
+
+    /// Whether the custody list has room for another failure (after releasing what expired).
+    fn has_room(&self) -> bool {
+        let now = Instant::now();
+        let (expired, len) = {
+            let mut list = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let expired = expired_of(&mut list, now);
+            (expired, list.len())
+        };
+        self.release_held(expired);
+        len < MAX_HELD_FAILURES
+    }
+
+    /// Releases held requests (under the agent-call lock), then their leases and pages (outside
+    /// it: the last lease of a dropped registration deregisters, which takes that lock).
+    fn release_held(&self, expired: Vec<Held>) {
+        for held in expired {
+            match held {
+                Held::Request(request, leases) => {
+                    {
+                        let _serial = self.serial();
+                        drop(request);
+                    }
+                    drop(leases);
+                }
+                Held::Pages(pages) => drop(pages),
+            }
+        }
+    }
+
+    /// After a timed-out request, the plugin may still be working on some of its
     /// descriptors (a storage SDK retrying in the background, seen with NIXL OBJ against a
     /// missing bucket), and NIXL cannot say when it stops. The request is never released under
     /// it (releasing an active request frees what the plugin still uses), and the registrations
@@ -328,6 +423,7 @@ impl NixlTransport {
                 table: RegistrationTable::new(),
                 serial,
                 abandoned: AtomicUsize::new(0),
+                held: Mutex::new(std::collections::VecDeque::new()),
             }),
         })
     }
@@ -392,7 +488,7 @@ impl NixlTransport {
             return Ok(None);
         }
         let abandoned = self.shared.abandoned.load(Ordering::Relaxed);
-        if abandoned >= MAX_ABANDONED_REQUESTS {
+        if abandoned >= MAX_ABANDONED_REQUESTS || !self.shared.has_room() {
             return Err(Error::TooManyAbandoned { abandoned });
         }
         let leases = self.shared.table.check(
@@ -430,16 +526,15 @@ impl NixlTransport {
             .map_err(Error::nixl("create transfer request"))?;
         let posted = Posted {
             request,
-            _leases: leases,
+            leases,
             descriptors: batch.len(),
         };
         // Completed at once or still in progress: the status poll answers either way. A failed
-        // post may have handed part of the batch to the plugin already.
+        // post is NIXL's word that the batch is not going on; the request is kept for the grace
+        // period all the same, in case part of it reached the plugin.
         if let Err(err) = agent.post_xfer_req(&posted.request, Some(&opt_args)) {
             drop(_serial);
-            return Err(self
-                .shared
-                .abandon(posted, Error::nixl("post transfer")(err)));
+            return Err(self.shared.fail(posted, Error::nixl("post transfer")(err)));
         }
         Ok(Some(posted))
     }
@@ -459,7 +554,31 @@ impl NixlTransport {
                 release(&self.shared, posted);
                 Ok(())
             }
-            Err(err) => Err(self.shared.abandon(posted, err)),
+            Err(err) => Err(self.shared.fail(posted, err)),
+        }
+    }
+}
+
+/// Takes from the front of the custody list what has served its grace period.
+fn expired_of(list: &mut std::collections::VecDeque<(Instant, Held)>, now: Instant) -> Vec<Held> {
+    let mut expired = Vec::new();
+    while list
+        .front()
+        .is_some_and(|(since, _)| now.duration_since(*since) >= FAILED_REQUEST_GRACE)
+    {
+        expired.extend(list.pop_front().map(|(_, held)| held));
+    }
+    expired
+}
+
+impl Shared {
+    /// Keeps the pages of an abandoned batch out of use: for good after a timeout, for the
+    /// grace period after a failure NIXL reported.
+    fn retire(&self, pages: Vec<Page>, failure: &Error) {
+        if failure.is_timeout() {
+            pages.into_iter().for_each(Page::abandon_owned);
+        } else if !pages.is_empty() {
+            self.hold(Held::Pages(pages));
         }
     }
 }
@@ -468,13 +587,13 @@ impl NixlTransport {
 /// of a dropped registration deregisters, which takes that lock itself).
 fn release(shared: &Shared, posted: Posted) {
     let Posted {
-        request, _leases, ..
+        request, leases, ..
     } = posted;
     {
         let _serial = shared.serial();
         drop(request);
     }
-    drop(_leases);
+    drop(leases);
 }
 
 /// One status check: `Ok(true)` when done.
@@ -555,13 +674,13 @@ impl NixlPending {
                 State::Succeeded
             }
             (Err(err), Some(posted)) => {
-                // The plugin may still touch these pages: they are retired for good.
+                let err = self.shared.fail(posted, err);
+                // The plugin may still touch these pages: they are kept out of use.
                 if let Some(pages) = self.pages.take() {
-                    for (page, _) in &pages {
-                        page.abandon();
-                    }
+                    let pages = pages.into_iter().map(|(page, _)| page).collect();
+                    self.shared.retire(pages, &err);
                 }
-                State::Failed(Some(self.shared.abandon(posted, err)))
+                State::Failed(Some(err))
             }
             (Err(err), None) => State::Failed(Some(err)),
         };
@@ -764,14 +883,15 @@ impl Transport for NixlTransport {
         };
         let (posted, state) = match self.post(op, &descs, HOST) {
             Ok(posted) => (posted, State::InFlight),
-            Err(err) => {
-                if err.memory_abandoned() {
-                    for (page, _) in &batch {
-                        page.abandon();
-                    }
-                }
+            Err(err) if err.memory_abandoned() => {
+                let pages = std::mem::take(&mut batch)
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect();
+                self.shared.retire(pages, &err);
                 (None, State::Failed(Some(err)))
             }
+            Err(err) => (None, State::Failed(Some(err))),
         };
         Box::new(NixlPending {
             shared: Arc::clone(&self.shared),
@@ -779,6 +899,10 @@ impl Transport for NixlTransport {
             pages: Some(batch),
             state,
         })
+    }
+
+    fn retire(&self, pages: Vec<Page>, failure: &Error) {
+        self.shared.retire(pages, failure);
     }
 
     fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>> {

@@ -123,11 +123,11 @@ impl RegistrationTable {
 
     /// Checks a batch of `(address, length, device id)`: every buffer must lie inside one live
     /// registered range and every device id must be live. Returns a lease on each registration
-    /// the batch names, taken in the same step as the check.
+    /// the batch names, taken in the same step as the check, with the entry it is for.
     pub fn check(
         &self,
         batch: impl IntoIterator<Item = (usize, usize, u64)>,
-    ) -> Result<Vec<Lease>> {
+    ) -> Result<Vec<(TableEntry, Lease)>> {
         let rows = self.rows();
         let mut named: HashMap<TableEntry, Lease> = HashMap::new();
         for (addr, len, dev_id) in batch {
@@ -151,7 +151,7 @@ impl RegistrationTable {
                 .entry(TableEntry::Storage(dev_id, id))
                 .or_insert(lease);
         }
-        Ok(named.into_values().collect())
+        Ok(named.into_iter().collect())
     }
 }
 
@@ -230,7 +230,8 @@ mod tests {
         assert_eq!(
             leases
                 .iter()
-                .filter(|l| l.downcast_ref::<TableEntry>() == Some(&storage))
+                .filter(|(entry, l)| *entry == storage
+                    && l.downcast_ref::<TableEntry>() == Some(&storage))
                 .count(),
             1,
             "the transfer's lease keeps the dropped registration alive"

@@ -101,8 +101,8 @@ pub trait PendingTransfer: Send + Debug {
 ///   a live storage registration.
 /// - [`write`](Transport::write) and [`read`](Transport::read) MUST NOT return before the whole
 ///   batch is complete or has failed. They return [`Error::Abandoned`](crate::Error::Abandoned)
-///   exactly when the engine may still access the buffers (a timeout, or a failure the engine
-///   did not confirm as over); every other return means it no longer does. Safe callers use
+///   exactly when the engine may still access the buffers (a batch that ran out of time and
+///   that the engine did not let go of); every other return means it no longer does. Safe callers use
 ///   [`TransportExt::write_pages`] and [`TransportExt::read_pages`], which retire abandoned pages.
 /// - A submitted batch holds every registration it names until it is over: dropping a
 ///   [`Registration`] while a transfer uses it defers the deregistration (and the closing of the
@@ -153,6 +153,11 @@ pub trait Transport: Send + Sync + Debug + 'static {
 
     /// Whether each storage item exists, in order.
     fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>>;
+
+    /// Takes the pages of a batch that ended in [`Error::Abandoned`](crate::Error::Abandoned)
+    /// (handed over by [`Page::surrender`]) and MUST keep them out of use for as long as the
+    /// engine may still access them: for good when that cannot be known.
+    fn retire(&self, pages: Vec<Page>, failure: &crate::Error);
 }
 
 /// Which bytes of a page a transfer moves.
@@ -172,25 +177,32 @@ pub trait TransportExt: Transport {
     }
 
     /// Writes pages to their extents, as one batch, and waits for it. Pages the engine may still
-    /// read after an error are [abandoned](Page::abandon): they show nothing from then on and
-    /// never return to their pool.
+    /// read after an error are [surrendered](Page::surrender) to the transport, which keeps them
+    /// out of use: the caller's pages show nothing from then on.
     fn write_pages(&self, batch: &[(&Page, StorageExtent)], view: PageView) -> Result<()> {
         let buffers: Vec<(&[u8], StorageExtent)> = batch
             .iter()
             .map(|(page, extent)| (view_of(page, view), *extent))
             .collect();
-        // SAFETY: on an abandoning error every page of the batch is abandoned below, after which
-        // no view of its memory is ever handed out again, it never returns to its pool, and its
-        // pool stays mapped (`Page::abandon`): the engine's later reads touch memory nobody uses.
+        // SAFETY: on an abandoning error every page of the batch is handed over below: the
+        // caller's handle shows no bytes from then on, and the transport keeps the memory out of
+        // use (and its pool mapped, through the page) while the engine may still read it.
         let outcome = unsafe { self.write(&buffers) };
-        if outcome.as_ref().is_err_and(crate::Error::memory_abandoned) {
-            batch.iter().for_each(|(page, _)| page.abandon());
+        if let Err(err) = &outcome {
+            if err.memory_abandoned() {
+                let held = batch
+                    .iter()
+                    .filter_map(|(page, _)| page.surrender())
+                    .collect();
+                self.retire(held, err);
+            }
         }
         outcome
     }
 
     /// Reads extents into pages, as one batch, and waits for it; pages the engine may still
-    /// write after an error are [abandoned](Page::abandon).
+    /// write after an error are [surrendered](Page::surrender) as in
+    /// [`write_pages`](TransportExt::write_pages).
     fn read_pages(&self, batch: &mut [(&mut Page, StorageExtent)], view: PageView) -> Result<()> {
         let mut buffers: Vec<(&mut [u8], StorageExtent)> = batch
             .iter_mut()
@@ -202,12 +214,18 @@ pub trait TransportExt: Transport {
                 (buffer, *extent)
             })
             .collect();
-        // SAFETY: as in `write_pages`; the buffers' borrows end before the pages are abandoned,
-        // and an abandoned page never shows its memory again.
+        // SAFETY: as in `write_pages`; the buffers' borrows end before the pages are handed
+        // over, and a handed-over page never shows its memory again.
         let outcome = unsafe { self.read(&mut buffers) };
         drop(buffers);
-        if outcome.as_ref().is_err_and(crate::Error::memory_abandoned) {
-            batch.iter().for_each(|(page, _)| page.abandon());
+        if let Err(err) = &outcome {
+            if err.memory_abandoned() {
+                let held = batch
+                    .iter()
+                    .filter_map(|(page, _)| page.surrender())
+                    .collect();
+                self.retire(held, err);
+            }
         }
         outcome
     }

@@ -10,7 +10,6 @@
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -88,8 +87,6 @@ pub struct StaticFilePool {
     direct_io: bool,
     headers: Arc<PagePool>,
     _headers_registration: Registration,
-    /// Header buffers of failed batches, never reused (the transfer may still be running).
-    leaked_headers: AtomicU64,
 }
 
 impl StaticFilePool {
@@ -152,7 +149,6 @@ impl StaticFilePool {
             direct_io,
             headers,
             _headers_registration: headers_registration,
-            leaked_headers: AtomicU64::new(0),
         })
     }
 
@@ -225,21 +221,6 @@ impl StaticFilePool {
         }
     }
 
-    /// Keeps the header buffers of a failed batch out of circulation for good: the engine may
-    /// still be reading or writing them.
-    fn leak_headers(&self, headers: Vec<Page>) {
-        let total = self
-            .leaked_headers
-            .fetch_add(headers.len() as u64, Ordering::Relaxed)
-            + headers.len() as u64;
-        tracing::error!(
-            leaked = headers.len(),
-            total,
-            "static slot batch failed; its header buffers are retired for good"
-        );
-        std::mem::forget(headers);
-    }
-
     /// The header and payload extents of `slot`, for a payload of `len` bytes.
     fn slot_extents(&self, key: &[u8], len: usize, slot: SlotId) -> Result<[StorageExtent; 2]> {
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
@@ -279,7 +260,6 @@ impl StaticFilePool {
             let written = self.transport.write_pages(&batch, PageView::Padded);
             drop(batch);
             if let Err(err) = written {
-                self.leak_headers(headers);
                 return Err(err.into());
             }
         }
@@ -308,7 +288,6 @@ impl StaticFilePool {
             let read = self.transport.read_pages(&mut batch, PageView::Padded);
             drop(batch);
             if let Err(err) = read {
-                self.leak_headers(headers);
                 return Err(err.into());
             }
             for ((key, page, slot), head) in piece.iter().zip(&headers) {

@@ -21,7 +21,7 @@ use nixl_core::{
     Direction, Error, PageBatch, PendingTransfer, Registration, RegistrationTable, Result,
     StorageExtent, StorageName, TableEntry, Transport,
 };
-use pinned_alloc::MemoryRegion;
+use pinned_alloc::{MemoryRegion, Page};
 
 use self::fixed::{Ring, Slots};
 
@@ -225,7 +225,7 @@ struct Run {
     /// The kernel may still access this run's buffers: its ring and memory are retired.
     abandoned: bool,
     /// Leases on every registration the run names, held until the kernel is done with them.
-    leases: Vec<nixl_core::Lease>,
+    leases: Vec<(nixl_core::TableEntry, nixl_core::Lease)>,
 }
 
 impl Run {
@@ -237,7 +237,7 @@ impl Run {
         mut ops: Vec<Op>,
         timeout: Duration,
         ring: &Ring,
-        leases: Vec<nixl_core::Lease>,
+        leases: Vec<(nixl_core::TableEntry, nixl_core::Lease)>,
     ) -> Self {
         for op in &mut ops {
             op.buffer_slot = ring.buffer_slot(op.addr, op.len);
@@ -706,6 +706,12 @@ impl Transport for UringTransport {
             run.pump(ring, false);
         }
         Box::new(pending)
+    }
+
+    fn retire(&self, pages: Vec<Page>, _failure: &Error) {
+        // This engine abandons a batch only when the kernel has not let go of it in time: it
+        // may go on using the pages for good.
+        pages.into_iter().for_each(Page::abandon_owned);
     }
 
     fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>> {

@@ -9,7 +9,6 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
@@ -36,8 +35,6 @@ pub struct StaticObjectPool {
     staging: Arc<PagePool>,
     /// Headers read back.
     headers: Arc<PagePool>,
-    /// Buffers of failed batches, never reused (the transfer may still be running).
-    leaked: AtomicU64,
     _registrations: [Registration; 2],
 }
 
@@ -93,7 +90,6 @@ impl StaticObjectPool {
             slot_bytes,
             staging,
             headers,
-            leaked: AtomicU64::new(0),
             _registrations: registrations,
         })
     }
@@ -128,19 +124,6 @@ impl StaticObjectPool {
             .ok_or_else(|| Error::Config(format!("slot {slot} is outside the pool")))
     }
 
-    /// Keeps the buffers of a failed batch out of circulation for good: the engine (an SDK
-    /// retrying in the background) may still be reading or writing them.
-    fn leak(&self, buffers: Vec<Page>) {
-        let n = buffers.len() as u64;
-        let total = self.leaked.fetch_add(n, Ordering::Relaxed) + n;
-        tracing::error!(
-            leaked = n,
-            total,
-            "static object batch failed; its buffers are retired for good"
-        );
-        std::mem::forget(buffers);
-    }
-
     /// Writes each page, after the header of its key (canonical bytes), as the whole object of
     /// its slot. An error fails every item of the call.
     pub fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
@@ -162,7 +145,6 @@ impl StaticObjectPool {
             let written = self.transport.write_pages(&batch, PageView::Exact);
             drop(batch);
             if let Err(err) = written {
-                self.leak(staging);
                 return Err(Error::Batch(Arc::new(err)));
             }
         }
@@ -192,7 +174,6 @@ impl StaticObjectPool {
             let read = self.transport.read_pages(&mut batch, PageView::Exact);
             drop(batch);
             if let Err(err) = read {
-                self.leak(headers);
                 return Err(Error::Batch(Arc::new(err)));
             }
             for ((key, page, slot), head) in piece.iter().zip(&headers) {

@@ -43,11 +43,9 @@ impl ObjectConfig {
 pub struct ObjectStore {
     transport: Arc<dyn Transport>,
     config: ObjectConfig,
-    /// Header + payload, contiguous: objects are written whole.
+    /// Header + payload, contiguous: objects are written and read whole.
     staging: Arc<PagePool>,
-    /// Headers read back (ranged reads land payloads in the caller's pages directly).
-    headers: Arc<PagePool>,
-    _registrations: [Registration; 2],
+    _registration: Registration,
 }
 
 fn wait_for_pages(pool: &Arc<PagePool>, n: usize) -> Option<Vec<Page>> {
@@ -76,34 +74,28 @@ fn check_key(key: &[u8]) -> Result<()> {
 }
 
 impl ObjectStore {
-    /// Creates the staging and header buffers and registers them once.
+    /// Creates the staging buffers and registers them once.
     pub fn open(transport: Arc<dyn Transport>, config: ObjectConfig) -> Result<Self> {
         if config.chunk_bytes == 0 {
             return Err(Error::Config("chunk size must be positive".to_owned()));
         }
         let batch = config.max_batch.max(1) as u64;
         let object_bytes = HEADER_BYTES + config.chunk_bytes;
+        // Twice a batch: after a failed batch, whose buffers the transport holds out of use for
+        // a while, its keys are retried one by one.
         let staging = PoolConfig::new(
             object_bytes,
-            batch * object_bytes.next_multiple_of(4096) as u64,
+            2 * batch * object_bytes.next_multiple_of(4096) as u64,
         )
         .with_lock(LockMode::BestEffort)
         .build()
         .map_err(|e| Error::Config(format!("staging buffers: {e}")))?;
-        let headers = PoolConfig::new(HEADER_BYTES, batch * 4 * HEADER_BYTES as u64)
-            .with_lock(LockMode::BestEffort)
-            .build()
-            .map_err(|e| Error::Config(format!("header buffers: {e}")))?;
-        let registrations = [
-            transport.register_pool(&staging)?,
-            transport.register_pool(&headers)?,
-        ];
+        let registration = transport.register_pool(&staging)?;
         Ok(Self {
             transport,
             config,
             staging,
-            headers,
-            _registrations: registrations,
+            _registration: registration,
         })
     }
 
@@ -240,54 +232,52 @@ impl ObjectStore {
         results
     }
 
-    /// Reads header and payload of `which` in one batch and verifies them.
+    /// Reads the objects of `which` whole (header and payload) into staging buffers, in one
+    /// batch, verifies them and copies the payloads that check out into the caller's pages. The
+    /// caller's pages are never handed to the plugin, so a failed batch (after which the plugin
+    /// may still write into what it was given) costs staging buffers, held out of use by the
+    /// transport, and leaves the caller's pages free for a retry.
     fn read_verified(
         &self,
         piece: &mut [(&[u8], &mut Page)],
         which: &[usize],
     ) -> Result<Vec<bool>> {
-        let Some(mut headers) = wait_for_pages(&self.headers, which.len()) else {
-            return Err(Error::Config("no header buffer came free".to_owned()));
+        let Some(mut staging) = wait_for_pages(&self.staging, which.len()) else {
+            return Err(Error::Config("no staging buffer came free".to_owned()));
         };
         let mut registrations = Vec::with_capacity(which.len());
-        for &i in which {
+        for (&i, buffer) in which.iter().zip(staging.iter_mut()) {
             let (key, page) = &piece[i];
+            buffer.set_len(HEADER_BYTES + page.len());
             registrations.push(
                 self.transport
-                    .register_object(object_id(key), HEADER_BYTES + page.len())?,
+                    .register_object(object_id(key), buffer.len())?,
             );
         }
-        {
-            let mut targets: Vec<Option<&mut Page>> =
-                piece.iter_mut().map(|(_, p)| Some(&mut **p)).collect();
-            let mut batch = Vec::with_capacity(which.len() * 2);
-            for ((&i, registration), head) in
-                which.iter().zip(&registrations).zip(headers.iter_mut())
-            {
-                let dev_id = registration.dev_id();
-                batch.push((head, StorageExtent::new(dev_id, 0)));
-                if let Some(page) = targets[i].take() {
-                    batch.push((page, StorageExtent::new(dev_id, HEADER_BYTES as u64)));
-                }
-            }
-            // Pages the plugin may still write after a failure are retired by `read_pages`.
-            if let Err(err) = self.transport.read_pages(&mut batch, PageView::Exact) {
-                return Err(Error::Batch(Arc::new(err)));
-            }
+        let mut batch: Vec<_> = staging
+            .iter_mut()
+            .zip(&registrations)
+            .map(|(buffer, r)| (buffer, StorageExtent::new(r.dev_id(), 0)))
+            .collect();
+        if let Err(err) = self.transport.read_pages(&mut batch, PageView::Exact) {
+            return Err(Error::Batch(Arc::new(err)));
         }
+        drop(batch);
         Ok(which
             .iter()
-            .zip(&headers)
-            .map(|(&i, head)| {
-                let (key, page) = &piece[i];
-                let verdict = header::check(head.as_slice(), key, page.len() as u64)
-                    .and_then(|sum| header::verify_payload(page.as_slice(), sum));
-                if let Err(refusal) = &verdict {
-                    tracing::warn!(
+            .zip(&staging)
+            .map(|(&i, buffer)| {
+                let (key, page) = &mut piece[i];
+                let (head, body) = buffer.as_slice().split_at(HEADER_BYTES);
+                let verdict = header::check(head, key, page.len() as u64)
+                    .and_then(|sum| header::verify_payload(body, sum));
+                match &verdict {
+                    Ok(()) => page.as_mut_slice().copy_from_slice(body),
+                    Err(refusal) => tracing::warn!(
                         object = object_id(key),
                         reason = %refusal,
                         "object refused; treated as a miss"
-                    );
+                    ),
                 }
                 verdict.is_ok()
             })

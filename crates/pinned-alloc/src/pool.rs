@@ -378,23 +378,43 @@ impl Page {
         self.len() == 0
     }
 
-    /// Retires the page for good: an engine may still read or write its memory (a transfer
-    /// that timed out or failed without the engine letting go of it). From now on every view of
-    /// the page is empty, dropping it does not return it to the pool, and the pool's mapping is
-    /// never unmapped. Counted in [`PoolStats::abandoned`]. Idempotent.
-    pub fn abandon(&self) {
+    /// Hands the page over: this handle becomes an empty husk (every view empty, its drop does
+    /// nothing), and the returned handle owns the page's memory instead. For an engine that
+    /// may still access the memory after a failed transfer: it keeps the returned page until it
+    /// can no longer touch it. `None` if this handle was already handed over or abandoned.
+    pub fn surrender(&self) -> Option<Page> {
         if self.abandoned.swap(true, Ordering::AcqRel) {
-            return;
+            return None;
         }
+        Some(Page {
+            pool: Arc::clone(&self.pool),
+            index: self.index,
+            len: self.len,
+            abandoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Retires the page for good: an engine may still read or write its memory at any later
+    /// time. This handle becomes an empty husk as with [`surrender`](Page::surrender), the memory
+    /// never returns to the pool, and the pool's mapping is never unmapped. Counted in
+    /// [`PoolStats::abandoned`]. Idempotent.
+    pub fn abandon(&self) {
+        if let Some(owner) = self.surrender() {
+            owner.abandon_owned();
+        }
+    }
+
+    /// Retires an owned page for good (see [`abandon`](Page::abandon)).
+    pub fn abandon_owned(self) {
         self.pool.abandoned.fetch_add(1, Ordering::Relaxed);
-        // The engine may touch this memory at any later time: keep the mapping for the rest of
-        // the process (one pool reference per abandoned page, a bounded leak failures pay).
-        std::mem::forget(Arc::clone(&self.pool));
         tracing::warn!(
             index = self.index,
             bytes = self.pool.page_bytes,
             "page abandoned: an engine may still access it, so it is retired for good"
         );
+        // Never dropped: the index never returns to the free list, and the pool reference it
+        // holds keeps the mapping for the rest of the process.
+        std::mem::forget(self);
     }
 
     /// Whether the page was [abandoned](Page::abandon).
@@ -503,6 +523,22 @@ mod tests {
         assert!(pool.allocate().is_none());
         drop(other);
         assert_eq!(pool.stats().free, 1);
+    }
+
+    #[test]
+    fn a_surrendered_page_is_a_husk_and_its_new_owner_returns_it() {
+        let pool = pool(8192, 2);
+        let mut page = pool.allocate().unwrap();
+        page.as_mut_slice().fill(9);
+        let owner = page.surrender().unwrap();
+        assert!(page.surrender().is_none(), "handed over once");
+        assert!(page.as_mut_slice().is_empty() && page.is_abandoned());
+        assert!(owner.as_slice().iter().all(|&b| b == 9) && owner.len() == 8192);
+        drop(page);
+        assert_eq!(pool.stats().free, 1, "the husk gives nothing back");
+        drop(owner);
+        assert_eq!(pool.stats().free, 2, "the owner does");
+        assert_eq!(pool.stats().abandoned, 0);
     }
 
     #[test]
