@@ -1,12 +1,12 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
 //! - `setup`: installs what builds and tests need on a fresh machine (libclang for bindgen, the
-//!   NIXL runtime from the PyPI wheel `nixl-cu12`, moto's S3 server and Azurite for the object
-//!   store tests); idempotent.
+//!   NIXL runtime from the PyPI wheel `nixl-cu12`, strace for the durability test, moto's S3
+//!   server and Azurite for the object store tests); idempotent.
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
-//! - `fuzz [SECONDS]`: fuzzes the configuration parsers and the chunk header parser, each for
-//!   SECONDS (default ten minutes).
+//! - `fuzz [SECONDS]`: fuzzes the configuration parsers, the chunk header parser and the chunk
+//!   file-name parser, each for SECONDS (default ten minutes).
 //! - `bench [--quick]`: the macro benchmarks (release build), table in `target/bench/latest.md`.
 //! - `stress [--short]`: crash, corruption, full disk, limits, concurrency, tenants, hostile
 //!   input and secrets, with a summary table (CI runs the short form).
@@ -35,6 +35,7 @@ fn workspace_root() -> PathBuf {
 
 fn setup(root: &Path) -> Result<()> {
     system::ensure_libclang()?;
+    system::ensure_strace()?;
     let runtime = nixl_runtime::ensure_installed(root)?;
     println!("NIXL runtime: {}", runtime.lib_dir.display());
     println!("NIXL plugins: {}", runtime.plugins.join(", "));
@@ -111,7 +112,11 @@ fn main() -> Result<()> {
         Some("ci") => ci(&root),
         Some("fuzz") => {
             let seconds = args.get(1).map_or("600", String::as_str);
-            for (package, example) in [("kv-config", "fuzz_config"), ("nixl-core", "fuzz_header")] {
+            for (package, example) in [
+                ("kv-config", "fuzz_config"),
+                ("nixl-core", "fuzz_header"),
+                ("nixl-file", "fuzz_names"),
+            ] {
                 system::cargo(
                     &root,
                     &[

@@ -80,9 +80,14 @@ fn is_root() -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
-/// Installs a Debian package with apt-get, when this process may (root, apt-get present).
+/// Whether this process may install Debian packages (root, apt-get present).
+fn can_apt_install() -> bool {
+    Path::new("/usr/bin/apt-get").exists() && is_root()
+}
+
+/// Installs a Debian package with apt-get, when this process may.
 fn apt_install(package: &str) -> Result<()> {
-    if !(Path::new("/usr/bin/apt-get").exists() && is_root()) {
+    if !can_apt_install() {
         bail!("cannot install {package}: apt-get as root is not available here");
     }
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -110,29 +115,33 @@ pub(crate) fn ensure_fio() {
 }
 
 /// bindgen (in nixl-sys's build) needs libclang: install Debian's libclang-dev when missing.
+/// strace, which the durability test runs the store under to see its syncs and renames.
+pub(crate) fn ensure_strace() -> Result<()> {
+    if Path::new("/usr/bin/strace").exists() {
+        return Ok(());
+    }
+    if !can_apt_install() {
+        bail!(
+            "strace not found (the durability test traces the store's syncs): install it, for example `sudo apt-get install strace`"
+        );
+    }
+    println!("strace not found: installing it with apt-get");
+    apt_install("strace")
+}
+
 pub(crate) fn ensure_libclang() -> Result<()> {
     if let Some(lib) = find_libclang() {
         println!("libclang: {}", lib.display());
         return Ok(());
     }
-    let has_apt = Path::new("/usr/bin/apt-get").exists();
-    if !(has_apt && is_root()) {
+    if !can_apt_install() {
         bail!(
             "libclang not found (needed by bindgen to build nixl-sys): install it, for example \
              `sudo apt-get install libclang-dev`, or set LIBCLANG_PATH to the folder holding libclang.so"
         );
     }
     println!("libclang not found: installing libclang-dev with apt-get");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "libclang-dev",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    apt_install("libclang-dev")?;
     match find_libclang() {
         Some(lib) => {
             println!("libclang: {}", lib.display());
