@@ -70,6 +70,8 @@ struct Inner {
     rings: Mutex<Vec<Ring>>,
     /// What every ring should have registered.
     slots: Mutex<Slots>,
+    /// Rings abandoned to the kernel, each with what it had registered.
+    abandoned: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -80,6 +82,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Inner {
     fn take_ring(&self) -> Result<Ring> {
+        let abandoned = self.abandoned.load(std::sync::atomic::Ordering::Relaxed);
+        if abandoned >= nixl_core::MAX_ABANDONED_REQUESTS {
+            return Err(Error::TooManyAbandoned { abandoned });
+        }
         let idle = lock(&self.rings).pop();
         let slots = lock(&self.slots);
         match idle {
@@ -133,13 +139,13 @@ impl fmt::Debug for UringTransport {
 }
 
 impl UringTransport {
-    /// Creates the engine, checking that the kernel lets this process use io_uring.
     pub fn new(config: UringConfig) -> Result<Self> {
         let inner = Inner {
             config,
             table: RegistrationTable::new(),
             rings: Mutex::new(Vec::new()),
             slots: Mutex::new(Slots::new()),
+            abandoned: std::sync::atomic::AtomicUsize::new(0),
         };
         let ring = inner.take_ring()?;
         inner.give_ring(ring);
@@ -206,6 +212,10 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 /// How long dropping an unfinished batch waits (then cancels, then abandons) at most.
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
+/// Between two looks at the completion queue, on kernels whose waits take no timeout (before
+/// 5.11, no `IORING_FEAT_EXT_ARG`), and after a failed submission.
+const POLL_PAUSE: Duration = Duration::from_micros(200);
+
 /// The state of one batch on one ring.
 struct Run {
     write: bool,
@@ -214,6 +224,8 @@ struct Run {
     queue: std::collections::VecDeque<usize>,
     /// Which ops have an entry in the kernel now (at most one each).
     flying: Vec<bool>,
+    /// Which ops a cancellation was sent for.
+    cancel_sent: Vec<bool>,
     in_flight: usize,
     error: Option<Error>,
     /// Past this the run fails with a timeout and cancels what is in flight.
@@ -248,6 +260,7 @@ impl Run {
         Self {
             write,
             flying: vec![false; ops.len()],
+            cancel_sent: vec![false; ops.len()],
             ops,
             queue,
             in_flight: 0,
@@ -272,33 +285,42 @@ impl Run {
         self.give_up = self.give_up.min(now + wait);
     }
 
-    /// Asks the kernel to cancel every entry in flight.
+    /// Asks the kernel to cancel every entry in flight that no cancellation was sent for yet.
+    /// What does not fit in the submission queue now is sent at a later call.
     fn cancel_in_flight(&mut self, ring: &mut IoUring) {
         self.cancelled = true;
-        for (index, _) in self.flying.iter().enumerate().filter(|(_, f)| **f) {
+        for index in 0..self.ops.len() {
+            if !self.flying[index] || self.cancel_sent[index] {
+                continue;
+            }
             let cancel = opcode::AsyncCancel::new(index as u64)
                 .build()
                 .user_data(CANCEL_TAG | index as u64);
             // SAFETY: a cancellation entry names no memory; it only carries user data.
-            while unsafe { ring.submission().push(&cancel) }.is_err() {
-                if ring.submit().is_err() {
-                    return;
-                }
+            let pushed = unsafe { ring.submission().push(&cancel) }.is_ok()
+                || (ring.submit().is_ok()
+                    // SAFETY: as above.
+                    && unsafe { ring.submission().push(&cancel) }.is_ok());
+            if !pushed {
+                break;
             }
+            self.cancel_sent[index] = true;
         }
         if let Err(err) = ring.submit() {
-            tracing::warn!(error = %err, "submitting io_uring cancellations failed");
+            tracing::warn!(error = %err, "submitting io_uring cancellations failed; retried");
         }
     }
 
     /// Checks the deadlines: past the first, fail and cancel; past the second, abandon.
     fn check_deadlines(&mut self, ring: &mut IoUring) {
         let now = Instant::now();
-        if now >= self.deadline && !self.cancelled {
-            self.fail(Error::Timeout {
-                descriptors: self.ops.len(),
-                timeout: self.timeout,
-            });
+        if now >= self.deadline {
+            if !self.cancelled {
+                self.fail(Error::Timeout {
+                    descriptors: self.ops.len(),
+                    timeout: self.timeout,
+                });
+            }
             self.cancel_in_flight(ring);
         }
         if now >= self.give_up && self.in_flight > 0 {
@@ -321,6 +343,13 @@ impl Run {
             self.deadline
         };
         let left = next.saturating_duration_since(Instant::now()).min(MAX_WAIT);
+        if !ring.params().is_feature_ext_arg() {
+            ring.submit()?;
+            if ring.completion().is_empty() {
+                std::thread::sleep(left.min(POLL_PAUSE));
+            }
+            return Ok(());
+        }
         let ts = types::Timespec::from(left.max(Duration::from_micros(1)));
         let args = types::SubmitArgs::new().timespec(&ts);
         match ring.submitter().submit_with_args(want, &args) {
@@ -378,7 +407,9 @@ impl Run {
                 .user_data(index as u64);
                 // SAFETY: `addr..addr+len` lies in registered memory (checked against the table
                 // before the run was built) and stays borrowed or owned by the caller of this
-                // run until `finished()`, which requires every pushed entry to have completed.
+                // run until `finished()`. That requires every pushed entry to have completed, or
+                // else the run to be abandoned: its ring and leases are then leaked
+                // (`Run::retire`) and its memory retired for good (`Error::Abandoned`).
                 if unsafe { ring.submission().push(&entry) }.is_err() {
                     self.queue.push_front(index);
                     break;
@@ -397,6 +428,8 @@ impl Run {
                         path: "io_uring".into(),
                         source,
                     });
+                    // Entries the kernel has not taken stay queued for the next submission.
+                    std::thread::sleep(POLL_PAUSE);
                 }
             }
             let mut reaped = 0;
@@ -471,6 +504,9 @@ impl Run {
     /// goes back to the pool and the leases are let go.
     fn retire(&mut self, inner: &Inner, ring: Ring) {
         if self.abandoned {
+            inner
+                .abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             std::mem::forget(ring);
             std::mem::forget(std::mem::take(&mut self.leases));
         } else {
@@ -741,6 +777,66 @@ mod tests {
         lock(&engine.inner.rings)
             .iter()
             .all(|ring| ring.registered() == (0, 0))
+    }
+
+    /// A FIFO opened for reading and writing: reads of it wait for data for ever.
+    fn never_answers(dir: &std::path::Path) -> File {
+        let path = dir.join("never-answers");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        File::options().read(true).write(true).open(&path).unwrap()
+    }
+
+    /// Entries the kernel does not let go of by the second deadline abandon the run: the error
+    /// says so, the ring is not reused, and the registrations the run names stay alive though
+    /// the caller dropped them.
+    #[test]
+    fn a_run_the_kernel_does_not_let_go_of_is_abandoned_with_its_memory() {
+        let timeout = Duration::from_millis(100);
+        let engine = UringTransport::new(UringConfig::default().with_timeout(timeout)).unwrap();
+        let pool = PoolConfig::new(64 << 10, 2 * (64 << 10)).build().unwrap();
+        let memory = engine.register_pool(&pool).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let storage = engine
+            .register_file(Arc::new(never_answers(dir.path())))
+            .unwrap();
+        let fd = storage.dev_id();
+        let mut page = pool.allocate().unwrap();
+        let span = (page.as_mut_slice().as_mut_ptr() as usize, page.len());
+        let ops = ops_of([(span.0, span.1, StorageExtent::new(fd, 0))].into_iter()).unwrap();
+        let leases = engine.inner.table.check([(span.0, span.1, fd)]).unwrap();
+        let mut ring = engine.inner.take_ring().unwrap();
+        let mut run = Run::new(false, ops, timeout, &ring, leases);
+        // Every cancellation counts as sent and is never answered, as on a stuck mount.
+        run.cancel_sent.fill(true);
+        drop((memory, storage));
+        let started = Instant::now();
+        while !run.pump(&mut ring, true) {}
+        assert!(run.abandoned);
+        assert!(started.elapsed() < 2 * timeout + Duration::from_millis(500));
+        run.retire(&engine.inner, ring);
+        let err = run.outcome().unwrap_err();
+        assert!(err.memory_abandoned() && err.is_timeout(), "{err}");
+        // The kernel may still write into the page: retired, as `Transport::retire` does.
+        page.abandon();
+        assert!(
+            lock(&engine.inner.rings).is_empty(),
+            "the abandoned ring is not reused"
+        );
+        assert_eq!(
+            engine
+                .inner
+                .abandoned
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert!(
+            engine.inner.table.check([(span.0, span.1, fd)]).is_ok(),
+            "the registrations the kernel may still use outlive the caller's handles"
+        );
     }
 
     /// Registered memory and files reach every ring as fixed slots, transfers through them move
