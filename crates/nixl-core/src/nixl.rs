@@ -770,6 +770,12 @@ impl NixlTransport {
         let mut device = None;
         let mut descs = Vec::new();
         for (slot, extent) in slots {
+            if slot.is_abandoned() {
+                return Err(Error::Failed(
+                    "a retired device slot (abandoned by a failed transfer) cannot move data"
+                        .to_owned(),
+                ));
+            }
             let this = slot.device() as u64;
             if *device.get_or_insert(this) != this {
                 return Err(Error::Failed("one batch must stay on one GPU".to_owned()));
@@ -779,19 +785,29 @@ impl NixlTransport {
         Ok((descs, device.unwrap_or(0)))
     }
 
-    /// Writes GPU slots to storage, as one batch.
+    /// Writes GPU slots to storage, as one batch. Slots the plugin may still read after an
+    /// error are [abandoned](pinned_alloc::DeviceSlot::abandon).
     pub fn write_device(&self, batch: &[(&pinned_alloc::DeviceSlot, StorageExtent)]) -> Result<()> {
         let (descs, device) = Self::device_batch(batch.iter().map(|(s, e)| (*s, *e)))?;
-        self.transfer(XferOp::Write, &descs, (MemType::Vram, device))
+        let outcome = self.transfer(XferOp::Write, &descs, (MemType::Vram, device));
+        if outcome.as_ref().is_err_and(Error::memory_abandoned) {
+            batch.iter().for_each(|(slot, _)| slot.abandon());
+        }
+        outcome
     }
 
-    /// Reads storage into GPU slots, as one batch.
+    /// Reads storage into GPU slots, as one batch. Slots the plugin may still write after an
+    /// error are [abandoned](pinned_alloc::DeviceSlot::abandon).
     pub fn read_device(
         &self,
         batch: &mut [(&mut pinned_alloc::DeviceSlot, StorageExtent)],
     ) -> Result<()> {
         let (descs, device) = Self::device_batch(batch.iter().map(|(s, e)| (&**s, *e)))?;
-        self.transfer(XferOp::Read, &descs, (MemType::Vram, device))
+        let outcome = self.transfer(XferOp::Read, &descs, (MemType::Vram, device));
+        if outcome.as_ref().is_err_and(Error::memory_abandoned) {
+            batch.iter().for_each(|(slot, _)| slot.abandon());
+        }
+        outcome
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 use cudarc::driver::{CudaContext, DriverError, result, sys};
@@ -197,6 +198,7 @@ impl DeviceBufferPool {
         Some(DeviceSlot {
             pool: Arc::clone(self),
             index,
+            abandoned: AtomicBool::new(false),
         })
     }
 }
@@ -218,6 +220,7 @@ impl Drop for DeviceBufferPool {
 pub struct DeviceSlot {
     pool: Arc<DeviceBufferPool>,
     index: u32,
+    abandoned: AtomicBool,
 }
 
 impl fmt::Debug for DeviceSlot {
@@ -251,6 +254,26 @@ impl DeviceSlot {
         self.pool.device()
     }
 
+    /// Retires the slot for good: a transfer that timed out or failed may still read or write
+    /// it. From now on its copies fail with [`Error::Retired`], dropping it does not return it
+    /// to its pool, and the pool's allocation is never freed. Idempotent.
+    pub fn abandon(&self) {
+        if self.abandoned.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(
+            index = self.index,
+            "device slot abandoned: a transfer may still access it, so it is retired for good"
+        );
+        // The transfer may touch the allocation at any later time: it is never freed.
+        std::mem::forget(Arc::clone(&self.pool));
+    }
+
+    /// Whether the slot was [abandoned](DeviceSlot::abandon).
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
     /// Copies `page` (at most one chunk) into the start of this slot (host → device).
     pub fn copy_from_host(&mut self, page: &Page) -> Result<()> {
         self.check_fits(page.len())?;
@@ -277,6 +300,9 @@ impl DeviceSlot {
     }
 
     fn check_fits(&self, len: usize) -> Result<()> {
+        if self.is_abandoned() {
+            return Err(Error::Retired { index: self.index });
+        }
         if len as u64 > self.pool.chunk_bytes {
             return Err(Error::Exhausted {
                 requested: len,
@@ -290,6 +316,9 @@ impl DeviceSlot {
 
 impl Drop for DeviceSlot {
     fn drop(&mut self) {
+        if self.is_abandoned() {
+            return;
+        }
         if self.pool.free.push(self.index).is_err() {
             tracing::error!(
                 index = self.index,

@@ -89,6 +89,13 @@ pub enum Error {
         status: String,
     },
 
+    /// A GPU slot retired because a transfer may still access it ([`DeviceSlot::abandon`]).
+    #[error("device slot {index} was retired: a transfer that failed may still access it")]
+    Retired {
+        /// The slot's index in its pool.
+        index: u32,
+    },
+
     /// The pool has fewer free pages than were asked for.
     #[error("page pool exhausted: asked for {requested} pages, {free} free of {total}")]
     Exhausted {
