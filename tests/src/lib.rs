@@ -37,3 +37,22 @@ pub fn uring() -> Arc<dyn Transport> {
 pub fn nixl_plugin(plugin: &str) -> Arc<dyn Transport> {
     Arc::new(NixlTransport::new(NixlConfig::new(plugin)).unwrap_or_else(|err| panic!("{err}")))
 }
+
+/// A small xorshift generator: the same seed gives the same run, so a failure can be replayed.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}

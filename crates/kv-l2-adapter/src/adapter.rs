@@ -30,6 +30,21 @@ impl KeyOutcome {
     }
 }
 
+/// The page of key `i` of a store, or the outcome of a key that has none (more keys than pages).
+pub(crate) fn page_of<'a>(
+    keys: &[ChunkKey],
+    pages: &[&'a Page],
+    i: usize,
+) -> std::result::Result<&'a Page, KeyOutcome> {
+    pages.get(i).copied().ok_or_else(|| {
+        KeyOutcome::Failed(crate::error::Error::LengthMismatch {
+            key: keys[i].clone(),
+            keys: keys.len(),
+            pages: pages.len(),
+        })
+    })
+}
+
 /// The result of one store task: per key, plus the task's verdict as LMCache reports it.
 #[derive(Debug)]
 #[non_exhaustive]

@@ -10,7 +10,7 @@ use nixl_file::StaticFilePool;
 use nixl_obj::StaticObjectPool;
 use pinned_alloc::Page;
 
-use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
+use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage, page_of};
 use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::keys::ChunkKey;
@@ -178,13 +178,12 @@ impl L2Adapter for StaticAdapter {
             let mut fresh = Vec::new();
             let mut batch = HashSet::new();
             for (i, key) in keys.iter().enumerate() {
-                let Some(page) = pages.get(i) else {
-                    outcomes[i] = Some(KeyOutcome::Failed(Error::LengthMismatch {
-                        key: key.clone(),
-                        keys: keys.len(),
-                        pages: pages.len(),
-                    }));
-                    continue;
+                let page = match page_of(keys, pages, i) {
+                    Ok(page) => page,
+                    Err(missing) => {
+                        outcomes[i] = Some(missing);
+                        continue;
+                    }
                 };
                 if state.closed {
                     outcomes[i] = Some(KeyOutcome::Failed(Error::Closed));

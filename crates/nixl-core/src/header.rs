@@ -124,6 +124,13 @@ pub fn parse(header: &[u8]) -> Result<(&[u8], u64, u64), Refusal> {
     ))
 }
 
+/// Checks a chunk read back: its header holds `key` and announces `payload`'s length, and the
+/// payload matches its checksum ([`check`], then [`verify_payload`]).
+pub fn verify(header: &[u8], key: &[u8], payload: &[u8]) -> Result<(), Refusal> {
+    let checksum = check(header, key, payload.len() as u64)?;
+    verify_payload(payload, checksum)
+}
+
 /// Verifies the payload against the checksum from [`check`].
 pub fn verify_payload(payload: &[u8], checksum: u64) -> Result<(), Refusal> {
     if xxh3_64(payload) == checksum {

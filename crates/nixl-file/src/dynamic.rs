@@ -323,21 +323,14 @@ impl DynamicFileStore {
         range: std::ops::Range<usize>,
         results: &mut [Result<T>],
     ) -> Option<Vec<Page>> {
-        let n = range.len();
-        let started = Instant::now();
-        let mut pause = Duration::from_micros(20);
-        loop {
-            if let Ok(pages) = self.headers.allocate_batch(n) {
-                return Some(pages);
-            }
-            if started.elapsed() > HEADER_WAIT {
+        match self.headers.allocate_batch_within(range.len(), HEADER_WAIT) {
+            Ok(pages) => Some(pages),
+            Err(_) => {
                 for index in range {
                     results[index] = Err(Error::Busy(HEADER_WAIT));
                 }
-                return None;
+                None
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(2));
         }
     }
 
@@ -612,8 +605,7 @@ impl DynamicFileStore {
                 Ok(()) => {
                     let (key, page) = &items[index];
                     let verdict =
-                        header::check(file.header.as_slice(), &key.canonical(), page.len() as u64)
-                            .and_then(|checksum| header::verify_payload(page.as_slice(), checksum));
+                        header::verify(file.header.as_slice(), &key.canonical(), page.as_slice());
                     match verdict {
                         Ok(()) => Ok(true),
                         Err(refusal) => {

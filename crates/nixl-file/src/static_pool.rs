@@ -10,7 +10,7 @@
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
@@ -207,18 +207,9 @@ impl StaticFilePool {
 
     /// Header buffers for `n` items; waits while other batches hold them all.
     fn header_pages(&self, n: usize) -> Result<Vec<Page>> {
-        let started = Instant::now();
-        let mut pause = Duration::from_micros(20);
-        loop {
-            if let Ok(pages) = self.headers.allocate_batch(n) {
-                return Ok(pages);
-            }
-            if started.elapsed() > HEADER_WAIT {
-                return Err(Error::Busy(HEADER_WAIT));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(2));
-        }
+        self.headers
+            .allocate_batch_within(n, HEADER_WAIT)
+            .map_err(|_| Error::Busy(HEADER_WAIT))
     }
 
     /// The header and payload extents of `slot`, for a payload of `len` bytes.
@@ -291,8 +282,7 @@ impl StaticFilePool {
                 return Err(err.into());
             }
             for ((key, page, slot), head) in piece.iter().zip(&headers) {
-                let verdict = header::check(head.as_slice(), key, page.len() as u64)
-                    .and_then(|checksum| header::verify_payload(page.as_slice(), checksum));
+                let verdict = header::verify(head.as_slice(), key, page.as_slice());
                 if let Err(refusal) = &verdict {
                     tracing::debug!(slot, %refusal, "static slot read as a miss");
                 }

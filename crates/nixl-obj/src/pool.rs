@@ -9,7 +9,7 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
 use nixl_core::{PageView, Registration, StorageExtent, Transport, TransportExt};
@@ -38,21 +38,11 @@ pub struct StaticObjectPool {
     _registrations: [Registration; 2],
 }
 
-fn wait_for_pages(pool: &Arc<PagePool>, n: usize) -> Result<Vec<Page>> {
-    let started = Instant::now();
-    let mut pause = Duration::from_micros(20);
-    loop {
-        if let Ok(pages) = pool.allocate_batch(n) {
-            return Ok(pages);
-        }
-        if started.elapsed() > BUFFER_WAIT {
-            return Err(Error::Config(format!(
-                "no slot buffer came free within {BUFFER_WAIT:?}"
-            )));
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(2));
-    }
+/// The error of a batch whose buffers did not come free in time.
+fn no_buffer(err: pinned_alloc::Error) -> Error {
+    Error::Config(format!(
+        "no slot buffer came free within {BUFFER_WAIT:?}: {err}"
+    ))
 }
 
 impl StaticObjectPool {
@@ -128,7 +118,10 @@ impl StaticObjectPool {
     /// its slot. An error fails every item of the call.
     pub fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
         for piece in items.chunks(MAX_BATCH) {
-            let mut staging = wait_for_pages(&self.staging, piece.len())?;
+            let mut staging = self
+                .staging
+                .allocate_batch_within(piece.len(), BUFFER_WAIT)
+                .map_err(no_buffer)?;
             let mut extents = Vec::with_capacity(piece.len());
             for ((key, page, slot), buffer) in piece.iter().zip(staging.iter_mut()) {
                 extents.push(self.extent(key, page.len(), *slot)?);
@@ -157,7 +150,10 @@ impl StaticObjectPool {
     pub fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
         let mut verdicts = Vec::with_capacity(items.len());
         for piece in items.chunks_mut(MAX_BATCH) {
-            let mut headers = wait_for_pages(&self.headers, piece.len())?;
+            let mut headers = self
+                .headers
+                .allocate_batch_within(piece.len(), BUFFER_WAIT)
+                .map_err(no_buffer)?;
             let mut extents = Vec::with_capacity(piece.len());
             for (key, page, slot) in piece.iter() {
                 extents.push(self.extent(key, page.len(), *slot)?);
@@ -177,8 +173,7 @@ impl StaticObjectPool {
                 return Err(Error::Batch(Arc::new(err)));
             }
             for ((key, page, slot), head) in piece.iter().zip(&headers) {
-                let verdict = header::check(head.as_slice(), key, page.len() as u64)
-                    .and_then(|checksum| header::verify_payload(page.as_slice(), checksum));
+                let verdict = header::verify(head.as_slice(), key, page.as_slice());
                 if let Err(refusal) = &verdict {
                     tracing::debug!(slot, %refusal, "static object slot read as a miss");
                 }

@@ -1,7 +1,7 @@
 //! Dynamic mode: one object per key, registered per operation.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
 use nixl_core::{PageView, Registration, StorageExtent, StorageName, Transport, TransportExt};
@@ -46,21 +46,6 @@ pub struct ObjectStore {
     /// Header + payload, contiguous: objects are written and read whole.
     staging: Arc<PagePool>,
     _registration: Registration,
-}
-
-fn wait_for_pages(pool: &Arc<PagePool>, n: usize) -> Option<Vec<Page>> {
-    let started = Instant::now();
-    let mut pause = Duration::from_micros(20);
-    loop {
-        if let Ok(pages) = pool.allocate_batch(n) {
-            return Some(pages);
-        }
-        if started.elapsed() > BUFFER_WAIT {
-            return None;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(2));
-    }
 }
 
 fn check_key(key: &[u8]) -> Result<()> {
@@ -114,7 +99,7 @@ impl ObjectStore {
     }
 
     fn put_piece(&self, piece: &[(&[u8], &Page)]) -> Vec<Result<u64>> {
-        let Some(mut staging) = wait_for_pages(&self.staging, piece.len()) else {
+        let Ok(mut staging) = self.staging.allocate_batch_within(piece.len(), BUFFER_WAIT) else {
             return piece
                 .iter()
                 .map(|_| Err(Error::Config("no staging buffer came free".to_owned())))
@@ -242,7 +227,7 @@ impl ObjectStore {
         piece: &mut [(&[u8], &mut Page)],
         which: &[usize],
     ) -> Result<Vec<bool>> {
-        let Some(mut staging) = wait_for_pages(&self.staging, which.len()) else {
+        let Ok(mut staging) = self.staging.allocate_batch_within(which.len(), BUFFER_WAIT) else {
             return Err(Error::Config("no staging buffer came free".to_owned()));
         };
         let mut registrations = Vec::with_capacity(which.len());
@@ -269,8 +254,7 @@ impl ObjectStore {
             .map(|(&i, buffer)| {
                 let (key, page) = &mut piece[i];
                 let (head, body) = buffer.as_slice().split_at(HEADER_BYTES);
-                let verdict = header::check(head, key, page.len() as u64)
-                    .and_then(|sum| header::verify_payload(body, sum));
+                let verdict = header::verify(head, key, body);
                 match &verdict {
                     Ok(()) => page.as_mut_slice().copy_from_slice(body),
                     Err(refusal) => tracing::warn!(

@@ -4,6 +4,7 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -311,6 +312,23 @@ impl PagePool {
         Ok(pages)
     }
 
+    /// Takes `n` pages or none, waiting (with a growing pause, up to 2 ms) for up to `wait` while
+    /// the pool has fewer free: for buffers that other batches in flight give back soon.
+    pub fn allocate_batch_within(self: &Arc<Self>, n: usize, wait: Duration) -> Result<Vec<Page>> {
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            match self.allocate_batch(n) {
+                Ok(pages) => return Ok(pages),
+                Err(err) if started.elapsed() >= wait => return Err(err),
+                Err(_) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
     fn release(&self, index: u32) {
         self.in_use.fetch_sub(1, Ordering::Relaxed);
         if self.free.push(index).is_err() {
@@ -610,6 +628,26 @@ mod tests {
                 abandoned: 0,
             }
         );
+    }
+
+    #[test]
+    fn a_batch_within_a_wait_takes_pages_given_back_meanwhile() {
+        let pool = pool(4096, 2);
+        let held = pool.allocate_batch(2).unwrap();
+        let short = Duration::from_millis(20);
+        assert!(matches!(
+            pool.allocate_batch_within(1, short),
+            Err(Error::Exhausted { requested: 1, .. })
+        ));
+        let giver = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            drop(held);
+        });
+        let pages = pool
+            .allocate_batch_within(2, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(pages.len(), 2);
+        giver.join().unwrap();
     }
 
     #[test]

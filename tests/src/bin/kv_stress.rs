@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kv_integration_tests::{file_suite, uring};
+use kv_integration_tests::{Rng, file_suite, uring};
 use kv_l2_adapter::test_utils::{fill, key};
 use kv_l2_adapter::{
     AdapterContext, AdapterFactory, ChunkKey, Engine, KeyOutcome, L2Adapter, ObjectKey,
@@ -50,21 +50,6 @@ impl Summary {
             if ok { "ok" } else { "FAIL" }
         );
         self.rows.push((section.to_owned(), detail, ok));
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 
@@ -535,7 +520,7 @@ fn hostile(iterations: usize, summary: &mut Summary) -> Result<()> {
     let mut rng = Rng(0xDEAD_BEEF);
     for _ in 0..iterations {
         let len = rng.below(8192) as usize;
-        let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         let parsed = std::panic::catch_unwind(|| {
             let _ = nixl_core::header::parse(&bytes);
             let _ = nixl_core::header::check(&bytes, b"k", 10);

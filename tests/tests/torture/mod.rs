@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
+use kv_integration_tests::Rng;
 use kv_l2_adapter::test_utils::{fill, key};
 use kv_l2_adapter::{AdapterContext, AdapterFactory, ChunkKey, Engine, HiCache, L2Adapter};
 use pinned_alloc::{Page, PagePool, PoolConfig};
@@ -69,21 +70,6 @@ struct Counters {
     hits: AtomicU64,
     wrong: AtomicU64,
     pinned_misses: AtomicU64,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// The `--l2-adapter` JSON of a plan's adapter over files in `dir`.
