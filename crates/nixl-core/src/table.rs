@@ -128,8 +128,10 @@ impl RegistrationTable {
         &self,
         batch: impl IntoIterator<Item = (usize, usize, u64)>,
     ) -> Result<Vec<(TableEntry, Lease)>> {
-        let rows = self.rows();
+        // Declared before the lock so that, on an early return, the lock is let go first: the
+        // last lease of a registration dropped meanwhile removes its row, taking the lock.
         let mut named: HashMap<TableEntry, Lease> = HashMap::new();
+        let rows = self.rows();
         for (addr, len, dev_id) in batch {
             let memory = rows.memory.iter().find_map(|(&id, (start, size, slot))| {
                 let inside =

@@ -326,8 +326,15 @@ impl Run {
         if now >= self.give_up && self.in_flight > 0 {
             tracing::error!(
                 in_flight = self.in_flight,
+                error = ?self.error,
                 "io_uring entries neither completed nor cancelled: their memory is retired for good"
             );
+            // Whatever failed first, the run ends because time ran out with entries still in the
+            // kernel: callers retire what it names for good on a timeout.
+            self.error = Some(Error::Timeout {
+                descriptors: self.ops.len(),
+                timeout: self.timeout,
+            });
             self.abandoned = true;
         }
     }
@@ -500,8 +507,10 @@ impl Run {
     }
 
     /// Ends the run: a ring the kernel may still use, and the leases of what it names, are
-    /// leaked for good (the kernel keeps writing into or reading from them); otherwise the ring
-    /// goes back to the pool and the leases are let go.
+    /// leaked for good (the kernel keeps writing into or reading from them). A ring that was
+    /// sent cancellations is closed rather than reused, since a cancellation still queued or in
+    /// the kernel would name the next run's entries. Otherwise the ring goes back to the pool.
+    /// The leases are let go in both of those cases.
     fn retire(&mut self, inner: &Inner, ring: Ring) {
         if self.abandoned {
             inner
@@ -509,6 +518,10 @@ impl Run {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             std::mem::forget(ring);
             std::mem::forget(std::mem::take(&mut self.leases));
+        } else if self.cancelled {
+            // Every transfer entry completed: only cancellations, naming no memory, remain.
+            drop(ring);
+            self.leases.clear();
         } else {
             inner.give_ring(ring);
             self.leases.clear();
