@@ -30,19 +30,27 @@ impl KeyOutcome {
     }
 }
 
-/// The page of key `i` of a store, or the outcome of a key that has none (more keys than pages).
+/// The page of key `i` of a store, or the outcome of a key that has none (more keys than
+/// pages) or whose page was retired by a failed transfer.
 pub(crate) fn page_of<'a>(
     keys: &[ChunkKey],
     pages: &[&'a Page],
     i: usize,
 ) -> std::result::Result<&'a Page, KeyOutcome> {
-    pages.get(i).copied().ok_or_else(|| {
-        KeyOutcome::Failed(crate::error::Error::LengthMismatch {
-            key: keys[i].clone(),
+    let key = || keys[i].clone();
+    match pages.get(i) {
+        None => Err(KeyOutcome::Failed(crate::error::Error::LengthMismatch {
+            key: key(),
             keys: keys.len(),
             pages: pages.len(),
-        })
-    })
+        })),
+        Some(page) if page.is_abandoned() => {
+            Err(KeyOutcome::Failed(crate::error::Error::PageRetired {
+                key: key(),
+            }))
+        }
+        Some(page) => Ok(page),
+    }
 }
 
 /// The result of one store task: per key, plus the task's verdict as LMCache reports it.

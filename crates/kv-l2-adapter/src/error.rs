@@ -77,6 +77,14 @@ pub enum Error {
         pages: usize,
     },
 
+    /// A page retired after a failed transfer (`Page::abandon`, `Page::surrender`): it shows
+    /// no bytes, so storing it would store an empty chunk under the key.
+    #[error("the page for key {key:?} was retired after a failed transfer and holds no data")]
+    PageRetired {
+        /// The key it was to be stored under.
+        key: ChunkKey,
+    },
+
     /// A page that does not fit the adapter's chunks.
     #[error("page of {len} bytes does not fit chunks of {chunk} bytes")]
     PageSize {

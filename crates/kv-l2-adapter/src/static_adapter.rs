@@ -509,6 +509,24 @@ mod tests {
     }
 
     #[test]
+    fn a_retired_page_is_refused_not_stored_empty() {
+        let pool = pages();
+        let adapter = StaticAdapter::new(Box::new(Arc::new(Memory::default())), "memory", 4096);
+        let mut page = pool.allocate().unwrap();
+        fill(1, &mut page);
+        page.abandon();
+        let report = adapter.store(&[key(1, None)], &[&page]);
+        assert!(
+            matches!(
+                &report.keys[0],
+                KeyOutcome::Failed(Error::PageRetired { .. })
+            ),
+            "{report:?}"
+        );
+        assert_eq!(adapter.lookup_and_pin(&[key(1, None)]), vec![false]);
+    }
+
+    #[test]
     fn keys_without_pages_fail_with_a_length_mismatch() {
         let pool = pages();
         let adapter = StaticAdapter::new(Box::new(Arc::new(Memory::default())), "memory", 4096);

@@ -198,16 +198,31 @@ impl Shared {
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Ends a request that did not succeed, NIXL having handed it to the plugin. Either way the
-    /// plugin may still use the batch's memory, so the caller gets [`Error::Abandoned`] and must
-    /// retire it ([`Transport::retire`]). A request that ran out of time may still be running:
-    /// it is [abandoned](Shared::abandon) for good. One NIXL reported failed is held, with its
-    /// memory and file registrations, for [`FAILED_REQUEST_GRACE`] and then released; its
-    /// object registrations are let go at once, so a retry may register the same object id
-    /// (an object id names storage by name, unlike a file descriptor that a later file reuses).
+    /// Ends a request that did not succeed, NIXL having handed it to the plugin.
+    ///
+    /// - One that ran out of time may still be running: it is [abandoned](Shared::abandon) for
+    ///   good, and the caller gets [`Error::Abandoned`].
+    /// - A file plugin (POSIX, GDS, GDS_MT, HF3FS) reports a failure once its I/O is over: the
+    ///   request is released and the caller gets the plain error, its memory free again.
+    /// - An object plugin's SDK may go on retrying after NIXL reported the failure, reading or
+    ///   writing the batch's memory. The request and its memory registrations are held for
+    ///   [`FAILED_REQUEST_GRACE`], and the caller gets [`Error::Abandoned`] and must retire the
+    ///   memory ([`Transport::retire`]). The object registrations are let go at once, so a retry
+    ///   may register the same object id (an id names an object, unlike a file descriptor, which
+    ///   a later file may reuse).
     fn fail(&self, posted: Posted, cause: Error) -> Error {
         if cause.is_timeout() {
             return self.abandon(posted, cause);
+        }
+        if self.storage_mem != MemType::Object {
+            tracing::warn!(
+                backend = %self.config.backend,
+                descriptors = posted.descriptors,
+                error = %cause,
+                "NIXL transfer failed"
+            );
+            release(self, posted);
+            return cause;
         }
         tracing::warn!(
             backend = %self.config.backend,
@@ -216,11 +231,10 @@ impl Shared {
             "NIXL transfer failed; its request and memory are held out of use for a grace period"
         );
         let descriptors = posted.descriptors;
-        let objects = self.storage_mem == MemType::Object;
         let (released, kept): (Vec<_>, Vec<_>) = posted
             .leases
             .into_iter()
-            .partition(|(entry, _)| objects && matches!(entry, TableEntry::Storage(..)));
+            .partition(|(entry, _)| matches!(entry, TableEntry::Storage(..)));
         let kept = kept.into_iter().map(|(_, lease)| lease).collect();
         self.hold(Held::Request(posted.request, kept));
         // Outside the custody lock: the last lease of a dropped registration deregisters.
@@ -676,9 +690,11 @@ impl NixlPending {
             (Err(err), Some(posted)) => {
                 let err = self.shared.fail(posted, err);
                 // The plugin may still touch these pages: they are kept out of use.
-                if let Some(pages) = self.pages.take() {
-                    let pages = pages.into_iter().map(|(page, _)| page).collect();
-                    self.shared.retire(pages, &err);
+                if err.memory_abandoned() {
+                    if let Some(pages) = self.pages.take() {
+                        let pages = pages.into_iter().map(|(page, _)| page).collect();
+                        self.shared.retire(pages, &err);
+                    }
                 }
                 State::Failed(Some(err))
             }

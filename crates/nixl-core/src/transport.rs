@@ -177,32 +177,29 @@ pub trait TransportExt: Transport {
     }
 
     /// Writes pages to their extents, as one batch, and waits for it. Pages the engine may still
-    /// read after an error are [surrendered](Page::surrender) to the transport, which keeps them
-    /// out of use: the caller's pages show nothing from then on.
+    /// read after an error are [abandoned](Page::abandon) for good: they show nothing from then
+    /// on and never return to their pool. Owners of pages that want them back once the engine
+    /// is done use [`submit`](Transport::submit), which owns them.
     fn write_pages(&self, batch: &[(&Page, StorageExtent)], view: PageView) -> Result<()> {
         let buffers: Vec<(&[u8], StorageExtent)> = batch
             .iter()
             .map(|(page, extent)| (view_of(page, view), *extent))
             .collect();
-        // SAFETY: on an abandoning error every page of the batch is handed over below: the
-        // caller's handle shows no bytes from then on, and the transport keeps the memory out of
-        // use (and its pool mapped, through the page) while the engine may still read it.
+        // SAFETY: on an abandoning error every page of the batch is abandoned below: no view of
+        // its memory is handed out again and it never returns to its pool, which stays mapped.
+        // For good, not for a grace period: the caller may still hold slices borrowed from these
+        // shared pages, which a later owner of the memory would alias.
         let outcome = unsafe { self.write(&buffers) };
-        if let Err(err) = &outcome {
-            if err.memory_abandoned() {
-                let held = batch
-                    .iter()
-                    .filter_map(|(page, _)| page.surrender())
-                    .collect();
-                self.retire(held, err);
-            }
+        if outcome.as_ref().is_err_and(crate::Error::memory_abandoned) {
+            batch.iter().for_each(|(page, _)| page.abandon());
         }
         outcome
     }
 
-    /// Reads extents into pages, as one batch, and waits for it; pages the engine may still
-    /// write after an error are [surrendered](Page::surrender) as in
-    /// [`write_pages`](TransportExt::write_pages).
+    /// Reads extents into pages, as one batch, and waits for it. Pages the engine may still
+    /// write after an error are [surrendered](Page::surrender) to the transport, which keeps
+    /// them out of use while it may (the exclusive borrow ends with this call, so no view of
+    /// them outlives it): the caller's pages show nothing from then on.
     fn read_pages(&self, batch: &mut [(&mut Page, StorageExtent)], view: PageView) -> Result<()> {
         let mut buffers: Vec<(&mut [u8], StorageExtent)> = batch
             .iter_mut()

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
-use nixl_core::{PageView, Registration, StorageExtent, Transport, TransportExt};
+use nixl_core::{
+    Direction, PageBatch, PageView, Registration, StorageExtent, Transport, TransportExt,
+};
 use pinned_alloc::{LockMode, Page, PagePool, PoolConfig};
 
 use crate::error::{Error, Result};
@@ -130,14 +132,10 @@ impl StaticObjectPool {
                 header::write(head, key, page.as_slice());
                 body.copy_from_slice(page.as_slice());
             }
-            let batch: Vec<_> = staging
-                .iter()
-                .zip(&extents)
-                .map(|(buffer, extent)| (buffer, *extent))
-                .collect();
-            let written = self.transport.write_pages(&batch, PageView::Exact);
-            drop(batch);
-            if let Err(err) = written {
+            // The batch owns the staging buffers: after a failure the transport keeps those the
+            // plugin may still read, and they come back to the pool once it can no longer.
+            let batch: PageBatch = staging.into_iter().zip(extents).collect();
+            if let (_, Err(err)) = self.transport.submit(Direction::Write, batch).wait() {
                 return Err(Error::Batch(Arc::new(err)));
             }
         }

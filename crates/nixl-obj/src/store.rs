@@ -4,7 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
-use nixl_core::{PageView, Registration, StorageExtent, StorageName, Transport, TransportExt};
+use nixl_core::{
+    Direction, PageBatch, PageView, Registration, StorageExtent, StorageName, Transport,
+    TransportExt,
+};
 use pinned_alloc::{LockMode, Page, PagePool, PoolConfig};
 
 use crate::error::{Error, Result};
@@ -135,13 +138,14 @@ impl ObjectStore {
         if ready.is_empty() {
             return results;
         }
-        let batch: Vec<_> = ready
+        let mut staging: Vec<Option<Page>> = staging.into_iter().map(Some).collect();
+        let batch: PageBatch = ready
             .iter()
-            .map(|(i, r)| (&staging[*i], StorageExtent::new(r.dev_id(), 0)))
+            .filter_map(|(i, r)| Some((staging[*i].take()?, StorageExtent::new(r.dev_id(), 0))))
             .collect();
-        // Pages the plugin may still read after a failure are retired by `write_pages`.
-        if let Err(err) = self.transport.write_pages(&batch, PageView::Exact) {
-            drop(batch);
+        // The batch owns the staging buffers: after a failure the transport keeps those the
+        // plugin may still read, and they come back to the pool once it can no longer.
+        if let (_, Err(err)) = self.transport.submit(Direction::Write, batch).wait() {
             let err = Arc::new(err);
             for (i, _) in &ready {
                 results[*i] = Err(Error::Batch(Arc::clone(&err)));
