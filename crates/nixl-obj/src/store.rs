@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::naming::object_id;
 
 const BUFFER_WAIT: Duration = Duration::from_secs(30);
+/// How long a batch waits for another batch to let go of an object id they both name.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
 
 /// Configuration of an [`ObjectStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,14 @@ pub struct ObjectStore {
     /// Header + payload, contiguous: objects are written and read whole.
     staging: Arc<PagePool>,
     _registration: Registration,
+}
+
+/// The shared cause of a failure that fails every item of a batch.
+fn batch_cause(err: Error) -> Arc<nixl_core::Error> {
+    Arc::new(match err {
+        Error::Transport(inner) => inner,
+        other => nixl_core::Error::Failed(other.to_string()),
+    })
 }
 
 fn check_key(key: &[u8]) -> Result<()> {
@@ -123,13 +133,11 @@ impl ObjectStore {
                 let (head, body) = buffer.as_mut_slice().split_at_mut(HEADER_BYTES);
                 header::write(head, key, page.as_slice());
                 body.copy_from_slice(page.as_slice());
-                Ok(self
-                    .transport
-                    .register_object(object_id(key), buffer.len())?)
+                Ok((object_id(key), buffer.len()))
             });
             match prepared {
-                Ok(registration) => {
-                    ready.push((results.len(), registration));
+                Ok(object) => {
+                    ready.push((results.len(), object));
                     results.push(Ok(page.len() as u64));
                 }
                 Err(err) => results.push(Err(err)),
@@ -138,10 +146,24 @@ impl ObjectStore {
         if ready.is_empty() {
             return results;
         }
+        let objects: Vec<(u64, usize)> = ready.iter().map(|(_, object)| *object).collect();
+        let registrations = match self.register_all(&objects) {
+            Ok(registrations) => registrations,
+            Err(err) => {
+                let err = batch_cause(err);
+                for (i, _) in &ready {
+                    results[*i] = Err(Error::Batch(Arc::clone(&err)));
+                }
+                return results;
+            }
+        };
         let mut staging: Vec<Option<Page>> = staging.into_iter().map(Some).collect();
         let batch: PageBatch = ready
             .iter()
-            .filter_map(|(i, r)| Some((staging[*i].take()?, StorageExtent::new(r.dev_id(), 0))))
+            .zip(&registrations)
+            .filter_map(|((i, _), r)| {
+                Some((staging[*i].take()?, StorageExtent::new(r.dev_id(), 0)))
+            })
             .collect();
         // The batch owns the staging buffers: after a failure the transport keeps those the
         // plugin may still read, and they come back to the pool once it can no longer.
@@ -152,6 +174,39 @@ impl ObjectStore {
             }
         }
         results
+    }
+
+    /// Registers each `(object id, length)`, in the order given. NIXL's OBJ plugin keeps one
+    /// registration per id (NIXL issue 1794), so two batches naming the same object, two loads
+    /// of one key from two threads, take turns: each waits, up to [`REGISTRATION_WAIT`], while
+    /// another holds the id. Ids are taken in ascending order, so two batches never wait on
+    /// each other in a cycle; an id named twice in one batch is refused at once.
+    fn register_all(&self, objects: &[(u64, usize)]) -> Result<Vec<Registration>> {
+        let mut order: Vec<usize> = (0..objects.len()).collect();
+        order.sort_by_key(|&i| objects[i].0);
+        let mut taken: Vec<Option<Registration>> = (0..objects.len()).map(|_| None).collect();
+        let mut previous = None;
+        for i in order {
+            let (id, len) = objects[i];
+            if previous == Some(id) {
+                return Err(nixl_core::Error::DeviceIdInUse { dev_id: id }.into());
+            }
+            previous = Some(id);
+            let started = std::time::Instant::now();
+            let mut pause = Duration::from_micros(20);
+            taken[i] = Some(loop {
+                match self.transport.register_object(id, len) {
+                    Err(nixl_core::Error::DeviceIdInUse { .. })
+                        if started.elapsed() < REGISTRATION_WAIT =>
+                    {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_millis(2));
+                    }
+                    other => break other?,
+                }
+            });
+        }
+        Ok(taken.into_iter().flatten().collect())
     }
 
     /// Which keys have an object (one batched existence query: an S3 HEAD per key).
@@ -179,10 +234,7 @@ impl ObjectStore {
         let present = match self.contains(&keys) {
             Ok(present) => present,
             Err(err) => {
-                let err = Arc::new(match err {
-                    Error::Transport(inner) => inner,
-                    other => nixl_core::Error::Failed(other.to_string()),
-                });
+                let err = batch_cause(err);
                 return piece
                     .iter()
                     .map(|_| Err(Error::Batch(Arc::clone(&err))))
@@ -234,15 +286,13 @@ impl ObjectStore {
         let Ok(mut staging) = self.staging.allocate_batch_within(which.len(), BUFFER_WAIT) else {
             return Err(Error::Config("no staging buffer came free".to_owned()));
         };
-        let mut registrations = Vec::with_capacity(which.len());
+        let mut objects = Vec::with_capacity(which.len());
         for (&i, buffer) in which.iter().zip(staging.iter_mut()) {
             let (key, page) = &piece[i];
             buffer.set_len(HEADER_BYTES + page.len());
-            registrations.push(
-                self.transport
-                    .register_object(object_id(key), buffer.len())?,
-            );
+            objects.push((object_id(key), buffer.len()));
         }
+        let registrations = self.register_all(&objects)?;
         let mut batch: Vec<_> = staging
             .iter_mut()
             .zip(&registrations)

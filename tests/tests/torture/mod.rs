@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use kv_integration_tests::Rng;
+use kv_integration_tests::services::S3Server;
 use kv_l2_adapter::test_utils::{fill, key};
 use kv_l2_adapter::{AdapterContext, AdapterFactory, ChunkKey, Engine, HiCache, L2Adapter};
 use pinned_alloc::{Page, PagePool, PoolConfig};
@@ -24,11 +25,22 @@ const PAGE_KEYS: u32 = 6;
 const PAGE_SEED: u32 = 1_000_000;
 const THREADS: u64 = 8;
 
+/// Where a torture run keeps its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Storage {
+    /// Files in a fresh folder (POSIX, or the native engine).
+    Files,
+    /// Objects in a fresh bucket of a real S3 server on loopback, through NIXL OBJ.
+    S3,
+}
+
 /// One torture run's shape.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan {
     /// `nixl_store` or `nixl_store_dynamic`.
     pub(crate) kind: &'static str,
+    /// Files or objects.
+    pub(crate) storage: Storage,
     /// Which engine moves the bytes.
     pub(crate) engine: Engine,
     /// Slots of the static pool; chunks the dynamic capacity holds.
@@ -42,10 +54,11 @@ pub(crate) struct Plan {
 impl Plan {
     /// The row label: adapter type and engine.
     pub(crate) fn label(&self) -> String {
-        let engine = match self.engine {
-            Engine::Native => "native io_uring",
-            Engine::Nixl => "NIXL POSIX",
-            _ => "auto",
+        let engine = match (self.storage, self.engine) {
+            (Storage::S3, _) => "NIXL OBJ (S3)",
+            (Storage::Files, Engine::Native) => "native io_uring",
+            (Storage::Files, Engine::Nixl) => "NIXL POSIX",
+            (Storage::Files, _) => "auto",
         };
         format!("{} {engine}", self.kind)
     }
@@ -70,6 +83,19 @@ struct Counters {
     hits: AtomicU64,
     wrong: AtomicU64,
     pinned_misses: AtomicU64,
+}
+
+/// The `--l2-adapter` JSON of a plan's adapter over objects of `server`'s bucket.
+fn s3_json(plan: &Plan, server: &S3Server) -> String {
+    let pool = if plan.kind == "nixl_store" {
+        format!(r#","pool_size":{}"#, plan.slots)
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{{"type":"{}","backend":"OBJ","backend_params":{{"bucket":"{}","endpoint_override":"{}","scheme":"http","region":"us-east-1","access_key":"{}","secret_key":"{}"}}{pool}}}"#,
+        plan.kind, server.bucket, server.endpoint, server.access_key, server.secret_key
+    )
 }
 
 /// The `--l2-adapter` JSON of a plan's adapter over files in `dir`.
@@ -105,8 +131,16 @@ pub(crate) fn run(plan: &Plan) -> Result<Tally> {
     )
     .build()?;
     let context = AdapterContext::new(Arc::clone(&memory)).with_engine(plan.engine);
+    let server = match plan.storage {
+        Storage::S3 => Some(S3Server::try_start().map_err(anyhow::Error::msg)?),
+        Storage::Files => None,
+    };
+    let config = match &server {
+        Some(server) => s3_json(plan, server),
+        None => json(plan, dir.path()),
+    };
     let adapter = AdapterFactory::new()
-        .build(&[json(plan, dir.path())], &context)?
+        .build(&[config], &context)?
         .remove(0)
         .1;
     let tally = torture(&adapter, &memory, plan)?;
