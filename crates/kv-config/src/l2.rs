@@ -35,6 +35,7 @@ const OWN_PARAMS: &[&str] = &[
     "file_size",
     "max_capacity_gb",
     "shard_dirs",
+    "durable",
 ];
 
 /// Checks the JSON object of a downstream adapter type; returns what is wrong, in words.
@@ -386,6 +387,14 @@ fn nixl_storage(
         ));
     }
 
+    let durable = flag_param(ctx, params, "durable").unwrap_or(false);
+    if durable && !(dynamic && is_file) {
+        ctx.fail(
+            "backend_params.durable",
+            format!("applies to {NIXL_STORE_DYNAMIC} over a file backend only"),
+        );
+    }
+
     let file_size = match params.get("file_size") {
         None => None,
         Some(value) => {
@@ -427,6 +436,7 @@ fn nixl_storage(
     spec.backend_params = plugin_params;
     spec.use_direct_io = use_direct_io.unwrap_or(false);
     spec.shard_dirs = dynamic && shard_dirs;
+    spec.durable = durable;
     spec.file_size = file_size;
     spec.capacity_bytes = capacity_bytes;
     Some(spec)

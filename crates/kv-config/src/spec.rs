@@ -170,6 +170,9 @@ pub struct StorageSpec {
     pub capacity_bytes: Option<u64>,
     /// Two-level hex sub-folders for dynamic files.
     pub shard_dirs: bool,
+    /// Sync each chunk's data before publishing it and its folder once per batch (dynamic
+    /// mode over files; `backend_params.durable`).
+    pub durable: bool,
     /// Bytes per static file (several page slots per file).
     pub file_size: Option<u64>,
     /// Keep data on close (`persist_enabled`).
@@ -201,6 +204,7 @@ impl StorageSpec {
             cache_policy: "LRU".to_owned(),
             capacity_bytes: None,
             shard_dirs: false,
+            durable: false,
             file_size: None,
             persist: true,
             eviction: None,

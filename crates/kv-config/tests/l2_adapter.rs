@@ -293,3 +293,38 @@ fn downstream_types_register_once_and_are_validated() {
         "{err}"
     );
 }
+
+#[test]
+fn durable_applies_to_dynamic_files_and_is_refused_elsewhere() {
+    let dynamic = |durable: &str| {
+        format!(
+            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"/data/l2","max_capacity_gb":"1","durable":{durable}}}}}"#
+        )
+    };
+    for (value, expected) in [(r#""true""#, true), ("false", false)] {
+        let specs = parse(&[&dynamic(value)]).unwrap().value;
+        assert_eq!(specs[0].storage.as_ref().unwrap().durable, expected);
+    }
+    let unset = parse(&[r#"{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{"file_path":"/data/l2","max_capacity_gb":"1"}}"#])
+        .unwrap()
+        .value;
+    assert!(
+        !unset[0].storage.as_ref().unwrap().durable,
+        "off by default"
+    );
+    for refused in [
+        r#"{"type":"nixl_store","backend":"POSIX","backend_params":{"file_path":"/data/l2","use_direct_io":"false","durable":"true"},"pool_size":4}"#,
+        r#"{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{"bucket":"b","durable":"true"}}"#,
+    ] {
+        let errors = messages(&[refused]);
+        assert!(
+            errors.iter().any(|e| e.contains("backend_params.durable")),
+            "{errors:?}"
+        );
+    }
+    let errors = messages(&[&dynamic(r#""sometimes""#)]);
+    assert!(
+        errors.iter().any(|e| e.contains("backend_params.durable")),
+        "{errors:?}"
+    );
+}

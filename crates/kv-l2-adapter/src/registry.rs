@@ -175,7 +175,8 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                     Arc::clone(&transport),
                     DynamicConfig::new(path()?)
                         .with_direct_io(spec.use_direct_io)
-                        .with_shard_dirs(spec.shard_dirs),
+                        .with_shard_dirs(spec.shard_dirs)
+                        .with_durable(spec.durable),
                 )?),
                 StorageKind::Object => Box::new(Objects {
                     store: ObjectStore::open(
