@@ -15,6 +15,9 @@ use crate::index::Index;
 use crate::keys::ChunkKey;
 use crate::storage::ChunkStorage;
 
+/// How long a store waits for a key that is being deleted or recovered.
+const KEY_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Options of a [`DynamicAdapter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -195,9 +198,19 @@ impl Shared {
         claimed: bool,
     ) -> (Vec<Option<KeyOutcome>>, Vec<usize>) {
         let mut state = self.state();
-        // A key being deleted or recovered is written once that is over, never beside it.
+        // A key being deleted or recovered is written once that is over, never beside it; a
+        // key still busy after `KEY_BUSY_WAIT` (storage stuck under the delete) fails alone.
+        let deadline = std::time::Instant::now() + KEY_BUSY_WAIT;
         while keys.iter().any(|k| state.busy.contains(k)) {
-            state = self.settled.wait(state).unwrap_or_else(|p| p.into_inner());
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .settled
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         let mut outcomes: Vec<Option<KeyOutcome>> = (0..keys.len()).map(|_| None).collect();
         let mut reserved = Vec::new();
@@ -212,6 +225,13 @@ impl Shared {
                     continue;
                 }
             };
+            if state.busy.contains(key) {
+                outcomes[i] = Some(KeyOutcome::Failed(Error::KeyBusy {
+                    key: key.clone(),
+                    waited: KEY_BUSY_WAIT,
+                }));
+                continue;
+            }
             if state.closed {
                 outcomes[i] = Some(KeyOutcome::Failed(Error::Closed));
                 continue;

@@ -104,6 +104,16 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A key stayed busy (being deleted or recovered) past the time a store waits for it: the
+    /// storage under it is slow or stuck.
+    #[error("key {key:?} is still being deleted or recovered after {waited:?}; not stored")]
+    KeyBusy {
+        /// The key.
+        key: ChunkKey,
+        /// How long the store waited.
+        waited: std::time::Duration,
+    },
+
     /// An adapter type is registered twice, or not at all.
     #[error("{0}")]
     Registry(String),
