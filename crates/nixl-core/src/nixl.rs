@@ -19,7 +19,8 @@ use pinned_alloc::{MemoryRegion, Page};
 /// a millisecond is seen at once, long enough that a waiting thread uses almost no CPU.
 const MAX_POLL_PAUSE: Duration = Duration::from_micros(50);
 
-/// How long dropping an unfinished transfer waits for it before abandoning its pages.
+/// How long dropping an unfinished transfer waits for it; then the transport adopts it and its
+/// pages, and finishes it later (the caller is not held up).
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a request that NIXL reported failed, and the memory it named, are kept out of use:
@@ -171,6 +172,9 @@ struct Shared {
     /// Failed requests and the pages they named, kept until their grace period ends (oldest
     /// first).
     held: Mutex<std::collections::VecDeque<(Instant, Held)>>,
+    /// Transfers dropped unfinished, with their pages and the time they may take at most:
+    /// polled at each later post, finished or abandoned then.
+    adopted: Mutex<Vec<(Instant, Posted, Vec<Page>)>>,
 }
 
 /// A request posted to NIXL with a lease on every registration it names.
@@ -258,6 +262,7 @@ impl Shared {
 
     /// Whether the custody list has room for another failure (after releasing what expired).
     fn has_room(&self) -> bool {
+        let adopted = self.reap_adopted();
         let now = Instant::now();
         let (expired, len) = {
             let mut list = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,7 +270,55 @@ impl Shared {
             (expired, list.len())
         };
         self.release_held(expired);
-        len < MAX_HELD_FAILURES
+        len + adopted < MAX_HELD_FAILURES
+    }
+
+    /// Takes over a transfer dropped while still running, with its pages: it is finished by a
+    /// later call (see [`reap_adopted`](Shared::reap_adopted)) within the transport's timeout.
+    fn adopt(&self, posted: Posted, pages: Vec<Page>) {
+        let deadline = Instant::now() + self.config.timeout;
+        self.adopted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((deadline, posted, pages));
+    }
+
+    /// Finishes the adopted transfers that are over: their pages go back to their pool (or are
+    /// retired as any failed batch's), and those past their time are abandoned. Returns how
+    /// many are still running.
+    fn reap_adopted(&self) -> usize {
+        let adopted = std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut running = Vec::new();
+        for (deadline, posted, pages) in adopted {
+            let outcome = match poll_request(self, &posted.request) {
+                Ok(true) => Ok(()),
+                Ok(false) if Instant::now() < deadline => {
+                    running.push((deadline, posted, pages));
+                    continue;
+                }
+                Ok(false) => Err(Error::Timeout {
+                    descriptors: posted.descriptors,
+                    timeout: self.config.timeout,
+                }),
+                Err(err) => Err(err),
+            };
+            match outcome {
+                Ok(()) => release(self, posted),
+                Err(err) => {
+                    let err = self.fail(posted, err);
+                    if err.memory_abandoned() {
+                        self.retire(pages, &err);
+                        continue;
+                    }
+                }
+            }
+        }
+        let still = running.len();
+        self.adopted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(running);
+        still
     }
 
     /// Releases held requests (under the agent-call lock), then their leases and pages (outside
@@ -438,6 +491,7 @@ impl NixlTransport {
                 serial,
                 abandoned: AtomicUsize::new(0),
                 held: Mutex::new(std::collections::VecDeque::new()),
+                adopted: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -749,8 +803,25 @@ impl PendingTransfer for NixlPending {
 
 impl Drop for NixlPending {
     fn drop(&mut self) {
-        // Bounded: past this the pages are abandoned rather than the caller held up.
-        self.settle(DROP_WAIT.min(self.shared.config.timeout));
+        // Bounded: a transfer still running after a short wait is adopted by the transport,
+        // with its pages, rather than the caller held up or the pages abandoned.
+        if let (State::InFlight, Some(posted)) = (&self.state, &self.posted) {
+            match wait_request(
+                &self.shared,
+                posted,
+                DROP_WAIT.min(self.shared.config.timeout),
+            ) {
+                Err(err) if err.is_timeout() => {
+                    if let Some(posted) = self.posted.take() {
+                        let pages = self.pages.take().unwrap_or_default();
+                        self.shared
+                            .adopt(posted, pages.into_iter().map(|(page, _)| page).collect());
+                    }
+                    return;
+                }
+                outcome => self.finish(outcome),
+            }
+        }
         if let State::Failed(Some(err)) = &self.state {
             tracing::debug!(error = %err, "dropped transfer ended in error");
         }
