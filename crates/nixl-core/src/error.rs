@@ -165,6 +165,18 @@ pub enum Error {
         abandoned: usize,
     },
 
+    /// So many failed or dropped transfers are held (their memory kept out of use while the
+    /// plugin may still touch it) that new ones wait until some are let go.
+    #[error(
+        "{held} failed or unfinished transfers are held until the plugin can no longer touch their memory (up to {grace:?} each); retry later"
+    )]
+    FailuresHeld {
+        /// Transfers held at most.
+        held: usize,
+        /// How long a failed one is held.
+        grace: std::time::Duration,
+    },
+
     /// An I/O error outside NIXL (opening files, probing folders).
     #[error("{operation} {path}: {source}")]
     Io {

@@ -556,8 +556,14 @@ impl NixlTransport {
             return Ok(None);
         }
         let abandoned = self.shared.abandoned.load(Ordering::Relaxed);
-        if abandoned >= MAX_ABANDONED_REQUESTS || !self.shared.has_room() {
+        if abandoned >= MAX_ABANDONED_REQUESTS {
             return Err(Error::TooManyAbandoned { abandoned });
+        }
+        if !self.shared.has_room() {
+            return Err(Error::FailuresHeld {
+                held: MAX_HELD_FAILURES,
+                grace: FAILED_REQUEST_GRACE,
+            });
         }
         let leases = self.shared.table.check(
             batch
