@@ -33,11 +33,10 @@ pub struct StaticObjectPool {
     transport: Arc<dyn Transport>,
     slots: Vec<Registration>,
     slot_bytes: usize,
-    /// Header + payload, contiguous: objects are written whole.
+    /// Header + payload, contiguous: objects are written and read whole, so the caller's pages
+    /// are never handed to the plugin (whose SDK may go on using a failed batch's memory).
     staging: Arc<PagePool>,
-    /// Headers read back.
-    headers: Arc<PagePool>,
-    _registrations: [Registration; 2],
+    _registration: Registration,
 }
 
 /// The error of a batch whose buffers did not come free in time.
@@ -64,14 +63,7 @@ impl StaticObjectPool {
         .with_lock(LockMode::BestEffort)
         .build()
         .map_err(|e| Error::Config(format!("staging buffers: {e}")))?;
-        let headers = PoolConfig::new(HEADER_BYTES, BUFFERS * HEADER_BYTES as u64)
-            .with_lock(LockMode::BestEffort)
-            .build()
-            .map_err(|e| Error::Config(format!("header buffers: {e}")))?;
-        let registrations = [
-            transport.register_pool(&staging)?,
-            transport.register_pool(&headers)?,
-        ];
+        let registration = transport.register_pool(&staging)?;
         let prefix = (RandomState::new().build_hasher().finish() >> 32) << 32;
         let slots = (0..pool_size)
             .map(|i| transport.register_object(prefix | u64::from(i), object_bytes))
@@ -81,8 +73,7 @@ impl StaticObjectPool {
             slots,
             slot_bytes,
             staging,
-            headers,
-            _registrations: registrations,
+            _registration: registration,
         })
     }
 
@@ -148,32 +139,29 @@ impl StaticObjectPool {
     pub fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
         let mut verdicts = Vec::with_capacity(items.len());
         for piece in items.chunks_mut(MAX_BATCH) {
-            let mut headers = self
-                .headers
+            let mut staging = self
+                .staging
                 .allocate_batch_within(piece.len(), BUFFER_WAIT)
                 .map_err(no_buffer)?;
-            let mut extents = Vec::with_capacity(piece.len());
-            for (key, page, slot) in piece.iter() {
-                extents.push(self.extent(key, page.len(), *slot)?);
+            let mut batch = Vec::with_capacity(piece.len());
+            for ((key, page, slot), buffer) in piece.iter().zip(staging.iter_mut()) {
+                let extent = self.extent(key, page.len(), *slot)?;
+                buffer.set_len(HEADER_BYTES + page.len());
+                batch.push((buffer, extent));
             }
-            let mut batch: Vec<_> = piece
-                .iter_mut()
-                .zip(headers.iter_mut())
-                .zip(&extents)
-                .flat_map(|(((_, page, _), head), extent)| {
-                    let body = StorageExtent::new(extent.dev_id, HEADER_BYTES as u64);
-                    [(head, *extent), (&mut **page, body)]
-                })
-                .collect();
             let read = self.transport.read_pages(&mut batch, PageView::Exact);
             drop(batch);
             if let Err(err) = read {
                 return Err(Error::Batch(Arc::new(err)));
             }
-            for ((key, page, slot), head) in piece.iter().zip(&headers) {
-                let verdict = header::verify(head.as_slice(), key, page.as_slice());
-                if let Err(refusal) = &verdict {
-                    tracing::debug!(slot, %refusal, "static object slot read as a miss");
+            for ((key, page, slot), buffer) in piece.iter_mut().zip(&staging) {
+                let (head, body) = buffer.as_slice().split_at(HEADER_BYTES);
+                let verdict = header::verify(head, key, body);
+                match &verdict {
+                    Ok(()) => page.as_mut_slice().copy_from_slice(body),
+                    Err(refusal) => {
+                        tracing::debug!(slot, %refusal, "static object slot read as a miss")
+                    }
                 }
                 verdicts.push(verdict.is_ok());
             }
