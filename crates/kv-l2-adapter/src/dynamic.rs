@@ -225,15 +225,15 @@ impl Shared {
                     continue;
                 }
             };
+            if state.closed {
+                outcomes[i] = Some(KeyOutcome::Failed(Error::Closed));
+                continue;
+            }
             if state.busy.contains(key) {
                 outcomes[i] = Some(KeyOutcome::Failed(Error::KeyBusy {
                     key: key.clone(),
                     waited: KEY_BUSY_WAIT,
                 }));
-                continue;
-            }
-            if state.closed {
-                outcomes[i] = Some(KeyOutcome::Failed(Error::Closed));
                 continue;
             }
             if state.index.contains(key)

@@ -591,24 +591,44 @@ mod tests {
             state
         };
         for round in 0..100_000u32 {
-            let mut bytes: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
             if round % 2 == 0 {
-                let body: Vec<u8> = (0..next() % 40).map(|_| next() as u8).collect();
-                let mut frame = vec![(next() % 8) as u8];
-                let announced = match next() % 4 {
-                    0 => u32::MAX,
-                    1 => next() as u32,
-                    _ => body.len() as u32,
-                };
-                frame.extend_from_slice(&announced.to_le_bytes());
-                frame.extend_from_slice(&body);
-                frame.truncate(frame.len() - (next() % 3) as usize * usize::from(next() % 2 == 0));
-                bytes = frame;
+                let bytes: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
+                if let Ok((_, body)) = read_frame(&mut bytes.as_slice()) {
+                    assert!(body.len() <= MAX_FRAME_BYTES);
+                    assert_eq!(&bytes[5..5 + body.len()], &body[..]);
+                }
+                continue;
             }
-            if let Ok((_, body)) = read_frame(&mut bytes.as_slice()) {
-                assert!(body.len() <= MAX_FRAME_BYTES);
-                assert_eq!(&bytes[5..5 + body.len()], &body[..]);
-                assert_eq!(u64s(&body).len(), body.len() / 8);
+            let tag = (next() % 8) as u8;
+            let body: Vec<u8> = (0..next() % 40).map(|_| next() as u8).collect();
+            let announced = match next() % 4 {
+                0 => u32::MAX,
+                1 => next() as u32 % 64,
+                _ => body.len() as u32,
+            };
+            let mut frame = vec![tag];
+            frame.extend_from_slice(&announced.to_le_bytes());
+            frame.extend_from_slice(&body);
+            let cut = (next() % 3) as usize * usize::from(next() % 2 == 0);
+            frame.truncate(frame.len() - cut.min(frame.len()));
+            let outcome = read_frame(&mut frame.as_slice());
+            let available = frame.len().saturating_sub(5);
+            match outcome {
+                Ok((got_tag, got)) => {
+                    assert!(
+                        (announced as usize) <= available,
+                        "read past the bytes given"
+                    );
+                    assert_eq!(
+                        (got_tag, &got[..]),
+                        (tag, &frame[5..5 + announced as usize])
+                    );
+                    assert_eq!(u64s(&got).len(), got.len() / 8);
+                }
+                Err(err) => assert!(
+                    announced as usize > available || frame.len() < 5,
+                    "a whole frame refused: {err}"
+                ),
             }
         }
     }

@@ -206,27 +206,16 @@ impl Shared {
     ///
     /// - One that ran out of time may still be running: it is [abandoned](Shared::abandon) for
     ///   good, and the caller gets [`Error::Abandoned`].
-    /// - A file plugin (POSIX, GDS, GDS_MT, HF3FS) reports a failure once its I/O is over: the
-    ///   request is released and the caller gets the plain error, its memory free again.
-    /// - An object plugin's SDK may go on retrying after NIXL reported the failure, reading or
-    ///   writing the batch's memory. The request and its memory registrations are held for
-    ///   [`FAILED_REQUEST_GRACE`], and the caller gets [`Error::Abandoned`] and must retire the
-    ///   memory ([`Transport::retire`]). The object registrations are let go at once, so a retry
-    ///   may register the same object id (an id names an object, unlike a file descriptor, which
-    ///   a later file may reuse).
+    /// - One NIXL reports failed may still have parts running: the POSIX plugin reports the
+    ///   first failed completion while the batch's other I/Os are in flight, and an object
+    ///   plugin's SDK goes on retrying (reading or writing the batch's memory). The request, its
+    ///   memory registrations and its files are held for [`FAILED_REQUEST_GRACE`], and the
+    ///   caller gets [`Error::Abandoned`] and must retire the memory ([`Transport::retire`]).
+    ///   Object registrations are let go at once, so a retry may register the same object id:
+    ///   an id names an object, unlike a file descriptor, which a later file may reuse.
     fn fail(&self, posted: Posted, cause: Error) -> Error {
         if cause.is_timeout() {
             return self.abandon(posted, cause);
-        }
-        if self.storage_mem != MemType::Object {
-            tracing::warn!(
-                backend = %self.config.backend,
-                descriptors = posted.descriptors,
-                error = %cause,
-                "NIXL transfer failed"
-            );
-            release(self, posted);
-            return cause;
         }
         tracing::warn!(
             backend = %self.config.backend,
@@ -235,10 +224,11 @@ impl Shared {
             "NIXL transfer failed; its request and memory are held out of use for a grace period"
         );
         let descriptors = posted.descriptors;
+        let objects = self.storage_mem == MemType::Object;
         let (released, kept): (Vec<_>, Vec<_>) = posted
             .leases
             .into_iter()
-            .partition(|(entry, _)| matches!(entry, TableEntry::Storage(..)));
+            .partition(|(entry, _)| objects && matches!(entry, TableEntry::Storage(..)));
         let kept = kept.into_iter().map(|(_, lease)| lease).collect();
         self.hold(Held::Request(posted.request, kept));
         // Outside the custody lock: the last lease of a dropped registration deregisters.
@@ -261,16 +251,27 @@ impl Shared {
     }
 
     /// Whether the custody list has room for another failure (after releasing what expired).
-    fn has_room(&self) -> bool {
+    /// How many failed and adopted transfers are held, after releasing what is over; `Err` with
+    /// that count when there is no room for another.
+    fn has_room(&self) -> std::result::Result<(), usize> {
         let adopted = self.reap_adopted();
         let now = Instant::now();
-        let (expired, len) = {
+        let (expired, requests) = {
             let mut list = self.held.lock().unwrap_or_else(|p| p.into_inner());
             let expired = expired_of(&mut list, now);
-            (expired, list.len())
+            let requests = list
+                .iter()
+                .filter(|(_, held)| matches!(held, Held::Request(..)))
+                .count();
+            (expired, requests)
         };
         self.release_held(expired);
-        len + adopted < MAX_HELD_FAILURES
+        let held = requests + adopted;
+        if held < MAX_HELD_FAILURES {
+            Ok(())
+        } else {
+            Err(held)
+        }
     }
 
     /// Takes over a transfer dropped while still running, with its pages: it is finished by a
@@ -559,9 +560,9 @@ impl NixlTransport {
         if abandoned >= MAX_ABANDONED_REQUESTS {
             return Err(Error::TooManyAbandoned { abandoned });
         }
-        if !self.shared.has_room() {
+        if let Err(held) = self.shared.has_room() {
             return Err(Error::FailuresHeld {
-                held: MAX_HELD_FAILURES,
+                held,
                 grace: FAILED_REQUEST_GRACE,
             });
         }
@@ -604,8 +605,7 @@ impl NixlTransport {
             descriptors: batch.len(),
         };
         // Completed at once or still in progress: the status poll answers either way. A failed
-        // post is NIXL's word that the batch is not going on; the request is kept for the grace
-        // period all the same, in case part of it reached the plugin.
+        // post may have handed part of the batch to the plugin: held as any failed request.
         if let Err(err) = agent.post_xfer_req(&posted.request, Some(&opt_args)) {
             drop(_serial);
             return Err(self.shared.fail(posted, Error::nixl("post transfer")(err)));
@@ -1015,6 +1015,9 @@ impl Transport for NixlTransport {
     }
 
     fn exists(&self, items: &[StorageName<'_>]) -> Result<Vec<bool>> {
+        // Callers that wait for buffers an adopted transfer holds query existence before they
+        // post: finish what is over here too.
+        self.shared.reap_adopted();
         if items.is_empty() {
             return Ok(Vec::new());
         }

@@ -253,7 +253,9 @@ impl ObjectStore {
                     results[*i] = Ok(verdict);
                 }
             }
-            Err(_) if wanted.len() > 1 => {
+            // Only a failed transfer is worth isolating; a refusal (no buffer, a registration
+            // that stayed busy, transfers held) would refuse each key alike.
+            Err(Error::Batch(cause)) if wanted.len() > 1 && cause.memory_abandoned() => {
                 // Something in the batch failed (a short foreign object, a vanished one): isolate
                 // each key so one bad object cannot fail its neighbours.
                 for &i in &wanted {
