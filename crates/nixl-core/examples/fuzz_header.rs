@@ -41,7 +41,7 @@ fn main() {
         let key: Vec<u8> = (0..1 + rng.below(200)).map(|_| rng.next() as u8).collect();
         let payload: Vec<u8> = (0..rng.below(5000)).map(|_| rng.next() as u8).collect();
         let mut bytes = vec![0u8; HEADER_BYTES];
-        header::write(&mut bytes, &key, &payload);
+        header::write(&mut bytes, &key, &payload).expect("keys of at most 200 bytes fit a header");
         let original = bytes.clone();
         let mutated = match rng.below(5) {
             0 => {

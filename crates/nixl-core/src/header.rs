@@ -36,6 +36,11 @@ pub enum Refusal {
     },
     /// The payload is torn or corrupted.
     PayloadChecksum,
+    /// The buffer given to [`write`] is shorter than [`HEADER_BYTES`].
+    BufferTooShort {
+        /// Its length.
+        len: usize,
+    },
 }
 
 impl std::fmt::Display for Refusal {
@@ -52,13 +57,25 @@ impl std::fmt::Display for Refusal {
             Refusal::PayloadChecksum => {
                 f.write_str("payload checksum mismatch (torn or corrupted)")
             }
+            Refusal::BufferTooShort { len } => {
+                write!(
+                    f,
+                    "a header needs {HEADER_BYTES} bytes, the buffer has {len}"
+                )
+            }
         }
     }
 }
 
-/// Fills `out` (at least [`HEADER_BYTES`]) with the header of `payload` stored under `key`.
-pub fn write(out: &mut [u8], key: &[u8], payload: &[u8]) {
-    debug_assert!(key.len() <= MAX_KEY_BYTES && out.len() >= HEADER_BYTES);
+/// Fills `out` (at least [`HEADER_BYTES`]) with the header of `payload` stored under `key`;
+/// refuses a key longer than [`MAX_KEY_BYTES`] or a buffer too short, writing nothing.
+pub fn write(out: &mut [u8], key: &[u8], payload: &[u8]) -> Result<(), Refusal> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Refusal::KeyLength);
+    }
+    if out.len() < HEADER_BYTES {
+        return Err(Refusal::BufferTooShort { len: out.len() });
+    }
     out[..HEADER_BYTES].fill(0);
     out[0..8].copy_from_slice(MAGIC);
     out[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -68,6 +85,7 @@ pub fn write(out: &mut [u8], key: &[u8], payload: &[u8]) {
     out[FIXED..FIXED + key.len()].copy_from_slice(key);
     let checksum = header_checksum(out);
     out[32..40].copy_from_slice(&checksum.to_le_bytes());
+    Ok(())
 }
 
 fn header_checksum(header: &[u8]) -> u64 {
@@ -146,8 +164,24 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut header = vec![0u8; HEADER_BYTES];
-        write(&mut header, b"model\x001\x000\x00ab\x00", b"payload bytes");
+        write(&mut header, b"model\x001\x000\x00ab\x00", b"payload bytes").unwrap();
         header
+    }
+
+    #[test]
+    fn write_refuses_a_long_key_or_a_short_buffer_and_writes_nothing() {
+        let mut header = vec![7u8; HEADER_BYTES];
+        let long = vec![b'k'; MAX_KEY_BYTES + 1];
+        assert_eq!(write(&mut header, &long, b""), Err(Refusal::KeyLength));
+        assert!(header.iter().all(|&b| b == 7));
+        let mut short = vec![0u8; HEADER_BYTES - 1];
+        assert_eq!(
+            write(&mut short, b"k", b""),
+            Err(Refusal::BufferTooShort {
+                len: HEADER_BYTES - 1
+            })
+        );
+        assert!(write(&mut header, &long[..MAX_KEY_BYTES], b"").is_ok());
     }
 
     #[test]

@@ -131,7 +131,7 @@ fn main() {
             stored.truncate(MAX_KEY_BYTES);
             let payload = vec![0u8; rng.below(3 * 4096)];
             let mut bytes = vec![0u8; HEADER_BYTES];
-            header::write(&mut bytes, &stored, &payload);
+            header::write(&mut bytes, &stored, &payload).expect("a key cut to MAX_KEY_BYTES fits");
             if rng.below(4) == 0 {
                 rng.mutate(&mut bytes);
             }

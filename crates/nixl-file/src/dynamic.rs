@@ -457,7 +457,11 @@ impl DynamicFileStore {
             self.nonce
         ));
         let temp = PathBuf::from(temp);
-        header::write(header.as_mut_slice(), &key.canonical(), page.as_slice());
+        header::write(header.as_mut_slice(), &key.canonical(), page.as_slice()).map_err(
+            |refusal| Error::InvalidKey {
+                reason: refusal.to_string(),
+            },
+        )?;
         let (file, reused) = match self.reuse_recycled(&temp) {
             Some(file) => (file, true),
             None => (self.create_fresh(&temp)?, false),
@@ -1168,7 +1172,7 @@ mod tests {
         let mut rng = Rng(0xC0FF_EE00_D15E_A5E5);
         // The finding: a well-formed header whose key has a multi-byte character in its hash.
         let mut crafted = vec![0u8; HEADER_BYTES];
-        header::write(&mut crafted, "m\x001\x000\x00\u{20ac}a\x00".as_bytes(), &[]);
+        header::write(&mut crafted, "m\x001\x000\x00\u{20ac}a\x00".as_bytes(), &[]).unwrap();
         fs::write(dir.path().join("m_00000001_0_e282aca.bin"), &crafted).unwrap();
         assert!(list_dir(dir.path()).unwrap().is_empty());
         for round in 0..40 {
@@ -1181,7 +1185,7 @@ mod tests {
                 canonical.truncate(MAX_KEY_BYTES);
                 let payload_len = rng.below(3 * PAGE_ALIGN);
                 let mut bytes = vec![0u8; HEADER_BYTES];
-                header::write(&mut bytes, &canonical, &vec![0; payload_len]);
+                header::write(&mut bytes, &canonical, &vec![0; payload_len]).unwrap();
                 if rng.below(4) == 0 {
                     rng.mutate(&mut bytes);
                 }

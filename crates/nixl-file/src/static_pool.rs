@@ -238,7 +238,11 @@ impl StaticFilePool {
             let mut extents = Vec::with_capacity(piece.len());
             for ((key, page, slot), head) in piece.iter().zip(headers.iter_mut()) {
                 extents.push(self.slot_extents(key, page.len(), *slot)?);
-                header::write(head.as_mut_slice(), key, page.as_slice());
+                header::write(head.as_mut_slice(), key, page.as_slice()).map_err(|refusal| {
+                    Error::InvalidKey {
+                        reason: refusal.to_string(),
+                    }
+                })?;
             }
             let batch: Vec<_> = piece
                 .iter()

@@ -120,7 +120,7 @@ fn a_crafted_header_is_skipped_not_a_panic() {
         ("m_00000001_0_ab.bin", "../m\x001\x000\x00ab\x00"),
     ] {
         let mut bytes = vec![0u8; HEADER_BYTES];
-        header::write(&mut bytes, key.as_bytes(), &[]);
+        header::write(&mut bytes, key.as_bytes(), &[]).unwrap();
         fs::write(dir.path().join(name), &bytes).unwrap();
     }
     let listed = std::panic::catch_unwind(|| list_dir(dir.path()))

@@ -120,7 +120,8 @@ impl StaticObjectPool {
                 extents.push(self.extent(key, page.len(), *slot)?);
                 buffer.set_len(HEADER_BYTES + page.len());
                 let (head, body) = buffer.as_mut_slice().split_at_mut(HEADER_BYTES);
-                header::write(head, key, page.as_slice());
+                header::write(head, key, page.as_slice())
+                    .map_err(|refusal| Error::InvalidKey(refusal.to_string()))?;
                 body.copy_from_slice(page.as_slice());
             }
             // The batch owns the staging buffers: after a failure the transport keeps those the

@@ -131,7 +131,8 @@ impl ObjectStore {
                 }
                 buffer.set_len(HEADER_BYTES + page.len());
                 let (head, body) = buffer.as_mut_slice().split_at_mut(HEADER_BYTES);
-                header::write(head, key, page.as_slice());
+                header::write(head, key, page.as_slice())
+                    .map_err(|refusal| Error::InvalidKey(refusal.to_string()))?;
                 body.copy_from_slice(page.as_slice());
                 Ok((object_id(key), buffer.len()))
             });
