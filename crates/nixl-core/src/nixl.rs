@@ -464,17 +464,7 @@ impl NixlTransport {
                 available,
             });
         }
-        let (_mems, mut params) = agent
-            .get_plugin_params(&config.backend)
-            .map_err(Error::nixl("read plugin parameters"))?;
-        for (key, value) in &config.backend_params {
-            params
-                .set(key, value)
-                .map_err(Error::nixl("set plugin parameter"))?;
-        }
-        let backend = agent
-            .create_backend(&config.backend, &params)
-            .map_err(Error::nixl("create backend"))?;
+        let (backend, config) = create_backend(&agent, config)?;
         tracing::debug!(agent = %config.agent_name, backend = %config.backend, "NIXL backend ready");
         let storage_mem = if OBJECT_PLUGINS.contains(&config.backend.as_str()) {
             MemType::Object
@@ -902,6 +892,48 @@ impl NixlTransport {
         }
         outcome
     }
+}
+
+/// The POSIX plugin's I/O engines, in the order the plugin tries them (the first set true wins).
+const POSIX_IO_ENGINES: [&str; 3] = ["use_uring", "use_aio", "use_posix_aio"];
+
+/// Creates the configured backend. A POSIX backend whose engine is not chosen gets io_uring:
+/// with libaio (the plugin's default) `io_submit` can block inside `post_xfer_req` on storage
+/// that never answers, beyond any deadline of ours, while io_uring's submit returns and the
+/// request times out. Where io_uring is refused (a container's seccomp profile), the plugin's
+/// default is used, with a warning. The returned configuration names the engine chosen.
+fn create_backend(agent: &Agent, config: NixlConfig) -> Result<(Backend, NixlConfig)> {
+    let engine_unset = config.backend == "POSIX"
+        && !POSIX_IO_ENGINES
+            .iter()
+            .any(|key| config.backend_params.contains_key(*key));
+    if engine_unset {
+        let with_uring = config.clone().with_param("use_uring", "true");
+        match create_backend_as_given(agent, &with_uring) {
+            Ok(backend) => return Ok((backend, with_uring)),
+            Err(err) => tracing::warn!(
+                error = %err,
+                "NIXL POSIX refused io_uring; using its default engine (libaio), under which a \
+                 transfer to storage that never answers can block past its timeout"
+            ),
+        }
+    }
+    let backend = create_backend_as_given(agent, &config)?;
+    Ok((backend, config))
+}
+
+fn create_backend_as_given(agent: &Agent, config: &NixlConfig) -> Result<Backend> {
+    let (_mems, mut params) = agent
+        .get_plugin_params(&config.backend)
+        .map_err(Error::nixl("read plugin parameters"))?;
+    for (key, value) in &config.backend_params {
+        params
+            .set(key, value)
+            .map_err(Error::nixl("set plugin parameter"))?;
+    }
+    agent
+        .create_backend(&config.backend, &params)
+        .map_err(Error::nixl("create backend"))
 }
 
 fn plugins_of(agent: &Agent) -> Result<Vec<String>> {
