@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use kv_config::{ConfigLoader, Deployment};
 use kv_integration_tests::fill_chunk;
 use kv_integration_tests::services::{AzuriteServer, S3Server};
+use kv_l2_adapter::{Engine, StoreBuilder};
 use nixl_core::{NixlConfig, NixlTransport, PageView, StorageExtent, Transport, TransportExt};
 use nixl_obj::{ObjectConfig, ObjectStore, StaticObjectPool, object_id};
 use pinned_alloc::{Page, PagePool, PoolConfig};
@@ -252,7 +253,7 @@ fn wrong_azure_key_fails_typed() {
 /// Two S3 servers in `nixl_endpoint_list`, two workers: each worker's objects land on its own
 /// endpoint, as kv-config resolves it.
 #[test]
-fn endpoint_list_spreads_two_workers_over_two_servers() {
+fn endpoint_list_picks_the_endpoint_of_the_local_worker() {
     let servers = [S3Server::start(), S3Server::start()];
     let bucket = &servers[0].bucket;
     assert_eq!(
@@ -260,40 +261,44 @@ fn endpoint_list_spreads_two_workers_over_two_servers() {
         200,
         "the second server needs the same bucket"
     );
+    // Three endpoints over two servers: worker 4 takes the second (4 % 3), worker 3 the first.
     let yaml = format!(
-        "nixl_buffer_device: cpu\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 0\n  nixl_endpoint_list: [{}, {}]\n  nixl_backend_params:\n    bucket: {bucket}\n    scheme: http\n    region: us-east-1\n    access_key: testing\n    secret_key: testing\n",
-        servers[0].endpoint, servers[1].endpoint
+        "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.01\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 0\n  nixl_endpoint_list: [{a}, {b}, {a}]\n  nixl_backend_params:\n    bucket: {bucket}\n    scheme: http\n    region: us-east-1\n    access_key: testing\n    secret_key: testing\n",
+        a = servers[0].endpoint,
+        b = servers[1].endpoint
     );
     let engine = ConfigLoader::new()
         .with_yaml("endpoints.yaml", yaml)
         .load()
         .unwrap()
         .value;
-    for worker in 0..2u32 {
-        let spec = engine
-            .storage_spec(&Deployment::new().with_worker(worker, worker))
-            .unwrap()
-            .value;
-        let mut config = NixlConfig::new("OBJ");
-        for (k, v) in spec.backend_params.expose() {
-            config = config.with_param(k, v);
-        }
-        let rig = rig(config);
-        for result in rig.put(&[100 + worker as usize]) {
-            result.unwrap();
-        }
+    for worker in [4u32, 3] {
+        let store = StoreBuilder::from_lmcache(engine.clone())
+            .with_deployment(Deployment::new().with_worker(worker, worker))
+            .with_chunk_bytes(CHUNK)
+            .with_engine(Engine::Nixl)
+            .build()
+            .unwrap_or_else(|err| panic!("{err}"));
+        let mut page = store.pool().allocate().unwrap();
+        kv_l2_adapter::test_utils::fill(worker, &mut page);
+        let report = store
+            .adapter()
+            .store(&[kv_l2_adapter::test_utils::key(worker, None)], &[&page]);
+        assert!(report.keys[0].is_stored(), "{:?}", report.keys[0]);
+        store.close().unwrap();
     }
-    let on = |server: &S3Server, i: usize| {
+    let on = |server: &S3Server, worker: u32| {
+        let key = kv_l2_adapter::test_utils::key(worker, None);
         let rig = rig(s3(server).with_param("bucket", bucket));
-        rig.store.contains(&[key(i).as_slice()]).unwrap()[0]
+        rig.store.contains(&[key.canonical().as_slice()]).unwrap()[0]
     };
     assert!(
-        on(&servers[0], 100) && !on(&servers[1], 100),
-        "worker 0 uses endpoint 0"
+        on(&servers[1], 4) && !on(&servers[0], 4),
+        "worker 4 of 3 endpoints uses the second"
     );
     assert!(
-        on(&servers[1], 101) && !on(&servers[0], 101),
-        "worker 1 uses endpoint 1"
+        on(&servers[0], 3) && !on(&servers[1], 3),
+        "worker 3 uses the first"
     );
 }
 

@@ -60,6 +60,12 @@ pub struct ExtraConfig {
     pub nixl_sync_mode: Option<String>,
     /// Deprecated: use `local_cpu_use_hugepages`.
     pub nixl_use_hugepages: Option<bool>,
+    /// Capacity of a dynamic store in GiB (ours: LMCache's in-process dynamic mode has none;
+    /// the `--l2-adapter` JSON spells it `backend_params.max_capacity_gb`).
+    pub nixl_max_capacity_gb: Option<f64>,
+    /// Watermark eviction, the `--l2-adapter` `eviction` object (ours: LMCache's in-process
+    /// backend has no L2 eviction).
+    pub nixl_eviction: Option<serde_json::Value>,
 }
 
 impl Default for ExtraConfig {
@@ -79,6 +85,8 @@ impl Default for ExtraConfig {
             nixl_enable_prog_thread: true,
             nixl_sync_mode: None,
             nixl_use_hugepages: None,
+            nixl_max_capacity_gb: None,
+            nixl_eviction: None,
         }
     }
 }

@@ -186,6 +186,15 @@ pub enum Error {
         mode: String,
     },
 
+    /// A storage key of the engine configuration has a value this store cannot honour.
+    #[error("{key}: {message}")]
+    InvalidSetting {
+        /// The key, as the user wrote it (`extra_config.nixl_max_capacity_gb`, `cache_policy`).
+        key: String,
+        /// What is wrong and what is accepted.
+        message: String,
+    },
+
     /// `nixl_path_sharding` is not `by_gpu`.
     #[error("Unsupported path sharding strategy {strategy:?}. Supported: by_gpu")]
     InvalidPathSharding {

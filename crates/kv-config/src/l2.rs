@@ -209,9 +209,21 @@ fn number_param(ctx: &mut Ctx<'_>, params: &Map<String, Value>, key: &str) -> Op
 
 fn eviction(ctx: &mut Ctx<'_>, obj: &Map<String, Value>) -> Option<EvictionSpec> {
     let value = obj.get("eviction")?;
+    parse_eviction(value, "eviction", &mut |key, message| {
+        ctx.fail(&key, message)
+    })
+}
+
+/// An eviction object (`eviction_policy`, `trigger_watermark`, `eviction_ratio`) as LMCache's
+/// `EvictionConfig` reads it; each problem goes to `fail` with its key under `prefix`.
+pub(crate) fn parse_eviction(
+    value: &Value,
+    prefix: &str,
+    fail: &mut dyn FnMut(String, String),
+) -> Option<EvictionSpec> {
     let Value::Object(eviction) = value else {
-        ctx.fail(
-            "eviction",
+        fail(
+            prefix.to_owned(),
             format!("expected an object, got {}", json_type(value)),
         );
         return None;
@@ -221,10 +233,10 @@ fn eviction(ctx: &mut Ctx<'_>, obj: &Map<String, Value>) -> Option<EvictionSpec>
         Some("IsolatedLRU") => Some(EvictionPolicy::IsolatedLru),
         Some("noop") => Some(EvictionPolicy::Noop),
         _ => {
-            ctx.fail(
-                "eviction.eviction_policy",
+            fail(
+                format!("{prefix}.eviction_policy"),
                 format!(
-                    "eviction.eviction_policy must be 'LRU', 'IsolatedLRU', or 'noop', got {}",
+                    "{prefix}.eviction_policy must be 'LRU', 'IsolatedLRU', or 'noop', got {}",
                     eviction.get("eviction_policy").unwrap_or(&Value::Null)
                 ),
             );
@@ -238,8 +250,8 @@ fn eviction(ctx: &mut Ctx<'_>, obj: &Map<String, Value>) -> Option<EvictionSpec>
                 Some(v) if (if min_exclusive { v > 0.0 } else { v >= 0.0 }) && v <= 1.0 => v,
                 _ => {
                     let range = if min_exclusive { "(0, 1]" } else { "[0, 1]" };
-                    ctx.fail(
-                        &format!("eviction.{key}"),
+                    fail(
+                        format!("{prefix}.{key}"),
                         format!("must be a number in {range}, got {value}"),
                     );
                     default
@@ -253,6 +265,19 @@ fn eviction(ctx: &mut Ctx<'_>, obj: &Map<String, Value>) -> Option<EvictionSpec>
         policy,
         trigger_watermark,
         eviction_ratio,
+    })
+}
+
+/// Watermark eviction needs a capacity to measure usage against: without one, LRU would never
+/// run and IsolatedLRU (a quota of zero per salt) would evict everything every pass.
+pub(crate) fn eviction_without_capacity(spec: &StorageSpec) -> Option<String> {
+    let eviction = spec.eviction?;
+    let capacity_known = spec.capacity_bytes.is_some() || matches!(spec.mode, Mode::Static { .. });
+    (eviction.policy != EvictionPolicy::Noop && !capacity_known).then(|| {
+        format!(
+            "eviction policy {:?} needs a capacity (max_capacity_gb) to measure usage against",
+            eviction.policy
+        )
     })
 }
 
@@ -526,12 +551,16 @@ impl AdapterRegistry {
                         });
                     }
                 }
-                nixl_storage(&mut ctx, &obj, dynamic, warnings).map(|mut spec| {
+                let storage = nixl_storage(&mut ctx, &obj, dynamic, warnings).map(|mut spec| {
                     spec.persist = persist_enabled;
                     spec.eviction = eviction;
                     spec.shared = shared;
                     spec
-                })
+                });
+                if let Some(message) = storage.as_ref().and_then(eviction_without_capacity) {
+                    ctx.fail("eviction", message);
+                }
+                storage
             }
             AdapterType::Custom(validator) => {
                 if let Err(message) = validator(&obj) {

@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StorageKind};
 use crate::engine::Loaded;
 use crate::error::{Error, Result, Warnings};
+use crate::spec::{Deployment, Mode, StorageSpec};
 
 /// Comma-separated storage folders.
 pub const STORAGE_DIR_VAR: &str = "SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR";
@@ -138,6 +139,20 @@ impl HiCacheConfig {
             },
             warnings: warnings.0,
         })
+    }
+
+    /// The storage this worker uses on `backend`: one file or object per page (dynamic mode),
+    /// in the folder picked by the worker's GPU among [`HiCacheConfig::storage_dirs`], as
+    /// `by_gpu` sharding picks.
+    pub fn storage_spec(&self, backend: Backend, deployment: &Deployment) -> StorageSpec {
+        let mut spec = StorageSpec::new(backend, Mode::Dynamic);
+        if backend.kind() == StorageKind::File && !self.storage_dirs.is_empty() {
+            let index = deployment.gpu() as usize % self.storage_dirs.len();
+            spec.path = Some(self.storage_dirs[index].clone());
+            spec.all_paths = self.storage_dirs.clone();
+            spec.use_direct_io = self.use_direct_io;
+        }
+        spec
     }
 
     /// The backend to create, given the plugins NIXL lists.

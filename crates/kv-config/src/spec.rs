@@ -11,14 +11,20 @@ use crate::secret::BackendParams;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The `cache_policy` values a static pool evicts by at store time.
+const STATIC_CACHE_POLICIES: [&str; 4] = ["LRU", "LFU", "FIFO", "MRU"];
+
 /// Facts about the running process that a configuration file cannot know.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Deployment {
-    /// Global worker (rank) id: picks the GPU for `cuda` and the folder for `by_gpu` sharding.
+    /// Global worker (rank) id: the GPU too, unless [`Deployment::gpu_id`] is set.
     pub worker_id: u32,
     /// Worker id on this node: picks the endpoint from `nixl_endpoint_list`.
     pub local_worker_id: u32,
+    /// The GPU this worker drives, when it is not the global worker id (LMCache's default):
+    /// picks the device of `cuda` and the folder for `by_gpu` sharding.
+    pub gpu_id: Option<u32>,
     /// Bytes of one KV chunk (one page), when the model is known.
     pub chunk_bytes: Option<u64>,
     /// Whether this process is the scheduler (no LocalCPUBackend pool there).
@@ -36,6 +42,17 @@ impl Deployment {
         self.worker_id = worker_id;
         self.local_worker_id = local_worker_id;
         self
+    }
+
+    /// Sets the GPU this worker drives.
+    pub fn with_gpu(mut self, gpu_id: u32) -> Self {
+        self.gpu_id = Some(gpu_id);
+        self
+    }
+
+    /// The GPU this worker drives: the one set, else the global worker id.
+    pub fn gpu(&self) -> u32 {
+        self.gpu_id.unwrap_or(self.worker_id)
     }
 
     /// Sets the bytes of one KV chunk.
@@ -86,7 +103,7 @@ pub enum SyncMode {
     Strict,
     /// Reader/writer lock.
     Rw,
-    /// NIXL's own default.
+    /// NIXL's own default, which is NONE.
     Default,
 }
 
@@ -295,7 +312,7 @@ impl EngineConfig {
                 errors.push(Error::MissingBufferDevice);
                 None
             }
-            Some(text) => match Device::parse(text, deployment.worker_id) {
+            Some(text) => match Device::parse(text, deployment.gpu()) {
                 Some(device) => Some(device),
                 None => {
                     errors.push(Error::InvalidBufferDevice {
@@ -427,7 +444,7 @@ impl EngineConfig {
                     if folders.is_empty() {
                         errors.push(Error::EmptyPath);
                     } else {
-                        let index = deployment.worker_id as usize % folders.len();
+                        let index = deployment.gpu() as usize % folders.len();
                         path = Some(PathBuf::from(&folders[index]));
                         all_paths = folders.into_iter().map(PathBuf::from).collect();
                     }
@@ -476,6 +493,72 @@ impl EngineConfig {
             }),
         };
 
+        let capacity_bytes = match extra.nixl_max_capacity_gb {
+            None => None,
+            Some(_) if mode != Mode::Dynamic => {
+                errors.push(Error::InvalidSetting {
+                    key: "extra_config.nixl_max_capacity_gb".to_owned(),
+                    message: "applies to dynamic mode (nixl_pool_size: 0); a static pool holds \
+                              nixl_pool_size chunks"
+                        .to_owned(),
+                });
+                None
+            }
+            Some(gb) if gb.is_finite() && gb > 0.0 => Some((gb * GIB) as u64),
+            Some(gb) => {
+                errors.push(Error::InvalidSetting {
+                    key: "extra_config.nixl_max_capacity_gb".to_owned(),
+                    message: format!("must be a positive number of GiB, got {gb}"),
+                });
+                None
+            }
+        };
+        if matches!(mode, Mode::Static { .. }) {
+            for (key, on) in [
+                ("extra_config.nixl_async_put", extra.nixl_async_put),
+                (
+                    "extra_config.nixl_presence_cache",
+                    extra.nixl_presence_cache,
+                ),
+            ] {
+                if on {
+                    errors.push(Error::InvalidSetting {
+                        key: key.to_owned(),
+                        message: "applies to dynamic mode (nixl_pool_size: 0); a static pool \
+                                  writes in the caller and keeps every key in memory"
+                            .to_owned(),
+                    });
+                }
+            }
+        }
+        match mode {
+            Mode::Static { .. } if !STATIC_CACHE_POLICIES.contains(&self.cache_policy.as_str()) => {
+                errors.push(Error::InvalidSetting {
+                    key: "cache_policy".to_owned(),
+                    message: format!(
+                        "{:?} is not a static-pool policy; use one of {}",
+                        self.cache_policy,
+                        STATIC_CACHE_POLICIES.join(", ")
+                    ),
+                })
+            }
+            Mode::Dynamic if self.user_set("cache_policy") && self.cache_policy != "LRU" => errors
+                .push(Error::InvalidSetting {
+                    key: "cache_policy".to_owned(),
+                    message: format!(
+                        "{:?} applies to static pools (nixl_pool_size > 0); a dynamic store \
+                         evicts by extra_config.nixl_eviction",
+                        self.cache_policy
+                    ),
+                }),
+            _ => {}
+        }
+        let eviction = extra.nixl_eviction.as_ref().and_then(|value| {
+            crate::l2::parse_eviction(value, "extra_config.nixl_eviction", &mut |key, message| {
+                errors.push(Error::InvalidSetting { key, message })
+            })
+        });
+
         Error::from_list(errors)?;
         let (Some(backend), Some(device)) = (backend, device) else {
             // Both cases already pushed their own error; this only keeps the types honest.
@@ -503,6 +586,14 @@ impl EngineConfig {
         spec.sync_mode = sync_mode;
         spec.save_unfull_chunk = save_unfull_chunk;
         spec.cache_policy = self.cache_policy.clone();
+        spec.capacity_bytes = capacity_bytes;
+        spec.eviction = eviction;
+        if let Some(message) = crate::l2::eviction_without_capacity(&spec) {
+            return Err(Error::InvalidSetting {
+                key: "extra_config.nixl_eviction".to_owned(),
+                message: format!("{message}: set extra_config.nixl_max_capacity_gb"),
+            });
+        }
         Ok(Loaded {
             value: spec,
             warnings: warnings.0,

@@ -748,3 +748,78 @@ fn channel_keys_load_with_deprecated_names_and_validate() {
         assert!(text.contains(key), "{key} missing from {text}");
     }
 }
+
+/// `cache_policy` picks a static pool's victims: an unknown policy, or a policy for a dynamic
+/// store (which evicts by `nixl_eviction`), is refused by name rather than ignored.
+#[test]
+fn cache_policy_is_checked_against_the_mode_it_applies_to() {
+    let static_s3fifo = format!("cache_policy: S3FIFO\n{POSIX_STATIC}");
+    let messages = errors(&static_s3fifo, Deployment::new());
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("cache_policy") && m.contains("LFU")),
+        "{messages:?}"
+    );
+    for policy in ["LRU", "LFU", "FIFO", "MRU"] {
+        let yaml = format!("cache_policy: {policy}\n{POSIX_STATIC}");
+        assert_eq!(spec(&yaml).cache_policy, policy);
+    }
+    let dynamic_lfu = format!(
+        "cache_policy: LFU\n{}",
+        POSIX_STATIC.replace("nixl_pool_size: 64", "nixl_pool_size: 0")
+    );
+    let messages = errors(&dynamic_lfu, Deployment::new());
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("cache_policy") && m.contains("nixl_eviction")),
+        "{messages:?}"
+    );
+}
+
+/// A dynamic store's capacity and eviction from the YAML: `nixl_max_capacity_gb` and
+/// `nixl_eviction` reach the spec; a capacity for a static pool is refused by name.
+#[test]
+fn nixl_max_capacity_and_eviction_reach_the_spec() {
+    let dynamic = POSIX_STATIC.replace("nixl_pool_size: 64", "nixl_pool_size: 0");
+    let yaml = format!(
+        "{dynamic}  nixl_max_capacity_gb: 2\n  nixl_eviction: {{eviction_policy: LRU, trigger_watermark: 0.7}}\n"
+    );
+    let spec = spec(&yaml);
+    assert_eq!(spec.capacity_bytes, Some(2 << 30));
+    let eviction = spec.eviction.unwrap();
+    assert_eq!(eviction.trigger_watermark, 0.7);
+    assert_eq!(eviction.eviction_ratio, 0.2);
+    let bad = format!("{dynamic}  nixl_eviction: {{eviction_policy: ARC}}\n");
+    let messages = errors(&bad, Deployment::new());
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("extra_config.nixl_eviction.eviction_policy")),
+        "{messages:?}"
+    );
+    let static_capacity = format!("{POSIX_STATIC}  nixl_max_capacity_gb: 2\n");
+    let messages = errors(&static_capacity, Deployment::new());
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("extra_config.nixl_max_capacity_gb")),
+        "{messages:?}"
+    );
+}
+
+/// Dynamic-only keys on a static pool are refused by name, not ignored.
+#[test]
+fn dynamic_only_keys_are_refused_for_a_static_pool() {
+    for key in ["nixl_async_put", "nixl_presence_cache"] {
+        let yaml = format!("{POSIX_STATIC}  {key}: true\n");
+        let messages = errors(&yaml, Deployment::new());
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains(&format!("extra_config.{key}")) && m.contains("dynamic")),
+            "{key}: {messages:?}"
+        );
+    }
+}

@@ -17,6 +17,13 @@ pub enum KeyOutcome {
         /// Bytes written.
         bytes: u64,
     },
+    /// Accepted for a background write (`nixl_async_put`), capacity reserved: the key stays
+    /// absent to lookups until written. A failure then is logged with the key, which stays
+    /// absent.
+    Queued {
+        /// Bytes to be written.
+        bytes: u64,
+    },
     /// Already stored (or being stored by another task): nothing written.
     AlreadyPresent,
     /// Not written, and why (capacity, a failed batch, a bad key).
@@ -24,7 +31,7 @@ pub enum KeyOutcome {
 }
 
 impl KeyOutcome {
-    /// Whether the key is stored after this call.
+    /// Whether the key is stored after this call, or accepted to be ([`KeyOutcome::Queued`]).
     pub fn is_stored(&self) -> bool {
         !matches!(self, KeyOutcome::Failed(_))
     }

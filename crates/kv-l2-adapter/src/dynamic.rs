@@ -2,12 +2,12 @@
 //! recovery after a restart, presence cache, optional background puts.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use kv_config::PresenceCache;
-use pinned_alloc::Page;
+use pinned_alloc::{Page, PagePool};
 
 use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage, page_of};
 use crate::error::{Error, Result};
@@ -19,7 +19,7 @@ use crate::storage::ChunkStorage;
 const KEY_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Options of a [`DynamicAdapter`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DynamicOptions {
     /// The backend's name, for status reports.
@@ -30,8 +30,12 @@ pub struct DynamicOptions {
     pub presence_cache: PresenceCache,
     /// Keep data on close.
     pub persist: bool,
-    /// Depth of the background put queue (`nixl_async_put`); 0 disables it.
+    /// Depth of the background put queue (`nixl_async_put`), in batches; 0 disables it.
     pub async_queue: usize,
+    /// Where [`store`](L2Adapter::store) copies pages it queues: the L1 pool the transport
+    /// registered. Without it `store` writes synchronously (only
+    /// [`store_async`](DynamicAdapter::store_async), which hands over its pages, queues).
+    pub staging: Option<Arc<PagePool>>,
 }
 
 impl DynamicOptions {
@@ -43,6 +47,7 @@ impl DynamicOptions {
             presence_cache: PresenceCache::Off,
             persist: true,
             async_queue: 0,
+            staging: None,
         }
     }
 
@@ -67,6 +72,12 @@ impl DynamicOptions {
     /// Enables background puts with a queue of `depth` batches.
     pub fn with_async_queue(mut self, depth: usize) -> Self {
         self.async_queue = depth;
+        self
+    }
+
+    /// The pool `store` takes staging pages from for background puts.
+    pub fn with_staging(mut self, pool: Arc<PagePool>) -> Self {
+        self.staging = Some(pool);
         self
     }
 }
@@ -127,6 +138,9 @@ struct State {
     /// alone, and stores of it wait (a store racing the delete would otherwise have its fresh
     /// file deleted, and a recovery could index a file a delete is removing).
     busy: HashSet<ChunkKey>,
+    /// Bytes reserved by stores from `reserve` to the end of their write, queued ones
+    /// included: the capacity counts them, so batches in flight together never overcommit it.
+    reserved: u64,
     closed: bool,
 }
 
@@ -136,6 +150,7 @@ impl Default for State {
             index: Index::default(),
             present: Presence::new(PRESENCE_LIMIT),
             busy: HashSet::new(),
+            reserved: 0,
             closed: false,
         }
     }
@@ -158,9 +173,16 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// A reserved batch for the background thread, its pages owned (staged copies or handed over).
 struct AsyncJob {
     keys: Vec<ChunkKey>,
     pages: Vec<Page>,
+}
+
+impl AsyncJob {
+    fn items(&self) -> Vec<(&ChunkKey, &Page)> {
+        self.keys.iter().zip(&self.pages).collect()
+    }
 }
 
 /// The dynamic adapter.
@@ -189,14 +211,8 @@ impl Shared {
 
     /// Phase 1 of a store: skip what is stored or in flight, reserve capacity key by key and stop
     /// at the first key that does not fit (the reference's behaviour: earlier keys still go).
-    /// `claimed`: the keys were marked in flight by this very task (background puts), so the
-    /// marks are not someone else's write.
-    fn reserve(
-        &self,
-        keys: &[ChunkKey],
-        pages: &[&Page],
-        claimed: bool,
-    ) -> (Vec<Option<KeyOutcome>>, Vec<usize>) {
+    /// The reserved keys are in flight until [`write`](Shared::write) finishes them.
+    fn reserve(&self, keys: &[ChunkKey], pages: &[&Page]) -> (Vec<Option<KeyOutcome>>, Vec<usize>) {
         let mut state = self.state();
         // A key being deleted or recovered is written once that is over, never beside it; a
         // key still busy after `KEY_BUSY_WAIT` (storage stuck under the delete) fails alone.
@@ -214,7 +230,6 @@ impl Shared {
         }
         let mut outcomes: Vec<Option<KeyOutcome>> = (0..keys.len()).map(|_| None).collect();
         let mut reserved = Vec::new();
-        let mut reserved_bytes = 0u64;
         let mut full = false;
         let mut batch = HashSet::new();
         for (i, key) in keys.iter().enumerate() {
@@ -236,9 +251,7 @@ impl Shared {
                 }));
                 continue;
             }
-            if state.index.contains(key)
-                || (!claimed && state.index.inflight.contains(key))
-                || !batch.insert(key)
+            if state.index.contains(key) || state.index.inflight.contains(key) || !batch.insert(key)
             {
                 // A key twice in one batch is written once; the second is the first's.
                 outcomes[i] = Some(KeyOutcome::AlreadyPresent);
@@ -246,7 +259,7 @@ impl Shared {
             }
             let size = page.len() as u64;
             if let Some(capacity) = self.options.capacity_bytes {
-                let used = state.index.used() + reserved_bytes;
+                let used = state.index.used() + state.reserved;
                 if full || used + size > capacity {
                     if !full {
                         tracing::warn!(key = ?key, used, size, capacity, "Storage capacity exceeded, skipping store");
@@ -261,39 +274,48 @@ impl Shared {
                     continue;
                 }
             }
-            reserved_bytes += size;
+            state.reserved += size;
             state.index.inflight.insert(key.clone());
             reserved.push(i);
         }
         (outcomes, reserved)
     }
 
-    fn store(&self, keys: &[ChunkKey], pages: &[&Page], claimed: bool) -> StoreReport {
-        let (mut outcomes, reserved) = self.reserve(keys, pages, claimed);
-        let items: Vec<_> = reserved.iter().map(|&i| (&keys[i], pages[i])).collect();
-        let results = if items.is_empty() {
-            Vec::new()
-        } else {
-            self.storage.put(&items)
-        };
-        {
-            let mut state = self.state();
-            for (&i, result) in reserved.iter().zip(results) {
-                let key = &keys[i];
-                state.index.inflight.remove(key);
-                outcomes[i] = Some(match result {
+    /// Phase 2: writes reserved keys, then under one lock releases their reservations and
+    /// indexes what was written, so a batch never shows partly written.
+    fn write(&self, items: &[(&ChunkKey, &Page)]) -> Vec<KeyOutcome> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        // Sized before the put: a page retired by a failed transfer reads as empty after it.
+        let sizes: Vec<u64> = items.iter().map(|(_, page)| page.len() as u64).collect();
+        let mut results = self.storage.put(items).into_iter();
+        let mut state = self.state();
+        items
+            .iter()
+            .zip(sizes)
+            .map(|((key, _), size)| {
+                state.index.inflight.remove(*key);
+                state.reserved = state.reserved.saturating_sub(size);
+                // A storage that answers fewer results must not leave keys in flight forever.
+                let result = results.next().unwrap_or_else(|| {
+                    Err(Error::Registry(format!(
+                        "{} storage gave no result for {key:?}",
+                        self.storage.kind()
+                    )))
+                });
+                match result {
                     Ok(bytes) => {
-                        state.index.insert(key.clone(), bytes, 0);
+                        state.index.insert((*key).clone(), bytes, 0);
                         if self.options.presence_cache != PresenceCache::Off {
-                            state.present.insert(key.clone());
+                            state.present.insert((*key).clone());
                         }
                         KeyOutcome::Stored { bytes }
                     }
                     Err(err) => KeyOutcome::Failed(err),
-                });
-            }
-        }
-        StoreReport::already_present_unless(outcomes)
+                }
+            })
+            .collect()
     }
 
     /// Lazy recovery: keys on storage but not in the index (after a restart) join it, within
@@ -334,32 +356,50 @@ impl Shared {
     }
 }
 
-fn spawn_async(shared: Arc<Shared>, depth: usize) -> (SyncSender<AsyncJob>, JoinHandle<()>) {
+/// The background put thread, or `None` (puts then run in the caller) when none can start.
+fn spawn_async(
+    shared: Arc<Shared>,
+    depth: usize,
+) -> Option<(SyncSender<AsyncJob>, JoinHandle<()>)> {
     let (tx, rx) = sync_channel::<AsyncJob>(depth);
-    let handle = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("kv-l2-async-put".to_owned())
         .spawn(move || {
             for job in rx {
-                let pages: Vec<&Page> = job.pages.iter().collect();
-                let report = shared.store(&job.keys, &pages, true);
-                {
-                    let mut state = shared.state();
-                    for key in &job.keys {
-                        state.index.inflight.remove(key);
-                    }
-                }
-                for (key, outcome) in job.keys.iter().zip(&report.keys) {
+                let items = job.items();
+                for ((key, _), outcome) in items.iter().zip(shared.write(&items)) {
                     if let KeyOutcome::Failed(err) = outcome {
                         tracing::warn!(key = ?key, error = %err, "background put failed");
                     }
                 }
             }
-        })
-        .expect("spawning the background put thread");
-    (tx, handle)
+        });
+    match spawned {
+        Ok(handle) => Some((tx, handle)),
+        Err(err) => {
+            tracing::warn!(error = %err, "no background put thread; stores write synchronously");
+            None
+        }
+    }
 }
 
 impl DynamicAdapter {
+    /// Indexes chunks found in storage at open, oldest first, so capacity and eviction count
+    /// what earlier processes left (lazy recovery alone would leave them unaccounted: a store
+    /// reopened per command would grow without bound). Usage may start above capacity; the
+    /// eviction controller brings it down. Returns how many keys joined the index.
+    pub fn adopt_stored(&self, chunks: impl IntoIterator<Item = (ChunkKey, u64)>) -> usize {
+        let mut state = self.shared.state();
+        let mut adopted = 0;
+        for (key, bytes) in chunks {
+            if !state.index.contains(&key) && !state.index.inflight.contains(&key) {
+                state.index.insert(key, bytes, 0);
+                adopted += 1;
+            }
+        }
+        adopted
+    }
+
     /// An adapter over `storage`.
     pub fn new(storage: Box<dyn ChunkStorage>, options: DynamicOptions) -> Self {
         let depth = options.async_queue;
@@ -369,46 +409,105 @@ impl DynamicAdapter {
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
         });
-        let queue = (depth > 0).then(|| spawn_async(Arc::clone(&shared), depth));
+        let queue = if depth > 0 {
+            spawn_async(Arc::clone(&shared), depth)
+        } else {
+            None
+        };
         Self {
             shared,
             queue: Mutex::new(queue),
         }
     }
 
-    /// Queues a store in the background (`nixl_async_put`): the keys count as in flight, hence
-    /// absent, until written. Blocks while the queue is full.
-    pub fn store_async(&self, keys: Vec<ChunkKey>, pages: Vec<Page>) -> Result<()> {
-        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((tx, _)) = queue.as_ref() else {
-            let refs: Vec<&Page> = pages.iter().collect();
-            self.shared.store(&keys, &refs, false);
-            return Ok(());
-        };
-        {
-            let mut state = self.shared.state();
-            if state.closed {
-                return Err(Error::Closed);
-            }
-            for key in &keys {
-                state.index.inflight.insert(key.clone());
-            }
-        }
-        let sender = tx.clone();
-        drop(queue);
-        let job = AsyncJob { keys, pages };
-        let keys_on_failure = job.keys.clone();
-        if sender.send(job).is_err() {
-            let mut state = self.shared.state();
-            for key in &keys_on_failure {
-                state.index.inflight.remove(key);
-            }
+    /// Stores pages it is handed, in the background when the queue is on: as
+    /// [`store`](L2Adapter::store), without the copy. `Err(Closed)` once closed.
+    pub fn store_async(&self, keys: Vec<ChunkKey>, pages: Vec<Page>) -> Result<StoreReport> {
+        if self.shared.state().closed {
             return Err(Error::Closed);
         }
-        Ok(())
+        let refs: Vec<&Page> = pages.iter().collect();
+        let (mut outcomes, reserved) = self.shared.reserve(&keys, &refs);
+        drop(refs);
+        let mut pages: Vec<Option<Page>> = pages.into_iter().map(Some).collect();
+        // `reserve` reserves only keys that have a page, each index once: nothing is filtered.
+        let (job_keys, job_pages) = reserved
+            .iter()
+            .filter_map(|&i| Some((keys[i].clone(), pages[i].take()?)))
+            .unzip();
+        let job = AsyncJob {
+            keys: job_keys,
+            pages: job_pages,
+        };
+        match self.sender() {
+            Some(tx) if !reserved.is_empty() => self.submit(tx, &reserved, job, &mut outcomes),
+            _ => Self::record(&reserved, self.shared.write(&job.items()), &mut outcomes),
+        }
+        Ok(StoreReport::already_present_unless(outcomes))
+    }
+
+    /// The background queue, while it runs.
+    fn sender(&self) -> Option<SyncSender<AsyncJob>> {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.as_ref().map(|(tx, _)| tx.clone())
+    }
+
+    /// Copies the reserved pages into pages of the staging pool, or `None` (the caller writes
+    /// them itself) when there is no pool, it is short of free pages, or a page is longer than
+    /// the pool's. Never waits for pages: they are the L1 pool's, which the engine needs too.
+    fn stage(&self, keys: &[ChunkKey], pages: &[&Page], reserved: &[usize]) -> Option<AsyncJob> {
+        let pool = self.shared.options.staging.as_ref()?;
+        let mut staged = pool.allocate_batch(reserved.len()).ok()?;
+        for (copy, &i) in staged.iter_mut().zip(reserved) {
+            let source = pages[i].as_slice();
+            if copy.set_len(source.len()) != source.len() {
+                return None;
+            }
+            copy.as_mut_slice().copy_from_slice(source);
+        }
+        Some(AsyncJob {
+            keys: reserved.iter().map(|&i| keys[i].clone()).collect(),
+            pages: staged,
+        })
+    }
+
+    /// Queues a reserved job (its keys `reserved` of the batch), or writes it right here when
+    /// the queue is full or gone (flushed, closed). A full queue writes in the caller rather
+    /// than blocking: waiting would take as long as writing, the caller's own write slows it
+    /// just as much (back-pressure), and the queue never holds more than its depth.
+    fn submit(
+        &self,
+        tx: SyncSender<AsyncJob>,
+        reserved: &[usize],
+        job: AsyncJob,
+        outcomes: &mut [Option<KeyOutcome>],
+    ) {
+        let sizes: Vec<u64> = job.pages.iter().map(|p| p.len() as u64).collect();
+        let sent = tx.try_send(job);
+        // Not held through a write here: a flush waits for every sender to go.
+        drop(tx);
+        match sent {
+            Ok(()) => {
+                for (&i, bytes) in reserved.iter().zip(sizes) {
+                    outcomes[i] = Some(KeyOutcome::Queued { bytes });
+                }
+            }
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                Self::record(reserved, self.shared.write(&job.items()), outcomes);
+            }
+        }
+    }
+
+    /// Puts the outcomes of the reserved keys in their places of the batch.
+    fn record(reserved: &[usize], written: Vec<KeyOutcome>, outcomes: &mut [Option<KeyOutcome>]) {
+        for (&i, outcome) in reserved.iter().zip(written) {
+            outcomes[i] = Some(outcome);
+        }
     }
 
     /// Waits for the background queue to drain (its thread ends); later puts run in the caller.
+    /// Bounded: at most the queue's depth plus one batch are left, each write bounded by the
+    /// transport's own timeout; and a store racing this holds the queue only to try a send.
     pub fn flush(&self) {
         let taken = self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((tx, handle)) = taken {
@@ -421,8 +520,25 @@ impl DynamicAdapter {
 }
 
 impl L2Adapter for DynamicAdapter {
+    /// With the background queue on, copies the pages to staging pages and returns before they
+    /// are written ([`KeyOutcome::Queued`]); when no staging page is free or the queue is full,
+    /// writes them here instead ([`KeyOutcome::Stored`]).
     fn store(&self, keys: &[ChunkKey], pages: &[&Page]) -> StoreReport {
-        self.shared.store(keys, pages, false)
+        let (mut outcomes, reserved) = self.shared.reserve(keys, pages);
+        if reserved.is_empty() {
+            return StoreReport::already_present_unless(outcomes);
+        }
+        let staged = self
+            .sender()
+            .and_then(|tx| Some((tx, self.stage(keys, pages, &reserved)?)));
+        match staged {
+            Some((tx, job)) => self.submit(tx, &reserved, job, &mut outcomes),
+            None => {
+                let items: Vec<_> = reserved.iter().map(|&i| (&keys[i], pages[i])).collect();
+                Self::record(&reserved, self.shared.write(&items), &mut outcomes);
+            }
+        }
+        StoreReport::already_present_unless(outcomes)
     }
 
     fn lookup_and_pin(&self, keys: &[ChunkKey]) -> Vec<bool> {
@@ -625,6 +741,8 @@ impl L2Adapter for DynamicAdapter {
     }
 
     fn close(&self) -> Result<()> {
+        // Queued writes finish first (none is dropped unseen); without persistence they are
+        // then deleted with the rest.
         self.flush();
         let keys = {
             let mut state = self.shared.state();
@@ -657,8 +775,281 @@ impl Drop for DynamicAdapter {
 
 #[cfg(test)]
 mod tests {
-    use super::Presence;
-    use crate::test_utils::key;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use pinned_alloc::{LockMode, Page, PagePool, PoolConfig};
+
+    use super::{DynamicAdapter, DynamicOptions, Presence};
+    use crate::adapter::{KeyOutcome, L2Adapter};
+    use crate::error::{Error, Result};
+    use crate::keys::ChunkKey;
+    use crate::storage::ChunkStorage;
+    use crate::test_utils::{fill, key};
+
+    const PAGE: usize = 4096;
+
+    /// In-memory storage whose puts from the background thread wait until the gate opens (for
+    /// at most ten seconds, then fail), and which fails keys it is told to.
+    #[derive(Debug, Default)]
+    struct Gated {
+        data: Mutex<HashMap<ChunkKey, Vec<u8>>>,
+        open: Mutex<bool>,
+        opened: Condvar,
+        /// Background puts that have begun.
+        entered: Mutex<usize>,
+        failing: Mutex<Vec<ChunkKey>>,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+
+        fn has(&self, key: &ChunkKey) -> bool {
+            self.data.lock().unwrap().contains_key(key)
+        }
+
+        fn wait_entered(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while *self.entered.lock().unwrap() < n {
+                assert!(Instant::now() < deadline, "the background put never began");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    impl ChunkStorage for Arc<Gated> {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+
+        fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>> {
+            if std::thread::current().name() == Some("kv-l2-async-put") {
+                *self.entered.lock().unwrap() += 1;
+                let open = self.open.lock().unwrap();
+                let (open, _) = self
+                    .opened
+                    .wait_timeout_while(open, Duration::from_secs(10), |open| !*open)
+                    .unwrap();
+                if !*open {
+                    return items.iter().map(|_| Err(Error::Closed)).collect();
+                }
+            }
+            let failing = self.failing.lock().unwrap();
+            let mut data = self.data.lock().unwrap();
+            items
+                .iter()
+                .map(|(key, page)| {
+                    if failing.contains(key) {
+                        return Err(Error::Registry("refused".to_owned()));
+                    }
+                    data.insert((*key).clone(), page.as_slice().to_vec());
+                    Ok(page.len() as u64)
+                })
+                .collect()
+        }
+
+        fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>> {
+            let data = self.data.lock().unwrap();
+            items
+                .iter_mut()
+                .map(|(key, page)| match data.get(*key) {
+                    Some(bytes) if bytes.len() == page.len() => {
+                        page.as_mut_slice().copy_from_slice(bytes);
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                })
+                .collect()
+        }
+
+        fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>> {
+            Ok(keys.iter().map(|k| self.has(k)).collect())
+        }
+
+        fn stored_size(&self, key: &ChunkKey) -> Result<Option<u64>> {
+            Ok(self.data.lock().unwrap().get(key).map(|b| b.len() as u64))
+        }
+
+        fn delete(&self, key: &ChunkKey) -> Result<bool> {
+            Ok(self.data.lock().unwrap().remove(key).is_some())
+        }
+    }
+
+    fn pool(pages: u64) -> Arc<PagePool> {
+        PoolConfig::new(PAGE, PAGE as u64 * pages)
+            .with_lock(LockMode::Off)
+            .build()
+            .unwrap()
+    }
+
+    /// An adapter over gated storage with background puts (queue `depth`), staging from `pool`.
+    fn gated(
+        depth: usize,
+        capacity_pages: Option<u64>,
+        pool: &Arc<PagePool>,
+    ) -> (DynamicAdapter, Arc<Gated>) {
+        let storage = Arc::new(Gated::default());
+        let options = DynamicOptions::new("gated")
+            .with_capacity(capacity_pages.map(|n| n * PAGE as u64))
+            .with_async_queue(depth)
+            .with_staging(Arc::clone(pool));
+        let adapter = DynamicAdapter::new(Box::new(Arc::clone(&storage)), options);
+        (adapter, storage)
+    }
+
+    fn page(pool: &Arc<PagePool>, i: u32) -> Page {
+        let mut page = pool.allocate().unwrap();
+        fill(i, &mut page);
+        page
+    }
+
+    fn store_one(adapter: &DynamicAdapter, pool: &Arc<PagePool>, i: u32) -> KeyOutcome {
+        let page = page(pool, i);
+        adapter.store(&[key(i, None)], &[&page]).keys.remove(0)
+    }
+
+    #[test]
+    fn a_queued_store_returns_before_the_write_and_shows_once_written() {
+        let pool = pool(8);
+        let (adapter, storage) = gated(4, None, &pool);
+        let k = key(1, None);
+        let mut source = page(&pool, 1);
+        let report = adapter.store(std::slice::from_ref(&k), &[&source]);
+        assert!(
+            matches!(report.keys[..], [KeyOutcome::Queued { bytes }] if bytes == PAGE as u64),
+            "{report:?}"
+        );
+        assert!(report.is_successful());
+        // The caller may reuse its page at once: what is written is the copy.
+        fill(99, &mut source);
+        storage.wait_entered(1);
+        assert!(!storage.has(&k), "not written yet");
+        assert_eq!(
+            adapter.lookup_and_pin(std::slice::from_ref(&k)),
+            vec![false]
+        );
+        assert_eq!(adapter.batched_contains(std::slice::from_ref(&k)), 0);
+        assert_eq!(adapter.stored_size(&k), None);
+        storage.open();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while adapter.lookup_and_pin(std::slice::from_ref(&k)) != vec![true] {
+            assert!(Instant::now() < deadline, "the queued key never showed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        adapter.unlock(std::slice::from_ref(&k));
+        let mut back = pool.allocate().unwrap();
+        assert_eq!(
+            adapter.load(std::slice::from_ref(&k), &mut [&mut back]),
+            vec![true]
+        );
+        let mut expected = pool.allocate().unwrap();
+        fill(1, &mut expected);
+        assert!(
+            back.as_slice() == expected.as_slice(),
+            "the bytes given to store"
+        );
+        // Dropped by the background thread just after indexing.
+        while pool.stats().free != 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the staging page never went back"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn capacity_counts_queued_batches() {
+        let pool = pool(8);
+        let (adapter, storage) = gated(4, Some(2), &pool);
+        assert!(matches!(
+            store_one(&adapter, &pool, 1),
+            KeyOutcome::Queued { .. }
+        ));
+        assert!(matches!(
+            store_one(&adapter, &pool, 2),
+            KeyOutcome::Queued { .. }
+        ));
+        let third = store_one(&adapter, &pool, 3);
+        assert!(
+            matches!(third, KeyOutcome::Failed(Error::CapacityExceeded { .. })),
+            "two queued pages fill a two-page capacity: {third:?}"
+        );
+        storage.open();
+        adapter.flush();
+        assert_eq!(adapter.usage().used_bytes, 2 * PAGE as u64);
+    }
+
+    #[test]
+    fn a_full_queue_writes_in_the_caller() {
+        let pool = pool(8);
+        let (adapter, storage) = gated(1, None, &pool);
+        assert!(matches!(
+            store_one(&adapter, &pool, 1),
+            KeyOutcome::Queued { .. }
+        ));
+        storage.wait_entered(1);
+        assert!(matches!(
+            store_one(&adapter, &pool, 2),
+            KeyOutcome::Queued { .. }
+        ));
+        let third = store_one(&adapter, &pool, 3);
+        assert!(
+            matches!(third, KeyOutcome::Stored { .. }),
+            "one batch writing, one queued: the third is written here: {third:?}"
+        );
+        assert_eq!(adapter.lookup_and_pin(&[key(3, None)]), vec![true]);
+        adapter.unlock(&[key(3, None)]);
+        storage.open();
+    }
+
+    #[test]
+    fn a_failed_background_put_leaves_the_key_absent_and_frees_its_reservation() {
+        let pool = pool(8);
+        let (adapter, storage) = gated(4, Some(1), &pool);
+        storage.failing.lock().unwrap().push(key(1, None));
+        storage.open();
+        assert!(matches!(
+            store_one(&adapter, &pool, 1),
+            KeyOutcome::Queued { .. }
+        ));
+        adapter.flush();
+        assert_eq!(adapter.lookup_and_pin(&[key(1, None)]), vec![false]);
+        assert_eq!(adapter.usage().used_bytes, 0);
+        // The one-page capacity is free again.
+        assert!(matches!(
+            store_one(&adapter, &pool, 2),
+            KeyOutcome::Stored { .. }
+        ));
+    }
+
+    #[test]
+    fn close_waits_for_queued_writes() {
+        let pool = pool(8);
+        let (adapter, storage) = gated(4, None, &pool);
+        assert!(matches!(
+            store_one(&adapter, &pool, 1),
+            KeyOutcome::Queued { .. }
+        ));
+        storage.wait_entered(1);
+        let opener = {
+            let storage = Arc::clone(&storage);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                storage.open();
+            })
+        };
+        adapter.close().unwrap();
+        assert!(
+            storage.has(&key(1, None)),
+            "close returned before the queued write"
+        );
+        opener.join().unwrap();
+    }
 
     #[test]
     fn the_presence_set_forgets_its_oldest_keys_past_its_limit() {

@@ -94,6 +94,20 @@ pub enum Error {
         chunk: usize,
     },
 
+    /// A partial chunk for a static pool that does not store them.
+    #[error(
+        "{key:?} is a partial chunk ({len} of {chunk} bytes) and save_unfull_chunk is off; \
+         not stored"
+    )]
+    UnfullChunk {
+        /// The key.
+        key: ChunkKey,
+        /// The page's length.
+        len: usize,
+        /// The pool's chunk size.
+        chunk: usize,
+    },
+
     /// Too many submitted tasks whose results were not collected yet.
     #[error(
         "{limit} submitted tasks are still queued or uncollected; collect results before \
@@ -117,6 +131,15 @@ pub enum Error {
     /// An adapter type is registered twice, or not at all.
     #[error("{0}")]
     Registry(String),
+
+    /// A setting cannot take effect here (a missing feature, a missing size); names the key.
+    #[error("{key}: {message}")]
+    Setting {
+        /// The key, as the user wrote it.
+        key: String,
+        /// Why, and what to do.
+        message: String,
+    },
 
     /// The adapter was closed.
     #[error("the adapter is closed")]

@@ -48,35 +48,57 @@ pub fn eviction_pass(adapter: &dyn L2Adapter, spec: &EvictionSpec) -> EvictionRe
     }
 }
 
+/// What the controller's thread waits on.
+#[derive(Debug, Default)]
+struct Signal {
+    stopped: bool,
+    /// A store found an adapter at or over its watermark: run a pass now, not at the interval.
+    kicked: bool,
+}
+
 /// Runs [`eviction_pass`] over every adapter on its own thread until dropped.
 #[derive(Debug)]
 pub struct EvictionController {
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    signal: Arc<(Mutex<Signal>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// Wakes an [`EvictionController`] for a pass before its interval ends.
+#[derive(Debug, Clone)]
+pub(crate) struct EvictionKick(Arc<(Mutex<Signal>, Condvar)>);
+
+impl EvictionKick {
+    pub(crate) fn kick(&self) {
+        let (lock, wake) = &*self.0;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).kicked = true;
+        wake.notify_all();
+    }
+}
+
 impl EvictionController {
-    /// Starts the thread; it checks every `interval` (LMCache: one second).
+    /// Starts the thread; it checks every `interval` (LMCache: one second), and at once when
+    /// kicked.
     pub fn spawn(adapters: Vec<(Arc<dyn L2Adapter>, EvictionSpec)>, interval: Duration) -> Self {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let flag = Arc::clone(&stop);
+        let signal = Arc::new((Mutex::new(Signal::default()), Condvar::new()));
+        let shared = Arc::clone(&signal);
         let thread = std::thread::Builder::new()
             .name("kv-l2-eviction".to_owned())
             .spawn(move || {
-                let (lock, wake) = &*flag;
-                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-                while !*stopped {
-                    drop(stopped);
+                let (lock, wake) = &*shared;
+                let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                while !state.stopped {
+                    state.kicked = false;
+                    drop(state);
                     for (adapter, spec) in &adapters {
                         let report = eviction_pass(adapter.as_ref(), spec);
                         if report.evicted > 0 || report.skipped_pinned > 0 {
                             tracing::debug!(?report, "eviction pass");
                         }
                     }
-                    stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    if !*stopped {
-                        stopped = wake
-                            .wait_timeout(stopped, interval)
+                    state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    if !state.stopped && !state.kicked {
+                        state = wake
+                            .wait_timeout(state, interval)
                             .map(|(guard, _)| guard)
                             .unwrap_or_else(|p| p.into_inner().0);
                     }
@@ -84,16 +106,20 @@ impl EvictionController {
             })
             .expect("spawning the eviction thread");
         Self {
-            stop,
+            signal,
             thread: Some(thread),
         }
+    }
+
+    pub(crate) fn kicker(&self) -> EvictionKick {
+        EvictionKick(Arc::clone(&self.signal))
     }
 }
 
 impl Drop for EvictionController {
     fn drop(&mut self) {
-        let (lock, wake) = &*self.stop;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let (lock, wake) = &*self.signal;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).stopped = true;
         wake.notify_all();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {

@@ -8,9 +8,12 @@
 //!   before writing (a batch that does not fit stops at the first key that does not), lazy
 //!   recovery after a restart, presence cache and presence-cache-only mode, background puts,
 //!   `persist_enabled: false` deleting its data on close.
-//! - [`StaticAdapter`] (`nixl_store`): a slot pool, LRU eviction at store time, batches refused
-//!   when everything is pinned.
+//! - [`StaticAdapter`] (`nixl_store`): a slot pool, eviction at store time by `cache_policy`
+//!   (LRU, LFU, FIFO, MRU), partial chunks by `save_unfull_chunk`, batches refused when
+//!   everything is pinned.
 //! - [`EvictionController`]: watermark eviction (LRU, IsolatedLRU, noop) on its own thread.
+//! - [`StoreBuilder`]: the one way from configuration (LMCache YAML, `--l2-adapter` JSON,
+//!   SGLang env) to a running [`Store`]: pool, adapters, eviction; [`open_channel`] for PD/P2P.
 //! - [`AdapterFactory`]: `--l2-adapter` JSON to adapters, with downstream types registered.
 //! - [`HiCache`]: SGLang's `set` / `get` / `exists` and batch forms.
 //!
@@ -19,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod adapter;
+mod builder;
 mod dynamic;
 mod error;
 mod eviction;
@@ -33,13 +37,17 @@ mod tasks;
 pub mod test_utils;
 
 pub use adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
+pub use builder::{
+    DEFAULT_EVICTION_INTERVAL, DEFAULT_POOL_PAGES, Store, StoreBuilder, Tier, open_channel,
+};
 pub use dynamic::{DynamicAdapter, DynamicOptions};
 pub use error::{Error, Result};
 pub use eviction::{EvictionController, eviction_pass};
 pub use hicache::HiCache;
 pub use keys::{CacheEngineKey, ChunkKey, ObjectKey, PageKey};
 pub use registry::{
-    AdapterConstructor, AdapterContext, AdapterFactory, Engine, build_storage, transport_for,
+    AdapterConstructor, AdapterContext, AdapterFactory, Engine, build_storage, nixl_config_for,
+    transport_for,
 };
 pub use static_adapter::{SlotStorage, StaticAdapter};
 pub use storage::{ChunkStorage, Objects};

@@ -58,18 +58,25 @@ impl AdapterContext {
     }
 }
 
-fn nixl(spec: &StorageSpec) -> nixl_core::Result<NixlTransport> {
+/// The NIXL agent and backend configuration a storage spec asks for.
+pub fn nixl_config_for(spec: &StorageSpec) -> NixlConfig {
     let mut config = NixlConfig::new(spec.backend.plugin_name())
         .with_progress_thread(spec.progress_thread)
         .with_thread_sync(match spec.sync_mode {
-            kv_config::SyncMode::None => nixl_core::ThreadSync::None,
+            // NIXL's DEFAULT is NONE (no locking inside NIXL); the transport then serialises
+            // agent calls itself.
+            kv_config::SyncMode::None | kv_config::SyncMode::Default => nixl_core::ThreadSync::None,
             kv_config::SyncMode::Rw => nixl_core::ThreadSync::ReadWrite,
             _ => nixl_core::ThreadSync::Strict,
         });
     for (key, value) in spec.backend_params.expose() {
         config = config.with_param(key, value);
     }
-    NixlTransport::new(config)
+    config
+}
+
+fn nixl(spec: &StorageSpec) -> nixl_core::Result<NixlTransport> {
+    NixlTransport::new(nixl_config_for(spec))
 }
 
 /// The transport for a spec, and a label saying which engine it is.
@@ -186,34 +193,87 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                     chunk_bytes: page_bytes as u64,
                 }),
             };
-            let options = DynamicOptions::new(label)
+            let mut options = DynamicOptions::new(label)
                 .with_capacity(spec.capacity_bytes)
                 .with_presence_cache(spec.presence_cache)
-                .with_persist(spec.persist)
-                .with_async_queue(if spec.async_put { 8 } else { 0 });
-            Box::new(DynamicAdapter::new(storage, options))
+                .with_persist(spec.persist);
+            if spec.async_put {
+                // Staging pages come from the registered L1 pool, so the transport can write
+                // them; 8 batches bound what queued puts take from it.
+                options = options
+                    .with_async_queue(8)
+                    .with_staging(Arc::clone(&context.memory));
+            }
+            let adapter = DynamicAdapter::new(storage, options);
+            if kind == StorageKind::File
+                && (spec.capacity_bytes.is_some() || spec.eviction.is_some())
+            {
+                let folder = path()?;
+                let found = stored_oldest_first(&folder)?;
+                let adopted = adapter.adopt_stored(found);
+                if adopted > 0 {
+                    tracing::info!(folder = %folder.display(), chunks = adopted, "indexed the chunks already stored");
+                }
+            }
+            Box::new(adapter)
         }
         (Mode::Static { pool_size }, StorageKind::File) => {
+            // Checked before the pool files are created.
+            let options = crate::static_adapter::StaticOptions::from_spec(spec)?;
             let mut config = StaticConfig::new(path()?, pool_size as usize, page_bytes)
                 .with_direct_io(spec.use_direct_io);
             if let Some(file_size) = spec.file_size {
                 config = config.with_file_size(file_size);
             }
             let pool = StaticFilePool::open(Arc::clone(&transport), config)?;
-            Box::new(StaticAdapter::new(Box::new(pool), label, page_bytes as u64))
+            Box::new(StaticAdapter::with_options(
+                Box::new(pool),
+                label,
+                page_bytes as u64,
+                options,
+            ))
         }
         (Mode::Static { pool_size }, StorageKind::Object) => {
+            // Checked before the pool objects are registered.
+            let options = crate::static_adapter::StaticOptions::from_spec(spec)?;
             let slots = u32::try_from(pool_size).map_err(|_| {
                 Error::Registry(format!("pool_size {pool_size} exceeds 2^32 object slots"))
             })?;
             let pool = StaticObjectPool::open(Arc::clone(&transport), slots, page_bytes)?;
-            Box::new(StaticAdapter::new(Box::new(pool), label, page_bytes as u64))
+            Box::new(StaticAdapter::with_options(
+                Box::new(pool),
+                label,
+                page_bytes as u64,
+                options,
+            ))
         }
     };
     Ok(Arc::new(Registered {
         adapter,
         _memory: memory,
     }))
+}
+
+/// The chunks under `folder`, least recently written first (by modification time).
+fn stored_oldest_first(folder: &std::path::Path) -> Result<Vec<(ChunkKey, u64)>> {
+    let mut chunks: Vec<_> = nixl_file::list_dir(folder)?
+        .into_iter()
+        .map(|chunk| {
+            let written = std::fs::metadata(&chunk.path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            (
+                written,
+                ChunkKey::from_file_key(chunk.key),
+                chunk.payload_len,
+            )
+        })
+        .collect();
+    chunks.sort_by_key(|(written, _, _)| *written);
+    Ok(chunks
+        .into_iter()
+        .map(|(_, key, bytes)| (key, bytes))
+        .collect())
 }
 
 /// Builds an adapter of a downstream type from its validated `--l2-adapter` spec.

@@ -1,19 +1,83 @@
-//! `nixl_store`: a fixed pool of slots registered once; when it is full, the least recently used
-//! unpinned keys make room at store time, and a batch nothing can make room for is refused.
+//! `nixl_store`: a fixed pool of slots registered once; when it is full, unpinned keys chosen by
+//! the cache policy (LMCache's `cache_policy`: LRU, LFU, FIFO, MRU) make room at store time, and
+//! a batch nothing can make room for is refused. A partial last chunk is stored only with
+//! `save_unfull_chunk`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Debug;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use kv_config::StorageSpec;
 use nixl_file::StaticFilePool;
 use nixl_obj::StaticObjectPool;
 use pinned_alloc::Page;
 
 use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage, page_of};
 use crate::error::{Error, Result};
-use crate::index::Index;
+use crate::index::{Entry, Index};
 use crate::keys::ChunkKey;
+
+/// Which unpinned key a full pool gives up first at store time (LMCache's `cache_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum CachePolicy {
+    /// The least recently used (stored, looked up or loaded).
+    #[default]
+    Lru,
+    /// The least often loaded; among equals, the least recently used.
+    Lfu,
+    /// The first stored, however it has been used since.
+    Fifo,
+    /// The most recently used.
+    Mru,
+}
+
+impl CachePolicy {
+    /// The values `cache_policy` accepts.
+    const ACCEPTED: &str = "LRU, LFU, FIFO, MRU";
+}
+
+impl FromStr for CachePolicy {
+    type Err = Error;
+
+    /// LMCache's policy names, spelt as it spells them.
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "LRU" => Ok(Self::Lru),
+            "LFU" => Ok(Self::Lfu),
+            "FIFO" => Ok(Self::Fifo),
+            "MRU" => Ok(Self::Mru),
+            other => Err(Error::Config(kv_config::Error::InvalidSetting {
+                key: "cache_policy".to_owned(),
+                message: format!(
+                    "{other:?} is not an eviction policy of the static pool; accepted: {}",
+                    Self::ACCEPTED
+                ),
+            })),
+        }
+    }
+}
+
+/// The settings of a [`StaticAdapter`] beyond its slots; the defaults are LMCache's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct StaticOptions {
+    /// Store-time eviction.
+    pub(crate) policy: CachePolicy,
+    /// Store a page shorter than a slot (a partial last chunk) under its true length; when
+    /// off, such a page is refused.
+    pub(crate) save_unfull_chunk: bool,
+}
+
+impl StaticOptions {
+    /// The options a storage spec asks for; an unknown `cache_policy` is an error.
+    pub(crate) fn from_spec(spec: &StorageSpec) -> Result<Self> {
+        Ok(Self {
+            policy: spec.cache_policy.parse()?,
+            save_unfull_chunk: spec.save_unfull_chunk,
+        })
+    }
+}
 
 /// Slots under a [`StaticAdapter`].
 ///
@@ -80,6 +144,8 @@ struct State {
     quarantined: VecDeque<(Instant, u32)>,
     /// Slots whose write timed out: the engine may write into them at any time, for good.
     retired: usize,
+    /// Loads of each key, for LFU only (empty under the other policies).
+    loads: HashMap<ChunkKey, u64>,
     closed: bool,
 }
 
@@ -91,6 +157,28 @@ impl State {
         } else {
             self.free.push(slot);
         }
+    }
+
+    /// Drops what is kept beside removed index entries and gives their slots back.
+    fn forget(&mut self, removed: &[(ChunkKey, Entry)]) {
+        for (key, entry) in removed {
+            self.loads.remove(key);
+            self.release(entry.slot);
+        }
+    }
+
+    /// Every indexed key, in the order `policy` gives them up.
+    fn victims(&self, policy: CachePolicy) -> Vec<ChunkKey> {
+        let mut keys = self.index.oldest(None);
+        match policy {
+            CachePolicy::Lru => {}
+            CachePolicy::Mru => keys.reverse(),
+            // Entry ids count insertions, so they order keys by when they were stored.
+            CachePolicy::Fifo => keys.sort_by_key(|k| self.index.get(k).map_or(0, |e| e.id)),
+            // A stable sort keeps LRU order among keys loaded equally often.
+            CachePolicy::Lfu => keys.sort_by_key(|k| self.loads.get(k).copied().unwrap_or(0)),
+        }
+        keys
     }
 
     /// Takes back the quarantined slots whose grace period has passed.
@@ -127,17 +215,30 @@ pub struct StaticAdapter {
     storage: Box<dyn SlotStorage>,
     backend: String,
     slot_bytes: u64,
+    options: StaticOptions,
     state: Mutex<State>,
 }
 
 impl StaticAdapter {
-    /// An adapter over `storage`, whose slots hold `slot_bytes` each.
+    /// An adapter over `storage`, whose slots hold `slot_bytes` each: LRU eviction, partial
+    /// chunks refused (LMCache's defaults).
     pub fn new(storage: Box<dyn SlotStorage>, backend: impl Into<String>, slot_bytes: u64) -> Self {
+        Self::with_options(storage, backend, slot_bytes, StaticOptions::default())
+    }
+
+    /// An adapter over `storage` with these options.
+    pub(crate) fn with_options(
+        storage: Box<dyn SlotStorage>,
+        backend: impl Into<String>,
+        slot_bytes: u64,
+        options: StaticOptions,
+    ) -> Self {
         let free = (0..storage.slots() as u32).rev().collect();
         Self {
             storage,
             backend: backend.into(),
             slot_bytes,
+            options,
             state: Mutex::new(State {
                 index: Index::default(),
                 free,
@@ -145,6 +246,7 @@ impl StaticAdapter {
                 draining: HashSet::new(),
                 quarantined: VecDeque::new(),
                 retired: 0,
+                loads: HashMap::new(),
                 closed: false,
             }),
         }
@@ -154,16 +256,30 @@ impl StaticAdapter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Frees up to `needed` slots by evicting the least recently used unpinned keys.
-    fn make_room(state: &mut State, needed: usize) {
-        for key in state.index.oldest(None) {
+    /// Frees up to `needed` slots by evicting unpinned keys in the cache policy's order. A key
+    /// whose slot is being read is passed over: its slot would not come free before the read
+    /// ends, so evicting it would only lose the key.
+    fn make_room(&self, state: &mut State, needed: usize) {
+        for key in state.victims(self.options.policy) {
             if state.free.len() >= needed {
                 break;
             }
-            for (key, entry) in state.index.remove_unpinned(std::slice::from_ref(&key)) {
-                tracing::debug!(key = ?key, "evicted to make room in the static pool");
-                state.release(entry.slot);
+            let read_now = state
+                .index
+                .get(&key)
+                .is_some_and(|e| state.readers.contains_key(&e.slot));
+            if read_now {
+                continue;
             }
+            let removed = state.index.remove_unpinned(std::slice::from_ref(&key));
+            for (key, _) in &removed {
+                tracing::debug!(
+                    key = ?key,
+                    policy = ?self.options.policy,
+                    "evicted to make room in the static pool"
+                );
+            }
+            state.forget(&removed);
         }
     }
 }
@@ -192,6 +308,19 @@ impl L2Adapter for StaticAdapter {
                         len: page.len(),
                         chunk: self.slot_bytes as usize,
                     }));
+                } else if !self.options.save_unfull_chunk && (page.len() as u64) < self.slot_bytes {
+                    // LMCache never stores a partial last chunk unless save_unfull_chunk is on;
+                    // refused, never padded into a full one.
+                    tracing::debug!(
+                        key = ?key,
+                        len = page.len(),
+                        "partial chunk not stored: save_unfull_chunk is off"
+                    );
+                    outcomes[i] = Some(KeyOutcome::Failed(Error::UnfullChunk {
+                        key: key.clone(),
+                        len: page.len(),
+                        chunk: self.slot_bytes as usize,
+                    }));
                 } else if state.index.contains(key)
                     || state.index.inflight.contains(key)
                     || !batch.insert(key)
@@ -203,7 +332,7 @@ impl L2Adapter for StaticAdapter {
                 }
             }
             if state.free.len() < fresh.len() {
-                Self::make_room(&mut state, fresh.len());
+                self.make_room(&mut state, fresh.len());
             }
             if state.free.len() < fresh.len() {
                 tracing::warn!("No eviction candidates found. Backend under pressure.");
@@ -306,6 +435,9 @@ impl L2Adapter for StaticAdapter {
                     *state.readers.entry(entry.slot).or_insert(0) += 1;
                     taken.push((i, entry.slot));
                     state.index.touch(key);
+                    if self.options.policy == CachePolicy::Lfu {
+                        *state.loads.entry(key.clone()).or_insert(0) += 1;
+                    }
                 }
             }
         }
@@ -338,9 +470,8 @@ impl L2Adapter for StaticAdapter {
                     tracing::warn!(key = ?keys[i], slot, "static slot does not check out; a miss");
                     let same = state.index.get(&keys[i]).is_some_and(|e| e.slot == slot);
                     if same {
-                        for (_, entry) in state.index.remove_unpinned(&keys[i..=i]) {
-                            state.release(entry.slot);
-                        }
+                        let removed = state.index.remove_unpinned(&keys[i..=i]);
+                        state.forget(&removed);
                     }
                 }
             }
@@ -352,9 +483,7 @@ impl L2Adapter for StaticAdapter {
     fn delete(&self, keys: &[ChunkKey]) -> usize {
         let mut state = self.state();
         let removed = state.index.remove_unpinned(keys);
-        for (_, entry) in &removed {
-            state.release(entry.slot);
-        }
+        state.forget(&removed);
         removed.len()
     }
 
@@ -415,7 +544,7 @@ mod tests {
 
     use pinned_alloc::{Page, PagePool, PoolConfig};
 
-    use super::{SlotStorage, StaticAdapter};
+    use super::{CachePolicy, SlotStorage, StaticAdapter, StaticOptions};
     use crate::adapter::{KeyOutcome, L2Adapter};
     use crate::error::{Error, Result};
     use crate::test_utils::{fill, key};
@@ -459,6 +588,94 @@ mod tests {
 
     fn pages() -> Arc<PagePool> {
         PoolConfig::new(4096, 8 * 4096).build().unwrap()
+    }
+
+    /// Memory slots whose reads wait, once `entered` is set, for a word on `release`.
+    #[derive(Debug, Default)]
+    struct Gated {
+        memory: Memory,
+        entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl SlotStorage for Arc<Gated> {
+        fn slots(&self) -> usize {
+            2
+        }
+
+        fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
+            let mut slots = self.memory.slots.lock().unwrap();
+            for (key, page, slot) in items {
+                slots.insert(*slot, (key.to_vec(), page.as_slice().to_vec()));
+            }
+            Ok(())
+        }
+
+        fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
+            if let Some(entered) = self.entered.lock().unwrap().take() {
+                entered.send(()).unwrap();
+                let release = self.release.lock().unwrap().take().unwrap();
+                release.recv().unwrap();
+            }
+            let slots = self.memory.slots.lock().unwrap();
+            Ok(items
+                .iter_mut()
+                .map(|(key, page, slot)| match slots.get(slot) {
+                    Some((stored, bytes)) if stored == key && bytes.len() == page.len() => {
+                        page.as_mut_slice().copy_from_slice(bytes);
+                        true
+                    }
+                    _ => false,
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn a_key_being_read_is_not_evicted_to_make_room() {
+        let pool = pages();
+        let storage = Arc::new(Gated::default());
+        // MRU picks the key just loaded first; it must be passed over while its read runs.
+        let options = StaticOptions {
+            policy: CachePolicy::Mru,
+            ..StaticOptions::default()
+        };
+        let adapter = Arc::new(StaticAdapter::with_options(
+            Box::new(Arc::clone(&storage)),
+            "gated",
+            4096,
+            options,
+        ));
+        let batch: Vec<_> = (1..=3)
+            .map(|i| {
+                let mut page = pool.allocate().unwrap();
+                fill(i, &mut page);
+                page
+            })
+            .collect();
+        for (i, page) in (1..).zip(&batch[..2]) {
+            let report = adapter.store(&[key(i, None)], &[page]);
+            assert!(report.is_successful(), "{report:?}");
+        }
+        let (entered, in_read) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel();
+        *storage.entered.lock().unwrap() = Some(entered);
+        *storage.release.lock().unwrap() = Some(released);
+        let reader = {
+            let adapter = Arc::clone(&adapter);
+            let mut target = pool.allocate().unwrap();
+            std::thread::spawn(move || adapter.load(&[key(1, None)], &mut [&mut target]))
+        };
+        in_read.recv().unwrap();
+        let report = adapter.store(&[key(3, None)], &[&batch[2]]);
+        release.send(()).unwrap();
+        assert_eq!(reader.join().unwrap(), vec![true]);
+        assert!(report.is_successful(), "key 2 makes room: {report:?}");
+        assert!(
+            adapter.stored_size(&key(1, None)).is_some(),
+            "key 1 was being read"
+        );
+        assert!(adapter.stored_size(&key(2, None)).is_none());
     }
 
     /// Two slots whose writes fail while `failure` holds an error to fail with.

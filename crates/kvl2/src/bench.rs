@@ -179,6 +179,9 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         dir: Some(dir.clone()),
         engine: args.engine.clone(),
         chunk_bytes,
+        worker_id: 0,
+        local_worker_id: None,
+        gpu: None,
     };
     let batch = args.batch.min(args.chunks);
     let opened = store.open(2 * batch)?;

@@ -6,11 +6,8 @@ use std::sync::Arc;
 
 use clap::Args;
 use kv_config::{ConfigLoader, Deployment};
-use kv_l2_adapter::{
-    AdapterContext, AdapterFactory, CacheEngineKey, ChunkKey, Engine, L2Adapter, PageKey,
-    build_storage,
-};
-use pinned_alloc::{PagePool, PoolConfig};
+use kv_l2_adapter::{CacheEngineKey, ChunkKey, Engine, L2Adapter, PageKey, Store, StoreBuilder};
+use pinned_alloc::PagePool;
 
 use crate::exit::{CliError, CliResult};
 
@@ -32,6 +29,15 @@ pub(crate) struct StoreArgs {
     /// Largest chunk, in bytes (the page size of the staging pool).
     #[arg(long, default_value_t = 32 << 20)]
     pub(crate) chunk_bytes: usize,
+    /// Global worker (rank) id: picks the folder of `by_gpu` sharding and the GPU of `cuda`.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) worker_id: u32,
+    /// Worker id on this node, picking the endpoint of `nixl_endpoint_list` (default: --worker-id).
+    #[arg(long, value_name = "ID")]
+    pub(crate) local_worker_id: Option<u32>,
+    /// The GPU this worker drives, when it is not its worker id.
+    #[arg(long, value_name = "ID")]
+    pub(crate) gpu: Option<u32>,
 }
 
 pub(crate) struct Opened {
@@ -39,6 +45,8 @@ pub(crate) struct Opened {
     pub(crate) pool: Arc<PagePool>,
     /// The folder of a file-based dynamic store, for listing.
     pub(crate) folder: Option<PathBuf>,
+    /// The running store (its eviction controller among it), kept for as long as the command runs.
+    _store: Store,
 }
 
 fn engine(name: &str) -> CliResult<Engine> {
@@ -67,18 +75,12 @@ pub(crate) fn default_adapter_json(dir: &std::path::Path) -> String {
 }
 
 impl StoreArgs {
-    /// Opens the store with a staging pool of `pages` pages.
+    /// Opens the store through the public builder, with a staging pool of `pages` pages where
+    /// the configuration does not size it (an LMCache CPU-mode pool is `max_local_cpu_size`).
     pub(crate) fn open(&self, pages: usize) -> CliResult<Opened> {
         if self.chunk_bytes == 0 {
             return Err(CliError::usage("--chunk-bytes must be positive"));
         }
-        let pool = PoolConfig::new(
-            self.chunk_bytes,
-            (pages.max(1) * self.chunk_bytes.next_multiple_of(4096)) as u64,
-        )
-        .build()
-        .map_err(CliError::storage)?;
-        let context = AdapterContext::new(Arc::clone(&pool)).with_engine(engine(&self.engine)?);
         let given = [
             self.config.is_some(),
             !self.l2_adapter.is_empty(),
@@ -92,47 +94,42 @@ impl StoreArgs {
                 "name the store with exactly one of --config FILE, --l2-adapter JSON or --dir DIR",
             ));
         }
-        if let Some(path) = &self.config {
-            let engine = ConfigLoader::new()
+        let local_worker = self.local_worker_id.unwrap_or(self.worker_id);
+        let mut deployment = Deployment::new()
+            .with_worker(self.worker_id, local_worker)
+            .with_chunk_bytes(self.chunk_bytes as u64);
+        if let Some(gpu) = self.gpu {
+            deployment = deployment.with_gpu(gpu);
+        }
+        let builder = if let Some(path) = &self.config {
+            let config = ConfigLoader::new()
                 .with_file(path)
                 .load()
                 .map_err(CliError::config)?
                 .value;
-            let spec = engine
-                .storage_spec(&Deployment::new())
-                .map_err(CliError::config)?
-                .value;
-            let folder = (spec.mode == kv_config::Mode::Dynamic)
-                .then(|| spec.path.clone())
-                .flatten();
-            let adapter = build_storage(&spec, &context).map_err(CliError::from_adapter)?;
-            return Ok(Opened {
-                adapter,
-                pool,
-                folder,
-            });
-        }
-        let json = match &self.dir {
-            Some(dir) => default_adapter_json(dir),
-            None => self.l2_adapter[0].clone(),
+            StoreBuilder::from_lmcache(config)
+        } else {
+            let values = match &self.dir {
+                Some(dir) => vec![default_adapter_json(dir)],
+                None => self.l2_adapter.clone(),
+            };
+            StoreBuilder::from_l2_adapters(values)
         };
-        let spec = kv_config::AdapterRegistry::new()
-            .parse(&[json.as_str()])
-            .map_err(CliError::config)?
-            .value
-            .remove(0);
-        let folder = spec
-            .storage
-            .as_ref()
-            .filter(|s| s.mode == kv_config::Mode::Dynamic)
-            .and_then(|s| s.path.clone());
-        let mut built = AdapterFactory::new()
-            .build(&[json], &context)
+        let store = builder
+            .with_deployment(deployment)
+            .with_engine(engine(&self.engine)?)
+            .with_pool_bytes((pages.max(1) * self.chunk_bytes.next_multiple_of(4096)) as u64)
+            .build()
             .map_err(CliError::from_adapter)?;
+        let folder = store.tiers()[0]
+            .spec()
+            .filter(|spec| spec.mode == kv_config::Mode::Dynamic)
+            .and_then(|spec| spec.path.clone());
         Ok(Opened {
-            adapter: built.remove(0).1,
-            pool,
+            adapter: Arc::clone(store.adapter()),
+            pool: Arc::clone(store.pool()),
             folder,
+            _store: store,
         })
     }
 }

@@ -254,3 +254,111 @@ fn bench_runs_end_to_end_and_reports_json() {
     }
     assert_eq!(result["verified_chunks"], 16);
 }
+
+/// `--worker-id` and `--gpu` say which worker this is: `by_gpu` sharding puts the chunks of
+/// GPU 2 (by default the GPU of worker 2) under the third of three folders.
+#[test]
+fn worker_id_and_gpu_pick_the_by_gpu_folder() {
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("chunk.bin");
+    std::fs::write(&input, vec![7u8; 65536]).unwrap();
+    for flags in [["--worker-id", "2"], ["--gpu", "2"]] {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let list = dirs
+            .iter()
+            .map(|d| d.path().display().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let config = work.path().join("static.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.01\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n  nixl_pool_size: 2\n  nixl_path: \"{list}\"\n"
+            ),
+        )
+        .unwrap();
+        let config = config.display().to_string();
+        let put = kvl2(&[
+            "put",
+            "--config",
+            &config,
+            "--engine",
+            "uring",
+            "--chunk-bytes",
+            "65536",
+            flags[0],
+            flags[1],
+            "page-1",
+            input.to_str().unwrap(),
+        ]);
+        assert_eq!(code(&put), 0, "{flags:?}: {}", stderr(&put));
+        let count = |d: &tempfile::TempDir| std::fs::read_dir(d.path()).unwrap().count();
+        assert_eq!(
+            (count(&dirs[0]), count(&dirs[1])),
+            (0, 0),
+            "{flags:?}: nothing under the first two folders"
+        );
+        assert!(
+            count(&dirs[2]) > 0,
+            "{flags:?}: the slots are under the third"
+        );
+    }
+}
+
+/// `kvl2 put` in a loop, one process per put, against a store with room for 4 chunks and LRU
+/// eviction: every put is accepted, and the folder never holds more than the capacity, since
+/// each process counts what the earlier ones stored.
+#[test]
+fn put_in_a_loop_keeps_accepting_past_capacity_and_stays_within_it() {
+    let store = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let chunk = 65536;
+    let capacity_gb = (4 * chunk) as f64 / (1u64 << 30) as f64;
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{capacity_gb}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.75,"eviction_ratio":0.5}}}}"#,
+        store.path().display()
+    );
+    let input = work.path().join("chunk.bin");
+    std::fs::write(&input, vec![3u8; chunk]).unwrap();
+    for i in 0..12 {
+        let key = format!("page-{i}");
+        let put = kvl2(&[
+            "put",
+            "--l2-adapter",
+            &json,
+            "--engine",
+            "uring",
+            "--chunk-bytes",
+            &chunk.to_string(),
+            &key,
+            input.to_str().unwrap(),
+        ]);
+        assert_eq!(code(&put), 0, "put {i}: {}", stderr(&put));
+        let ls = kvl2(&[
+            "ls",
+            "--l2-adapter",
+            &json,
+            "--engine",
+            "uring",
+            "--chunk-bytes",
+            &chunk.to_string(),
+        ]);
+        let stored = stdout(&ls).lines().count();
+        assert!(
+            stored <= 4,
+            "after put {i}: {stored} chunks stored in room for 4"
+        );
+    }
+    let get = kvl2(&[
+        "get",
+        "--l2-adapter",
+        &json,
+        "--engine",
+        "uring",
+        "--chunk-bytes",
+        &chunk.to_string(),
+        "page-11",
+        work.path().join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&get), 0, "the newest chunk is kept: {}", stderr(&get));
+}

@@ -1,0 +1,491 @@
+//! The one way from configuration to a running store: an LMCache engine configuration, a list
+//! of `--l2-adapter` JSON values or SGLang's HiCache settings, plus the deployment, become the
+//! page pool sized and backed as configured, the adapters, and the eviction controller running
+//! for them. [`open_channel`] does the same for the transfer channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_config::{
+    ChannelKind, ChannelSpec, Deployment, EngineConfig, EvictionSpec, HiCacheConfig, PdRole,
+    StorageSpec, Warning,
+};
+use nixl_core::{Channel, ChannelConfig, ChannelType, NixlTransport, Role};
+use pinned_alloc::{Page, PagePool, PoolConfig};
+
+use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
+use crate::error::{Error, Result};
+use crate::eviction::{EvictionController, EvictionKick, eviction_pass};
+use crate::hicache::HiCache;
+use crate::keys::ChunkKey;
+use crate::registry::{AdapterContext, AdapterFactory, Engine, build_storage};
+
+/// Pages of the L1 pool when the configuration does not size it (`--l2-adapter`, HiCache).
+pub const DEFAULT_POOL_PAGES: u64 = 64;
+
+/// LMCache's eviction controller checks every second; a store that finds its adapter over the
+/// watermark wakes it at once.
+pub const DEFAULT_EVICTION_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+enum Source {
+    Lmcache(Box<EngineConfig>),
+    L2Adapters(Vec<String>),
+    HiCache(HiCacheConfig),
+}
+
+/// Builds a [`Store`] from configuration.
+#[derive(Debug)]
+pub struct StoreBuilder {
+    source: Source,
+    deployment: Deployment,
+    engine: Engine,
+    factory: AdapterFactory,
+    chunk_bytes: Option<usize>,
+    pool_bytes: Option<u64>,
+    eviction_interval: Duration,
+}
+
+impl StoreBuilder {
+    fn new(source: Source) -> Self {
+        Self {
+            source,
+            deployment: Deployment::new(),
+            engine: Engine::Auto,
+            factory: AdapterFactory::new(),
+            chunk_bytes: None,
+            pool_bytes: None,
+            eviction_interval: DEFAULT_EVICTION_INTERVAL,
+        }
+    }
+
+    /// An LMCache engine configuration (YAML and `LMCACHE_*` env, loaded by
+    /// [`kv_config::ConfigLoader`]) with `extra_config.enable_nixl_storage`.
+    pub fn from_lmcache(config: EngineConfig) -> Self {
+        Self::new(Source::Lmcache(Box::new(config)))
+    }
+
+    /// `--l2-adapter` JSON values, in order: one tier each.
+    pub fn from_l2_adapters<S: Into<String>>(values: impl IntoIterator<Item = S>) -> Self {
+        Self::new(Source::L2Adapters(
+            values.into_iter().map(Into::into).collect(),
+        ))
+    }
+
+    /// SGLang's HiCache NIXL settings: the plugin by its priority among those installed (or as
+    /// named), over the folder this worker's GPU picks.
+    pub fn from_hicache(config: HiCacheConfig) -> Self {
+        Self::new(Source::HiCache(config))
+    }
+
+    /// Who this process is: worker ids, GPU, chunk size.
+    pub fn with_deployment(mut self, deployment: Deployment) -> Self {
+        self.deployment = deployment;
+        self
+    }
+
+    /// The engine for file storage.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// The adapter types `--l2-adapter` can build, downstream ones included.
+    pub fn with_factory(mut self, factory: AdapterFactory) -> Self {
+        self.factory = factory;
+        self
+    }
+
+    /// Bytes of one chunk (a page of the pool), when the deployment does not say.
+    pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
+        self.chunk_bytes = Some(chunk_bytes);
+        self
+    }
+
+    /// Bytes of the L1 pool where the configuration does not size it (`--l2-adapter`, HiCache,
+    /// or an LMCache GPU-mode host pool); an LMCache CPU-mode pool is `max_local_cpu_size`.
+    pub fn with_pool_bytes(mut self, pool_bytes: u64) -> Self {
+        self.pool_bytes = Some(pool_bytes);
+        self
+    }
+
+    /// How often the eviction controller checks usage when nothing wakes it.
+    pub fn with_eviction_interval(mut self, interval: Duration) -> Self {
+        self.eviction_interval = interval;
+        self
+    }
+
+    fn chunk_bytes(&self) -> Result<usize> {
+        let chunk = self
+            .chunk_bytes
+            .or(self.deployment.chunk_bytes.map(|c| c as usize))
+            .filter(|&c| c > 0);
+        chunk.ok_or_else(|| Error::Setting {
+            key: "chunk_bytes".to_owned(),
+            message: "the bytes of one KV chunk are needed to size the page pool: set them \
+                      on the deployment or the builder"
+                .to_owned(),
+        })
+    }
+
+    fn pool(
+        &self,
+        chunk: usize,
+        configured: Option<u64>,
+        hugepages: bool,
+    ) -> Result<Arc<PagePool>> {
+        let stride = chunk.next_multiple_of(4096) as u64;
+        let bytes = configured
+            .or(self.pool_bytes)
+            .unwrap_or(DEFAULT_POOL_PAGES * stride);
+        Ok(PoolConfig::new(chunk, bytes)
+            .with_hugepages(hugepages)
+            .build()?)
+    }
+
+    /// Validates the configuration, sizes the pool, opens every tier and starts eviction.
+    pub fn build(self) -> Result<Store> {
+        let chunk = self.chunk_bytes()?;
+        let deployment = self.deployment.with_chunk_bytes(chunk as u64);
+        let mut warnings = Vec::new();
+        let (pool, specs) = match &self.source {
+            Source::Lmcache(config) => {
+                let loaded = config.storage_spec(&deployment)?;
+                warnings.extend(loaded.warnings);
+                let spec = loaded.value;
+                let host_bytes = if spec.buffer_device.is_cpu() {
+                    spec.buffer_bytes
+                } else {
+                    None
+                };
+                let pool = self.pool(chunk, host_bytes, spec.hugepages)?;
+                (
+                    pool,
+                    vec![(format!("NixlStorageBackend ({})", spec.backend), spec)],
+                )
+            }
+            Source::L2Adapters(values) => {
+                let pool = self.pool(chunk, None, false)?;
+                let context = AdapterContext::new(Arc::clone(&pool)).with_engine(self.engine);
+                let built = self.factory.build(values, &context)?;
+                let tiers = built
+                    .into_iter()
+                    .map(|(spec, adapter)| {
+                        let name = format!("--l2-adapter #{} ({})", spec.index, spec.type_name);
+                        Tier::new(name, adapter, spec.eviction, spec.storage)
+                    })
+                    .collect();
+                return Store::start(pool, tiers, warnings, self.eviction_interval);
+            }
+            Source::HiCache(config) => {
+                let backend = hicache_backend(config, self.engine)?;
+                let spec = config.storage_spec(backend, &deployment);
+                let pool = self.pool(chunk, None, false)?;
+                (pool, vec![(format!("HiCache ({backend})"), spec)])
+            }
+        };
+        let context = AdapterContext::new(Arc::clone(&pool)).with_engine(self.engine);
+        let mut tiers = Vec::new();
+        for (name, spec) in specs {
+            check_device(&spec)?;
+            let adapter = build_storage(&spec, &context)?;
+            tiers.push(Tier::new(name, adapter, spec.eviction, Some(spec)));
+        }
+        Store::start(pool, tiers, warnings, self.eviction_interval)
+    }
+}
+
+/// GPU staging (`nixl_buffer_device: cuda`) moves chunks between storage and GPU memory, which
+/// the page-based adapters do not do: refuse it by name rather than stage through host memory
+/// silently.
+fn check_device(spec: &StorageSpec) -> Result<()> {
+    if spec.buffer_device.is_cpu() {
+        return Ok(());
+    }
+    Err(Error::Setting {
+        key: "nixl_buffer_device".to_owned(),
+        message: format!(
+            "{} staging is not served by this store's host-page adapters; use \
+             nixl_buffer_device: cpu (the shared host pool of max_local_cpu_size)",
+            spec.buffer_device
+        ),
+    })
+}
+
+/// SGLang's choice of plugin: the one named, or the first of its priority list NIXL has. With
+/// NIXL absent and the native engine allowed, POSIX on the native engine.
+fn hicache_backend(config: &HiCacheConfig, engine: Engine) -> Result<kv_config::Backend> {
+    let available = match (engine, NixlTransport::available_plugins()) {
+        (Engine::Native, _) => vec!["POSIX".to_owned()],
+        (_, Ok(plugins)) => plugins,
+        (Engine::Auto, Err(err @ nixl_core::Error::RuntimeNotFound { .. })) => {
+            tracing::warn!(error = %err, "NIXL is not installed; HiCache uses POSIX on the native engine");
+            vec!["POSIX".to_owned()]
+        }
+        (_, Err(err)) => return Err(err.into()),
+    };
+    Ok(config.select_backend(&available)?)
+}
+
+/// One storage tier of a [`Store`].
+#[derive(Debug)]
+pub struct Tier {
+    name: String,
+    adapter: Arc<dyn L2Adapter>,
+    eviction: Option<EvictionSpec>,
+    spec: Option<StorageSpec>,
+}
+
+impl Tier {
+    fn new(
+        name: String,
+        adapter: Arc<dyn L2Adapter>,
+        eviction: Option<EvictionSpec>,
+        spec: Option<StorageSpec>,
+    ) -> Self {
+        Self {
+            name,
+            adapter,
+            eviction,
+            spec,
+        }
+    }
+
+    /// Where it came from (`--l2-adapter #0 (nixl_store_dynamic)`, `NixlStorageBackend (POSIX)`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The adapter; with eviction configured, a store that finds it full evicts first.
+    pub fn adapter(&self) -> &Arc<dyn L2Adapter> {
+        &self.adapter
+    }
+
+    /// Its watermark eviction, if any.
+    pub fn eviction(&self) -> Option<&EvictionSpec> {
+        self.eviction.as_ref()
+    }
+
+    /// The storage spec it was built from (NIXL types).
+    pub fn spec(&self) -> Option<&StorageSpec> {
+        self.spec.as_ref()
+    }
+}
+
+/// A running store: the page pool, its tiers, and the eviction controller serving them.
+///
+/// Dropping it stops the controller first, then lets go of the tiers (each closes when its
+/// last handle goes); [`Store::close`] also closes every tier, in order, and reports failures.
+#[derive(Debug)]
+pub struct Store {
+    // Field order is drop order: the controller stops before the tiers it evicts from go.
+    eviction: Option<EvictionController>,
+    tiers: Vec<Tier>,
+    pool: Arc<PagePool>,
+    warnings: Vec<Warning>,
+}
+
+impl Store {
+    fn start(
+        pool: Arc<PagePool>,
+        mut tiers: Vec<Tier>,
+        warnings: Vec<Warning>,
+        interval: Duration,
+    ) -> Result<Store> {
+        if tiers.is_empty() {
+            return Err(Error::Setting {
+                key: "--l2-adapter".to_owned(),
+                message: "no adapter given".to_owned(),
+            });
+        }
+        let evicted: Vec<(Arc<dyn L2Adapter>, EvictionSpec)> = tiers
+            .iter()
+            .filter_map(|t| Some((Arc::clone(&t.adapter), t.eviction?)))
+            .collect();
+        let eviction = (!evicted.is_empty()).then(|| EvictionController::spawn(evicted, interval));
+        if let Some(controller) = &eviction {
+            for tier in &mut tiers {
+                if let Some(spec) = tier.eviction {
+                    tier.adapter = Arc::new(Evicting {
+                        inner: Arc::clone(&tier.adapter),
+                        spec,
+                        kick: controller.kicker(),
+                    });
+                }
+            }
+        }
+        Ok(Store {
+            eviction,
+            tiers,
+            pool,
+            warnings,
+        })
+    }
+
+    /// The L1 page pool every tier is registered with: pages to store from and load into.
+    pub fn pool(&self) -> &Arc<PagePool> {
+        &self.pool
+    }
+
+    /// The first tier's adapter.
+    pub fn adapter(&self) -> &Arc<dyn L2Adapter> {
+        &self.tiers[0].adapter
+    }
+
+    /// Every tier, in configuration order.
+    pub fn tiers(&self) -> &[Tier] {
+        &self.tiers
+    }
+
+    /// SGLang's calls over the first tier, for `model` and this tensor-parallel rank.
+    pub fn hicache(&self, model: impl Into<String>, tp_rank: u32, tp_size: u32) -> HiCache {
+        HiCache::new(Arc::clone(self.adapter()), model, tp_rank, tp_size)
+    }
+
+    /// What the configuration warned about (deprecations, ignored values, rounding).
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
+    }
+
+    /// Stops eviction, then closes every tier in order; the first failure is returned after
+    /// all were tried.
+    pub fn close(mut self) -> Result<()> {
+        drop(self.eviction.take());
+        let mut first = None;
+        for tier in &self.tiers {
+            if let Err(err) = tier.adapter.close() {
+                tracing::warn!(tier = %tier.name, error = %err, "closing a tier failed");
+                first.get_or_insert(err);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// An adapter with watermark eviction: a store that leaves it at or over the watermark wakes
+/// the controller, and keys refused for want of room are retried once after an eviction pass
+/// run in the caller, so a full store keeps accepting instead of refusing until the next tick.
+#[derive(Debug)]
+struct Evicting {
+    inner: Arc<dyn L2Adapter>,
+    spec: EvictionSpec,
+    kick: EvictionKick,
+}
+
+#[deny(clippy::missing_trait_methods)]
+impl L2Adapter for Evicting {
+    fn store(&self, keys: &[ChunkKey], pages: &[&Page]) -> StoreReport {
+        let mut report = self.inner.store(keys, pages);
+        let refused: Vec<usize> = report
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, outcome)| {
+                matches!(
+                    outcome,
+                    KeyOutcome::Failed(Error::CapacityExceeded { .. } | Error::PoolFull { .. })
+                )
+            })
+            .map(|(i, _)| i)
+            .filter(|&i| i < pages.len())
+            .collect();
+        if !refused.is_empty() && eviction_pass(self.inner.as_ref(), &self.spec).evicted > 0 {
+            let retry_keys: Vec<ChunkKey> = refused.iter().map(|&i| keys[i].clone()).collect();
+            let retry_pages: Vec<&Page> = refused.iter().map(|&i| pages[i]).collect();
+            let retried = self.inner.store(&retry_keys, &retry_pages);
+            for (&i, outcome) in refused.iter().zip(retried.keys) {
+                report.keys[i] = outcome;
+            }
+        }
+        if self.inner.usage().fraction() >= self.spec.trigger_watermark {
+            self.kick.kick();
+        }
+        report
+    }
+
+    fn lookup_and_pin(&self, keys: &[ChunkKey]) -> Vec<bool> {
+        self.inner.lookup_and_pin(keys)
+    }
+
+    fn unlock(&self, keys: &[ChunkKey]) {
+        self.inner.unlock(keys)
+    }
+
+    fn load(&self, keys: &[ChunkKey], pages: &mut [&mut Page]) -> Vec<bool> {
+        self.inner.load(keys, pages)
+    }
+
+    fn delete(&self, keys: &[ChunkKey]) -> usize {
+        self.inner.delete(keys)
+    }
+
+    fn batched_contains(&self, keys: &[ChunkKey]) -> usize {
+        self.inner.batched_contains(keys)
+    }
+
+    fn stored_size(&self, key: &ChunkKey) -> Option<u64> {
+        self.inner.stored_size(key)
+    }
+
+    fn usage(&self) -> Usage {
+        self.inner.usage()
+    }
+
+    fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
+        self.inner.evict(ratio, salt)
+    }
+
+    fn status(&self) -> Status {
+        self.inner.status()
+    }
+
+    fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+}
+
+/// One end of the transfer channel a [`ChannelSpec`] describes, with the pool of
+/// `pd_buffer_size` bytes in chunks of `chunk_bytes` that it sends from or receives into.
+pub fn open_channel(
+    spec: &ChannelSpec,
+    chunk_bytes: usize,
+) -> Result<(Box<dyn Channel>, Arc<PagePool>)> {
+    if spec.buffer_device != "cpu" {
+        return Err(Error::Setting {
+            key: "pd_buffer_device".to_owned(),
+            message: format!(
+                "{:?}: the channel moves host pages; use pd_buffer_device: cpu",
+                spec.buffer_device
+            ),
+        });
+    }
+    if !spec.alloc_ports.is_empty() {
+        return Err(Error::Setting {
+            key: "pd_peer_alloc_port".to_owned(),
+            message: "this channel carries allocations on the init port (pd_peer_init_port); \
+                      remove pd_peer_alloc_port"
+                .to_owned(),
+        });
+    }
+    if chunk_bytes == 0 {
+        return Err(Error::Setting {
+            key: "chunk_bytes".to_owned(),
+            message: "must be positive".to_owned(),
+        });
+    }
+    let pool = PoolConfig::new(chunk_bytes, spec.buffer_bytes).build()?;
+    let config = ChannelConfig::new(
+        match spec.kind {
+            ChannelKind::Nixl => ChannelType::Nixl,
+            ChannelKind::MockMemory => ChannelType::MockMemory,
+        },
+        match spec.role {
+            PdRole::Sender => Role::Sender,
+            PdRole::Receiver => Role::Receiver,
+        },
+        spec.peer_host.clone(),
+        spec.port,
+    );
+    let channel = nixl_core::create_channel(config, Arc::clone(&pool))?;
+    Ok((channel, pool))
+}

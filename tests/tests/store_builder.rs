@@ -1,0 +1,390 @@
+//! Settings take effect through the one public builder (`StoreBuilder`), from the configuration
+//! a user writes: each test fails if its setting stops changing what the store does.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_config::{ConfigLoader, Deployment, EngineConfig, HiCacheConfig};
+use kv_l2_adapter::test_utils::{fill, key};
+use kv_l2_adapter::{Engine, L2Adapter, Store, StoreBuilder, nixl_config_for};
+
+const CHUNK: usize = 256 << 10;
+/// Room for 8 chunks of 256 KiB, in GiB.
+const EIGHT_CHUNKS_GB: f64 = (8 * CHUNK) as f64 / (1u64 << 30) as f64;
+
+fn lmcache(yaml: &str) -> EngineConfig {
+    ConfigLoader::new()
+        .with_yaml("lmcache.yaml", yaml.to_owned())
+        .load()
+        .unwrap_or_else(|err| panic!("{err}"))
+        .value
+}
+
+fn dynamic_yaml(dir: &Path, extra: &str) -> String {
+    format!(
+        "chunk_size: 256\nnixl_buffer_device: cpu\nmax_local_cpu_size: 0.0625\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n  nixl_pool_size: 0\n  nixl_path: {}\n{extra}",
+        dir.display()
+    )
+}
+
+fn built(builder: StoreBuilder) -> Store {
+    builder
+        .with_engine(Engine::Native)
+        .with_chunk_bytes(CHUNK)
+        .build()
+        .unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// 1 000 consecutive stores of fresh keys into room for 8: at most a few refused while eviction
+/// catches up, and usage never past capacity.
+fn keeps_accepting_past_capacity(store: &Store) {
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    let mut refused = 0;
+    for i in 0..1_000u32 {
+        fill(i, &mut page);
+        let report = adapter.store(&[key(i, None)], &[&page]);
+        if !report.keys[0].is_stored() {
+            refused += 1;
+        }
+        let usage = adapter.usage();
+        assert!(
+            usage.used_bytes <= usage.capacity_bytes,
+            "store {i}: {} bytes used of {}",
+            usage.used_bytes,
+            usage.capacity_bytes
+        );
+    }
+    assert!(refused <= 3, "{refused} of 1000 stores refused");
+    assert!(adapter.usage().keys > 0);
+    // The newest key is served, byte for byte.
+    let mut out = store.pool().allocate().unwrap();
+    assert!(adapter.lookup_and_pin(&[key(999, None)])[0]);
+    assert!(adapter.load(&[key(999, None)], &mut [&mut out])[0]);
+    adapter.unlock(&[key(999, None)]);
+    assert_eq!(out.as_slice(), page.as_slice());
+}
+
+#[test]
+fn l2_adapter_json_with_capacity_and_lru_evicts_instead_of_refusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{EIGHT_CHUNKS_GB}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5,"eviction_ratio":0.5}}}}"#,
+        dir.path().display()
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    assert!(store.tiers()[0].eviction().is_some());
+    keeps_accepting_past_capacity(&store);
+}
+
+#[test]
+fn lmcache_yaml_with_capacity_and_lru_evicts_instead_of_refusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dynamic_yaml(
+        dir.path(),
+        &format!(
+            "  nixl_max_capacity_gb: {EIGHT_CHUNKS_GB}\n  nixl_eviction: {{eviction_policy: LRU, trigger_watermark: 0.5, eviction_ratio: 0.5}}\n"
+        ),
+    );
+    let store = built(StoreBuilder::from_lmcache(lmcache(&yaml)));
+    keeps_accepting_past_capacity(&store);
+}
+
+/// The controller runs on its own too: a store left over the watermark is brought under it
+/// without another store.
+#[test]
+fn the_eviction_controller_brings_usage_under_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dynamic_yaml(
+        dir.path(),
+        &format!(
+            "  nixl_max_capacity_gb: {}\n  nixl_eviction: {{eviction_policy: LRU, trigger_watermark: 0.5, eviction_ratio: 0.5}}\n",
+            EIGHT_CHUNKS_GB * 2.0
+        ),
+    );
+    let store = built(
+        StoreBuilder::from_lmcache(lmcache(&yaml)).with_eviction_interval(Duration::from_secs(60)),
+    );
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    for i in 0..12u32 {
+        fill(i, &mut page);
+        assert!(adapter.store(&[key(i, None)], &[&page]).keys[0].is_stored());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while adapter.usage().fraction() >= 0.5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage stayed at {}",
+            adapter.usage().fraction()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn eviction_without_a_capacity_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dynamic_yaml(
+        dir.path(),
+        "  nixl_eviction: {eviction_policy: IsolatedLRU}\n",
+    );
+    let err = StoreBuilder::from_lmcache(lmcache(&yaml))
+        .with_chunk_bytes(CHUNK)
+        .with_engine(Engine::Native)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("extra_config.nixl_eviction"), "{err}");
+    assert!(err.contains("nixl_max_capacity_gb"), "{err}");
+}
+
+#[test]
+fn by_gpu_sharding_puts_gpu_2_under_the_third_path() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let list = dirs
+        .iter()
+        .map(|d| d.path().display().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let yaml = format!(
+        "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.0625\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n  nixl_pool_size: 4\n  nixl_path: \"{list}\"\n"
+    );
+    let store = built(
+        StoreBuilder::from_lmcache(lmcache(&yaml))
+            .with_deployment(Deployment::new().with_worker(0, 0).with_gpu(2)),
+    );
+    let mut page = store.pool().allocate().unwrap();
+    fill(7, &mut page);
+    assert!(store.adapter().store(&[key(7, None)], &[&page]).keys[0].is_stored());
+    let files = |dir: &tempfile::TempDir| std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(
+        dirs.iter().map(files).collect::<Vec<_>>()[..2],
+        [0, 0],
+        "GPU 2 writes nothing under the first two paths"
+    );
+    assert!(
+        files(&dirs[2]) > 0,
+        "GPU 2's slots are under the third path"
+    );
+}
+
+#[test]
+fn hugepages_on_a_machine_without_them_fail_with_the_sysctl_to_run() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let free: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "local_cpu_use_hugepages: true\n{}",
+        dynamic_yaml(dir.path(), "")
+    );
+    let built = StoreBuilder::from_lmcache(lmcache(&yaml))
+        .with_chunk_bytes(CHUNK)
+        .with_engine(Engine::Native)
+        .build();
+    // 64 MiB of pool: 32 hugepages of 2 MiB.
+    if free >= 32 {
+        let store = built.unwrap_or_else(|err| panic!("{err}"));
+        assert!(store.pool().stats().total > 0);
+    } else {
+        let err = built.unwrap_err().to_string();
+        assert!(err.contains("sysctl -w vm.nr_hugepages="), "{err}");
+        assert!(err.contains("needs 32 hugepages"), "{err}");
+    }
+}
+
+#[test]
+fn max_local_cpu_size_sizes_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = built(StoreBuilder::from_lmcache(lmcache(&dynamic_yaml(
+        dir.path(),
+        "",
+    ))));
+    // 0.0625 GiB in chunks of 256 KiB.
+    assert_eq!(store.pool().stats().total, 256);
+}
+
+#[test]
+fn sync_mode_and_progress_thread_reach_the_nixl_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, expected) in [
+        ("DEFAULT", nixl_core::ThreadSync::None),
+        ("NONE", nixl_core::ThreadSync::None),
+        ("RW", nixl_core::ThreadSync::ReadWrite),
+        ("STRICT", nixl_core::ThreadSync::Strict),
+    ] {
+        let yaml = dynamic_yaml(
+            dir.path(),
+            &format!("  nixl_sync_mode: {mode}\n  nixl_enable_prog_thread: false\n"),
+        );
+        let store = built(StoreBuilder::from_lmcache(lmcache(&yaml)));
+        let config = nixl_config_for(store.tiers()[0].spec().unwrap());
+        assert_eq!(config.thread_sync, expected, "nixl_sync_mode: {mode}");
+        assert!(!config.progress_thread);
+    }
+}
+
+#[test]
+fn gpu_staging_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "nixl_buffer_device: cuda\nnixl_buffer_size: 1048576\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: GDS\n  nixl_pool_size: 0\n  nixl_path: {}\n",
+        dir.path().display()
+    );
+    let err = StoreBuilder::from_lmcache(lmcache(&yaml))
+        .with_chunk_bytes(CHUNK)
+        .with_engine(Engine::Nixl)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nixl_buffer_device"), "{err}");
+}
+
+#[test]
+fn hicache_env_builds_a_store_in_the_folder_of_its_gpu() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let list = format!("{},{}", dirs[0].path().display(), dirs[1].path().display());
+    let config = HiCacheConfig::from_env([
+        ("SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR", list.as_str()),
+        ("SGLANG_HICACHE_NIXL_BACKEND_PLUGIN", "POSIX"),
+        ("SGLANG_HICACHE_NIXL_USE_DIRECT_IO", "false"),
+    ])
+    .unwrap()
+    .value;
+    let store = built(
+        StoreBuilder::from_hicache(config)
+            .with_deployment(Deployment::new().with_worker(0, 0).with_gpu(1)),
+    );
+    let spec = store.tiers()[0].spec().unwrap();
+    assert!(
+        !spec.use_direct_io,
+        "SGLANG_HICACHE_NIXL_USE_DIRECT_IO=false"
+    );
+    let cache = store.hicache("org/model", 0, 1);
+    let mut page = store.pool().allocate().unwrap();
+    fill(3, &mut page);
+    assert!(cache.set("page-3", &page));
+    assert!(cache.exists("page-3"));
+    let count = |dir: &tempfile::TempDir| walk(dir.path());
+    assert_eq!(
+        count(&dirs[0]),
+        0,
+        "GPU 1 writes nothing in the first folder"
+    );
+    assert!(
+        count(&dirs[1]) > 0,
+        "GPU 1's pages are in the second folder"
+    );
+}
+
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                walk(&entry.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn closing_the_store_stops_eviction_and_closes_every_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{EIGHT_CHUNKS_GB}"}},"eviction":{{"eviction_policy":"LRU"}}}}"#,
+        dir.path().display()
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    let adapter: Arc<dyn L2Adapter> = Arc::clone(store.adapter());
+    let pool = Arc::clone(store.pool());
+    store.close().unwrap();
+    let page = pool.allocate().unwrap();
+    let report = adapter.store(&[key(1, None)], &[&page]);
+    assert!(
+        matches!(
+            report.keys[0],
+            kv_l2_adapter::KeyOutcome::Failed(kv_l2_adapter::Error::Closed)
+        ),
+        "{:?}",
+        report.keys[0]
+    );
+}
+
+fn pd_yaml(role: &str, channel: &str, port: u16, extra: &str) -> String {
+    format!(
+        "enable_pd: true\npd_role: {role}\ntransfer_channel: {channel}\npd_buffer_size: 4194304\npd_buffer_device: cpu\npd_peer_host: 127.0.0.1\npd_peer_init_port: [{port}]\n{extra}"
+    )
+}
+
+/// PD from the LMCache keys: a sender and a receiver opened from their configurations move a
+/// batch over NIXL (UCX on loopback) into the receiver's pool of `pd_buffer_size` bytes.
+#[test]
+fn pd_keys_open_a_channel_that_moves_kv() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let chunk = 64 << 10;
+    let spec = |role| {
+        lmcache(&pd_yaml(role, "nixl", port, ""))
+            .channel_spec()
+            .unwrap_or_else(|err| panic!("{err}"))
+            .value
+    };
+    let receiver_spec = spec("receiver");
+    let receiver = std::thread::spawn(move || {
+        let (channel, pool) = kv_l2_adapter::open_channel(&receiver_spec, chunk).unwrap();
+        assert_eq!(pool.stats().total, 64, "pd_buffer_size / chunk");
+        channel.receive().unwrap_or_else(|err| panic!("{err}"))
+    });
+    let (sender, pool) = kv_l2_adapter::open_channel(&spec("sender"), chunk).unwrap();
+    let mut pages = pool.allocate_batch(2).unwrap();
+    for (i, page) in pages.iter_mut().enumerate() {
+        kv_integration_tests::fill_chunk(i, page.as_mut_slice());
+    }
+    let refs: Vec<&pinned_alloc::Page> = pages.iter().collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Err(err) = sender.send(&refs) {
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let received = receiver.join().unwrap();
+    assert_eq!(received.len(), 2);
+    for (sent, got) in pages.iter().zip(&received) {
+        assert_eq!(sent.as_slice(), got.as_slice());
+    }
+}
+
+#[test]
+fn channel_settings_it_cannot_honour_are_refused_by_name() {
+    let spec = lmcache(&pd_yaml(
+        "sender",
+        "mock_memory",
+        7000,
+        "pd_peer_alloc_port: [7001]\n",
+    ))
+    .channel_spec()
+    .unwrap()
+    .value;
+    let err = kv_l2_adapter::open_channel(&spec, 4096)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pd_peer_alloc_port"), "{err}");
+    let gpu = pd_yaml("sender", "mock_memory", 7000, "")
+        .replace("pd_buffer_device: cpu", "pd_buffer_device: cuda");
+    let spec = lmcache(&gpu).channel_spec().unwrap().value;
+    let err = kv_l2_adapter::open_channel(&spec, 4096)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pd_buffer_device"), "{err}");
+}
