@@ -343,11 +343,13 @@ fn pd_keys_open_a_channel_that_moves_kv() {
     };
     let receiver_spec = spec("receiver");
     let receiver = std::thread::spawn(move || {
-        let (channel, pool) = kv_l2_adapter::open_channel(&receiver_spec, chunk).unwrap();
+        let (channel, pool) =
+            kv_l2_adapter::open_channel(&receiver_spec, chunk, &Deployment::new()).unwrap();
         assert_eq!(pool.stats().total, 64, "pd_buffer_size / chunk");
         channel.receive().unwrap_or_else(|err| panic!("{err}"))
     });
-    let (sender, pool) = kv_l2_adapter::open_channel(&spec("sender"), chunk).unwrap();
+    let (sender, pool) =
+        kv_l2_adapter::open_channel(&spec("sender"), chunk, &Deployment::new()).unwrap();
     let mut pages = pool.allocate_batch(2).unwrap();
     for (i, page) in pages.iter_mut().enumerate() {
         kv_integration_tests::fill_chunk(i, page.as_mut_slice());
@@ -376,15 +378,345 @@ fn channel_settings_it_cannot_honour_are_refused_by_name() {
     .channel_spec()
     .unwrap()
     .value;
-    let err = kv_l2_adapter::open_channel(&spec, 4096)
+    let err = kv_l2_adapter::open_channel(&spec, 4096, &Deployment::new())
         .unwrap_err()
         .to_string();
     assert!(err.contains("pd_peer_alloc_port"), "{err}");
     let gpu = pd_yaml("sender", "mock_memory", 7000, "")
         .replace("pd_buffer_device: cpu", "pd_buffer_device: cuda");
     let spec = lmcache(&gpu).channel_spec().unwrap().value;
-    let err = kv_l2_adapter::open_channel(&spec, 4096)
+    let err = kv_l2_adapter::open_channel(&spec, 4096, &Deployment::new())
         .unwrap_err()
         .to_string();
     assert!(err.contains("pd_buffer_device"), "{err}");
+}
+
+#[test]
+fn channel_backends_and_proxy_it_does_not_use_are_refused_by_name() {
+    for (extra, key) in [
+        ("nixl_backends: [TCP]\n", "nixl_backends"),
+        (
+            "pd_proxy_host: 127.0.0.1\npd_proxy_port: 7500\n",
+            "pd_proxy_host",
+        ),
+    ] {
+        let spec = lmcache(&pd_yaml("sender", "mock_memory", 7100, extra))
+            .channel_spec()
+            .unwrap()
+            .value;
+        let err = kv_l2_adapter::open_channel(&spec, 4096, &Deployment::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{err}");
+    }
+    let ucx = lmcache(&pd_yaml(
+        "sender",
+        "mock_memory",
+        7101,
+        "nixl_backends: [UCX]\n",
+    ))
+    .channel_spec()
+    .unwrap()
+    .value;
+    assert!(kv_l2_adapter::open_channel(&ucx, 4096, &Deployment::new()).is_ok());
+}
+
+/// `pd_peer_init_port` lists one port per worker: worker 1 talks on the second.
+#[test]
+fn each_worker_uses_its_own_init_port() {
+    let yaml = |role| {
+        pd_yaml(role, "mock_memory", 7200, "").replace(
+            "pd_peer_init_port: [7200]",
+            "pd_peer_init_port: [7200, 7201]",
+        )
+    };
+    let spec = |role| lmcache(&yaml(role)).channel_spec().unwrap().value;
+    let worker = |id| Deployment::new().with_worker(id, id);
+    let (receiver, _pool) =
+        kv_l2_adapter::open_channel(&spec("receiver"), 4096, &worker(1)).unwrap();
+    let (sender, pool) = kv_l2_adapter::open_channel(&spec("sender"), 4096, &worker(1)).unwrap();
+    let page = pool.allocate().unwrap();
+    sender.send(&[&page]).unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(receiver.receive().unwrap().len(), 1);
+    let (other, pool) = kv_l2_adapter::open_channel(&spec("sender"), 4096, &worker(0)).unwrap();
+    let err = other
+        .send(&[&pool.allocate().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("7200"),
+        "worker 0 talks on the first port: {err}"
+    );
+}
+
+/// `chunk_size` (tokens per chunk) with the model's KV shape sizes the pages.
+#[test]
+fn chunk_size_and_the_kv_shape_size_the_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = pinned_alloc::KvShape::new(2, 2, 64, 2);
+    for tokens in [16u32, 64] {
+        let yaml = dynamic_yaml(dir.path(), "")
+            .replace("chunk_size: 256", &format!("chunk_size: {tokens}"));
+        let store = StoreBuilder::from_lmcache(lmcache(&yaml))
+            .with_kv_shape(shape)
+            .with_engine(Engine::Native)
+            .build()
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            store.pool().page_bytes() as u64,
+            shape.chunk_bytes(tokens),
+            "chunk_size: {tokens}"
+        );
+    }
+}
+
+#[test]
+fn backends_the_store_cannot_serve_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.01\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: DOCA_MEMOS\n  nixl_pool_size: 0\n  nixl_path: {}\n",
+        dir.path().display()
+    );
+    let err = StoreBuilder::from_lmcache(lmcache(&yaml))
+        .with_chunk_bytes(CHUNK)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nixl_backend") && err.contains("DOCA_MEMOS"),
+        "{err}"
+    );
+    let hicache = HiCacheConfig::from_env([("SGLANG_HICACHE_NIXL_BACKEND_PLUGIN", "OBJ")])
+        .unwrap()
+        .value;
+    let err = StoreBuilder::from_hicache(hicache)
+        .with_chunk_bytes(CHUNK)
+        .with_engine(Engine::Nixl)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("SGLANG_HICACHE_NIXL_BACKEND_PLUGIN"), "{err}");
+}
+
+/// The lower-level `build_storage` refuses a pool that does not match the spec's hugepages.
+#[test]
+fn build_storage_refuses_a_pool_without_the_hugepages_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "local_cpu_use_hugepages: true\n{}",
+        dynamic_yaml(dir.path(), "")
+    );
+    let spec = lmcache(&yaml)
+        .storage_spec(&Deployment::new().with_chunk_bytes(CHUNK as u64))
+        .unwrap()
+        .value;
+    let pool = pinned_alloc::PoolConfig::new(CHUNK, 4 * CHUNK as u64)
+        .build()
+        .unwrap();
+    let err = kv_l2_adapter::build_storage(
+        &spec,
+        &kv_l2_adapter::AdapterContext::new(pool).with_engine(Engine::Native),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("local_cpu_use_hugepages"), "{err}");
+}
+
+/// The open flags of this process's descriptors on files under `dir`.
+fn open_flags_under(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| {
+            let fd = fd.ok()?;
+            let target = std::fs::read_link(fd.path()).ok()?;
+            target.starts_with(dir).then_some(())?;
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_str()?))
+                    .ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .collect()
+}
+
+/// `use_direct_io` opens the static pool's files with `O_DIRECT`, and without it they are not.
+#[test]
+fn use_direct_io_reaches_the_open_flags() {
+    const O_DIRECT: u32 = 0o40000;
+    for direct in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.01\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: POSIX\n  nixl_pool_size: 2\n  nixl_path: {}\n  use_direct_io: {direct}\n",
+            dir.path().display()
+        );
+        let store = built(StoreBuilder::from_lmcache(lmcache(&yaml)));
+        let flags = open_flags_under(dir.path());
+        assert!(!flags.is_empty(), "the pool's files are open");
+        assert!(
+            flags.iter().all(|f| (f & O_DIRECT != 0) == direct),
+            "use_direct_io: {direct}, flags {flags:?}"
+        );
+        drop(store);
+    }
+}
+
+/// `nixl_presence_cache_only`: after a restart, keys the process has not seen are misses (by
+/// design), while the default asks storage and finds them.
+#[test]
+fn presence_cache_only_answers_from_what_this_process_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dynamic_yaml(dir.path(), "");
+    {
+        let store = built(StoreBuilder::from_lmcache(lmcache(&plain)));
+        let mut page = store.pool().allocate().unwrap();
+        fill(5, &mut page);
+        assert!(store.adapter().store(&[key(5, None)], &[&page]).keys[0].is_stored());
+    }
+    let only = dynamic_yaml(
+        dir.path(),
+        "  nixl_presence_cache: true\n  nixl_presence_cache_only: true\n",
+    );
+    let store = built(StoreBuilder::from_lmcache(lmcache(&only)));
+    assert_eq!(store.adapter().lookup_and_pin(&[key(5, None)]), vec![false]);
+    drop(store);
+    let store = built(StoreBuilder::from_lmcache(lmcache(&plain)));
+    assert_eq!(store.adapter().lookup_and_pin(&[key(5, None)]), vec![true]);
+    store.adapter().unlock(&[key(5, None)]);
+}
+
+/// Fills a store with eviction from JSON with 12 keys of salt "a" and 4 of salt "b" into room
+/// for 16, then lets the controller run; what is left per salt.
+fn left_per_salt(eviction: &str) -> (usize, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{}"}},"eviction":{eviction}}}"#,
+        dir.path().display(),
+        EIGHT_CHUNKS_GB * 2.0
+    );
+    let store = built(
+        StoreBuilder::from_l2_adapters([json]).with_eviction_interval(Duration::from_millis(20)),
+    );
+    let adapter = store.adapter();
+    // One batch, so the controller sees the store full once.
+    let salt_of = |i: u32| if i < 12 { "a" } else { "b" };
+    let keys: Vec<_> = (0..16u32).map(|i| key(i, Some(salt_of(i)))).collect();
+    let mut pages = store.pool().allocate_batch(16).unwrap();
+    for (i, page) in pages.iter_mut().enumerate() {
+        fill(i as u32, page);
+    }
+    let refs: Vec<&pinned_alloc::Page> = pages.iter().collect();
+    assert!(
+        adapter
+            .store(&keys, &refs)
+            .keys
+            .iter()
+            .all(|k| k.is_stored())
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let count = |salt: &str, range: std::ops::Range<u32>| {
+        range
+            .filter(|&i| adapter.stored_size(&key(i, Some(salt))).is_some())
+            .count()
+    };
+    (count("a", 0..12), count("b", 12..16))
+}
+
+/// LRU at watermark 0.5 evicts half of all keys; IsolatedLRU evicts only within the salt over
+/// its quota; noop evicts nothing; the ratio sets how much goes per pass.
+#[test]
+fn eviction_policy_and_ratio_decide_what_goes() {
+    let (a, b) = left_per_salt(r#"{"eviction_policy":"noop","trigger_watermark":0.5}"#);
+    assert_eq!((a, b), (12, 4), "noop evicts nothing");
+    let (a, b) = left_per_salt(
+        r#"{"eviction_policy":"IsolatedLRU","trigger_watermark":0.9,"eviction_ratio":0.5}"#,
+    );
+    // Quota 8 chunks per salt: "a" (12) is over 0.9 of it, "b" (4) is not.
+    assert_eq!(b, 4, "IsolatedLRU leaves the salt under its quota alone");
+    assert!(
+        a <= 8,
+        "IsolatedLRU brings the salt over quota down: {a} left"
+    );
+    let (a, b) =
+        left_per_salt(r#"{"eviction_policy":"LRU","trigger_watermark":0.9,"eviction_ratio":0.25}"#);
+    // 16 keys, one pass of 25 % takes the 4 oldest (all of salt "a"), leaving 0.75 < 0.9.
+    assert_eq!(
+        (a, b),
+        (8, 4),
+        "LRU with ratio 0.25 takes the oldest quarter"
+    );
+}
+
+/// `file_size` carves each of the `pool_size` files into several slots (LMCache's meaning):
+/// 2 files of 2 slots hold 4 keys, 2 files of one slot hold 2.
+#[test]
+fn file_size_carves_each_file_into_slots() {
+    let stride = CHUNK.next_multiple_of(4096);
+    for (file_size, held) in [(Some(2 * stride), 4), (None, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let size_param = file_size.map_or(String::new(), |b| format!(r#","file_size":"{b}""#));
+        let json = format!(
+            r#"{{"type":"nixl_store","backend":"POSIX","pool_size":2,"backend_params":{{"file_path":"{}","use_direct_io":"false"{size_param}}}}}"#,
+            dir.path().display()
+        );
+        let store = built(StoreBuilder::from_l2_adapters([json]));
+        assert_eq!(walk(dir.path()), 2, "pool_size files");
+        let adapter = store.adapter();
+        let mut page = store.pool().allocate().unwrap();
+        for i in 0..4u32 {
+            fill(i, &mut page);
+            assert!(adapter.store(&[key(i, None)], &[&page]).keys[0].is_stored());
+        }
+        let kept = (0..4u32)
+            .filter(|&i| adapter.stored_size(&key(i, None)).is_some())
+            .count();
+        assert_eq!(kept, held, "file_size {file_size:?}");
+    }
+}
+
+/// `shard_dirs` puts each chunk file two hex folders down.
+#[test]
+fn shard_dirs_put_chunks_in_hex_subfolders() {
+    for shard in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let json = format!(
+            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"1","shard_dirs":"{shard}"}}}}"#,
+            dir.path().display()
+        );
+        let store = built(StoreBuilder::from_l2_adapters([json]));
+        let mut page = store.pool().allocate().unwrap();
+        fill(1, &mut page);
+        assert!(store.adapter().store(&[key(1, None)], &[&page]).keys[0].is_stored());
+        let top_level_files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+            .count();
+        assert_eq!(walk(dir.path()), 1);
+        assert_eq!(top_level_files == 0, shard, "shard_dirs: {shard}");
+    }
+}
+
+/// `transfer_channel` picks the implementation: the in-process mock answers a sender with no
+/// receiver by name, NIXL fails to reach the receiver's side channel.
+#[test]
+fn transfer_channel_picks_the_implementation() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let error_of = |channel: &str| {
+        let spec = lmcache(&pd_yaml("sender", channel, port, ""))
+            .channel_spec()
+            .unwrap()
+            .value;
+        match kv_l2_adapter::open_channel(&spec, 4096, &Deployment::new()) {
+            Err(err) => err.to_string(),
+            Ok((sender, pool)) => sender
+                .send(&[&pool.allocate().unwrap()])
+                .unwrap_err()
+                .to_string(),
+        }
+    };
+    assert!(error_of("mock_memory").contains("no mock receiver"));
+    assert!(!error_of("nixl").contains("mock"));
 }

@@ -42,10 +42,28 @@ pub struct ChannelSpec {
     pub port: u16,
     /// Ports for allocation requests, when configured apart.
     pub alloc_ports: Vec<u16>,
+    /// Every side-channel port, one per worker (`pd_peer_init_port` as a list); see
+    /// [`ChannelSpec::port_for`].
+    pub init_ports: Vec<u16>,
+    /// NIXL backends for the channel (`nixl_backends`), empty when not set.
+    pub backends: Vec<String>,
+    /// The PD proxy to notify (`pd_proxy_host`, `pd_proxy_port`), when configured.
+    pub proxy: Option<(String, u16)>,
     /// Bytes of the transfer buffer.
     pub buffer_bytes: u64,
     /// Device of the transfer buffer.
     pub buffer_device: String,
+}
+
+impl ChannelSpec {
+    /// The side-channel port of worker `local_worker_id`: LMCache lists one port per worker in
+    /// `pd_peer_init_port`; a single port serves every worker.
+    pub fn port_for(&self, local_worker_id: u32) -> u16 {
+        self.init_ports
+            .get(local_worker_id as usize % self.init_ports.len().max(1))
+            .copied()
+            .unwrap_or(self.port)
+    }
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> Error {
@@ -147,6 +165,18 @@ impl EngineConfig {
                 peer_host,
                 port,
                 alloc_ports: self.pd_peer_alloc_port.clone().unwrap_or_default(),
+                init_ports: self
+                    .pd_peer_init_port
+                    .clone()
+                    .filter(|ports| !ports.is_empty())
+                    .unwrap_or_else(|| vec![port]),
+                backends: self.nixl_backends.clone().unwrap_or_default(),
+                proxy: match (&self.pd_proxy_host, self.pd_proxy_port) {
+                    (None, None) => None,
+                    (host, port) => {
+                        Some((host.clone().unwrap_or_default(), port.unwrap_or_default()))
+                    }
+                },
                 buffer_bytes,
                 buffer_device,
             },

@@ -541,8 +541,40 @@ fn normalise_layer(dict: &mut Dict, source: &str, warnings: &mut Warnings) -> Re
             source: source.to_owned(),
         });
     }
+    // Other LMCache backends keep their settings in extra_config too; a `nixl` key this crate
+    // does not know is a typo or an old spelling (`nixl_file_pool_size`), never silently ignored.
+    if let Some(Value::Dict(_, extra)) = dict.get("extra_config") {
+        for key in extra.keys() {
+            if key.starts_with("nixl") && !EXTRA_CONFIG_KEYS.contains(&key.as_str()) {
+                warnings.push(Warning::UnknownKey {
+                    key: format!("extra_config.{key}"),
+                    source: source.to_owned(),
+                });
+            }
+        }
+    }
     Error::from_list(errors)
 }
+
+/// The `extra_config` keys [`ExtraConfig`] reads.
+const EXTRA_CONFIG_KEYS: &[&str] = &[
+    "enable_nixl_storage",
+    "nixl_backend",
+    "nixl_pool_size",
+    "nixl_path",
+    "nixl_path_sharding",
+    "use_direct_io",
+    "nixl_backend_params",
+    "nixl_presence_cache",
+    "nixl_presence_cache_only",
+    "nixl_async_put",
+    "nixl_endpoint_list",
+    "nixl_enable_prog_thread",
+    "nixl_sync_mode",
+    "nixl_use_hugepages",
+    "nixl_max_capacity_gb",
+    "nixl_eviction",
+];
 
 /// Strips surrounding white space and one layer of matching quotes.
 fn unquote(raw: &str) -> &str {

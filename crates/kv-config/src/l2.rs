@@ -293,12 +293,7 @@ fn check_serde(ctx: &mut Ctx<'_>, obj: &Map<String, Value>) {
     }
 }
 
-fn nixl_storage(
-    ctx: &mut Ctx<'_>,
-    obj: &Map<String, Value>,
-    dynamic: bool,
-    warnings: &mut Warnings,
-) -> Option<StorageSpec> {
+fn nixl_storage(ctx: &mut Ctx<'_>, obj: &Map<String, Value>, dynamic: bool) -> Option<StorageSpec> {
     let backend = match obj.get("backend") {
         Some(Value::String(name)) => match name.parse::<Backend>() {
             Ok(b) if L2_BACKENDS.contains(&b) && name != "3FS" => Some(b),
@@ -356,10 +351,12 @@ fn nixl_storage(
 
     let mode = if dynamic {
         if obj.contains_key("pool_size") {
-            warnings.note(format!(
-                "--l2-adapter #{}: pool_size is ignored by {NIXL_STORE_DYNAMIC}",
-                ctx.index
-            ));
+            ctx.fail(
+                "pool_size",
+                format!(
+                    "applies to {NIXL_STORE} only; {NIXL_STORE_DYNAMIC} is sized by max_capacity_gb"
+                ),
+            );
         }
         Mode::Dynamic
     } else {
@@ -406,10 +403,34 @@ fn nixl_storage(
     }
     let shard_dirs = flag_param(ctx, params, "shard_dirs").unwrap_or(false);
     if shard_dirs && !dynamic {
-        warnings.note(format!(
-            "--l2-adapter #{}: shard_dirs applies to {NIXL_STORE_DYNAMIC} only; ignored",
-            ctx.index
-        ));
+        ctx.fail(
+            "backend_params.shard_dirs",
+            format!("applies to {NIXL_STORE_DYNAMIC} only"),
+        );
+    }
+    if backend.is_some() && !is_file {
+        for key in ["file_path", "use_direct_io", "file_size", "shard_dirs"] {
+            if params.contains_key(key) {
+                ctx.fail(
+                    &format!("backend_params.{key}"),
+                    "applies to file backends only",
+                );
+            }
+        }
+    }
+    if dynamic && params.contains_key("file_size") {
+        ctx.fail(
+            "backend_params.file_size",
+            format!("applies to {NIXL_STORE} only (slots per static file)"),
+        );
+    }
+    if !dynamic && params.contains_key("max_capacity_gb") {
+        ctx.fail(
+            "backend_params.max_capacity_gb",
+            format!(
+                "applies to {NIXL_STORE_DYNAMIC} only; a {NIXL_STORE} pool holds pool_size chunks"
+            ),
+        );
     }
 
     let durable = flag_param(ctx, params, "durable").unwrap_or(false);
@@ -551,7 +572,25 @@ impl AdapterRegistry {
                         });
                     }
                 }
-                let storage = nixl_storage(&mut ctx, &obj, dynamic, warnings).map(|mut spec| {
+                if !persist_enabled && !dynamic {
+                    ctx.fail(
+                        "persist_enabled",
+                        format!("applies to {NIXL_STORE_DYNAMIC} only: a {NIXL_STORE} pool's files are its slots"),
+                    );
+                }
+                if shared && !persist_enabled {
+                    ctx.fail(
+                        "persist_enabled",
+                        "false would delete on close what other instances share (shared: true)",
+                    );
+                }
+                if obj.contains_key("serde") {
+                    ctx.fail(
+                        "serde",
+                        "not supported: chunks are stored as their raw bytes under a checked header",
+                    );
+                }
+                let storage = nixl_storage(&mut ctx, &obj, dynamic).map(|mut spec| {
                     spec.persist = persist_enabled;
                     spec.eviction = eviction;
                     spec.shared = shared;

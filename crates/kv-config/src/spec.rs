@@ -477,10 +477,13 @@ impl EngineConfig {
                     backend_params.insert("endpoint_override", endpoint.clone());
                 }
             }
-            Some(_) => warnings.note(format!(
-                "nixl_endpoint_list is only used by the OBJ backend; ignored for {}",
-                backend.map_or_else(|| "this backend".to_owned(), |b| b.to_string())
-            )),
+            Some(_) => errors.push(Error::InvalidSetting {
+                key: "extra_config.nixl_endpoint_list".to_owned(),
+                message: format!(
+                    "applies to the OBJ backend only, not {}",
+                    backend.map_or_else(|| "this backend".to_owned(), |b| b.to_string())
+                ),
+            }),
         }
 
         let sync_mode = match extra.nixl_sync_mode.as_deref() {
@@ -513,6 +516,21 @@ impl EngineConfig {
                 None
             }
         };
+        // The engine's own settings, not the store's: said once, so nobody believes they act here.
+        for (key, effect) in [
+            (
+                "local_cpu",
+                "the engine's hot-cache switch; this store's pool only stages chunks, as LMCache's does with local_cpu: false",
+            ),
+            (
+                "enable_async_loading",
+                "the engine's loading mode; this store loads per call, blocking or submitted (AsyncAdapter)",
+            ),
+        ] {
+            if self.user_set(key) {
+                warnings.note(format!("{key} has no effect on the NIXL store: {effect}"));
+            }
+        }
         if matches!(mode, Mode::Static { .. }) {
             for (key, on) in [
                 ("extra_config.nixl_async_put", extra.nixl_async_put),

@@ -226,12 +226,13 @@ extra_config:
     let posix = base
         .replace("BACKEND", "POSIX")
         .replace("LIST", "[http://a]");
-    let Loaded { value, warnings } = spec_of(&posix, Deployment::new()).unwrap();
-    assert!(value.backend_params.get("endpoint_override").is_none());
+    // LMCache ignores the list for other backends; here a list that would do nothing is refused.
+    let messages = errors(&posix, Deployment::new());
     assert!(
-        warnings
+        messages
             .iter()
-            .any(|w| w.to_string().contains("only used by the OBJ backend"))
+            .any(|m| m.contains("extra_config.nixl_endpoint_list") && m.contains("OBJ")),
+        "{messages:?}"
     );
 }
 
@@ -820,6 +821,98 @@ fn dynamic_only_keys_are_refused_for_a_static_pool() {
                 .iter()
                 .any(|m| m.contains(&format!("extra_config.{key}")) && m.contains("dynamic")),
             "{key}: {messages:?}"
+        );
+    }
+}
+
+/// An unknown `nixl` key inside `extra_config` (a typo, an old spelling) is warned about by
+/// name, from a file and from the environment alike.
+#[test]
+fn unknown_nixl_keys_in_extra_config_are_warned_about() {
+    let yaml = format!(
+        "{POSIX_STATIC}  nixl_file_pool_size: 8\n  nixl_presense_cache: true\n  s3_other_backend: 1\n"
+    );
+    let warnings = load_yaml(&yaml).unwrap().warnings;
+    for key in [
+        "extra_config.nixl_file_pool_size",
+        "extra_config.nixl_presense_cache",
+    ] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| matches!(w, Warning::UnknownKey { key: k, .. } if k == key)),
+            "{key}: {warnings:?}"
+        );
+    }
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.to_string().contains("s3_other_backend")),
+        "other backends' extra_config keys are theirs: {warnings:?}"
+    );
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.to_string().contains("nixl_pool_size)")),
+        "{warnings:?}"
+    );
+    let env = ConfigLoader::new()
+        .with_env([(
+            "LMCACHE_EXTRA_CONFIG",
+            r#"{"enable_nixl_storage": true, "nixl_pool_sise": 4}"#,
+        )])
+        .load()
+        .unwrap()
+        .warnings;
+    assert!(
+        env.iter()
+            .any(|w| w.to_string().contains("extra_config.nixl_pool_sise")),
+        "{env:?}"
+    );
+}
+
+/// The engine's own keys are said to have no effect on the store, when set.
+#[test]
+fn engine_side_keys_are_said_to_have_no_effect_here() {
+    let yaml = format!("local_cpu: false\nenable_async_loading: true\n{POSIX_STATIC}");
+    let warnings = spec_of(&yaml, Deployment::new()).unwrap().warnings;
+    for key in ["local_cpu", "enable_async_loading"] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.to_string().starts_with(&format!("{key} has no effect"))),
+            "{key}: {warnings:?}"
+        );
+    }
+    let quiet = spec_of(POSIX_STATIC, Deployment::new()).unwrap().warnings;
+    assert!(
+        !quiet
+            .iter()
+            .any(|w| w.to_string().contains("has no effect")),
+        "{quiet:?}"
+    );
+}
+
+/// `enable_pd` forces partial chunks to be stored; a non-positive capacity is refused by name.
+#[test]
+fn enable_pd_forces_unfull_chunks_and_capacity_must_be_positive() {
+    let forced = spec(&format!("enable_pd: true\n{POSIX_STATIC}"));
+    assert!(
+        forced.save_unfull_chunk,
+        "enable_pd forces save_unfull_chunk"
+    );
+    assert!(!spec(POSIX_STATIC).save_unfull_chunk);
+    let dynamic = POSIX_STATIC.replace("nixl_pool_size: 64", "nixl_pool_size: 0");
+    for gb in ["0", "-1"] {
+        let messages = errors(
+            &format!("{dynamic}  nixl_max_capacity_gb: {gb}\n"),
+            Deployment::new(),
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("extra_config.nixl_max_capacity_gb")),
+            "{gb}: {messages:?}"
         );
     }
 }

@@ -328,3 +328,75 @@ fn durable_applies_to_dynamic_files_and_is_refused_elsewhere() {
         "{errors:?}"
     );
 }
+
+/// A key the chosen adapter type or backend would not use is refused by name, never ignored.
+#[test]
+fn keys_the_adapter_would_ignore_are_refused_by_name() {
+    let posix_static = r#""type":"nixl_store","backend":"POSIX","pool_size":4"#;
+    let posix_dynamic = r#""type":"nixl_store_dynamic","backend":"POSIX""#;
+    let cases = [
+        (
+            format!(r#"{{{posix_dynamic},"pool_size":4,"backend_params":{{"file_path":"/x","max_capacity_gb":"1"}}}}"#),
+            "pool_size",
+        ),
+        (
+            format!(r#"{{{posix_static},"backend_params":{{"file_path":"/x","use_direct_io":"false","shard_dirs":"true"}}}}"#),
+            "backend_params.shard_dirs",
+        ),
+        (
+            format!(r#"{{{posix_static},"backend_params":{{"file_path":"/x","use_direct_io":"false","max_capacity_gb":"1"}}}}"#),
+            "backend_params.max_capacity_gb",
+        ),
+        (
+            format!(r#"{{{posix_dynamic},"backend_params":{{"file_path":"/x","max_capacity_gb":"1","file_size":"8192"}}}}"#),
+            "backend_params.file_size",
+        ),
+        (
+            r#"{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{"bucket":"b","file_path":"/x"}}"#.to_owned(),
+            "backend_params.file_path",
+        ),
+        (
+            r#"{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{"bucket":"b","use_direct_io":"true"}}"#.to_owned(),
+            "backend_params.use_direct_io",
+        ),
+        (
+            format!(r#"{{{posix_static},"persist_enabled":false,"backend_params":{{"file_path":"/x","use_direct_io":"false"}}}}"#),
+            "persist_enabled",
+        ),
+        (
+            format!(r#"{{{posix_dynamic},"shared":true,"persist_enabled":false,"backend_params":{{"file_path":"/x","max_capacity_gb":"1"}}}}"#),
+            "persist_enabled",
+        ),
+        (
+            format!(r#"{{{posix_dynamic},"serde":{{"type":"naive"}},"backend_params":{{"file_path":"/x","max_capacity_gb":"1"}}}}"#),
+            "serde",
+        ),
+    ];
+    for (json, key) in &cases {
+        let all = messages(&[json.as_str()]);
+        assert!(
+            all.iter().any(|m| m.contains(key)),
+            "{json}: expected an error naming {key}, got {all:?}"
+        );
+    }
+    // The same adapters without the misplaced key are accepted.
+    parse(&[&format!(r#"{{{posix_dynamic},"shared":true,"backend_params":{{"file_path":"/x","max_capacity_gb":"1"}}}}"#)]).unwrap();
+}
+
+/// Watermark eviction on a dynamic object store with no capacity is refused: usage is unknown,
+/// and IsolatedLRU would evict everything every pass.
+#[test]
+fn eviction_without_a_capacity_is_refused_for_objects() {
+    for policy in ["LRU", "IsolatedLRU"] {
+        let json = format!(
+            r#"{{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{{"bucket":"b"}},"eviction":{{"eviction_policy":"{policy}"}}}}"#
+        );
+        let all = messages(&[json.as_str()]);
+        assert!(
+            all.iter()
+                .any(|m| m.contains("eviction") && m.contains("max_capacity_gb")),
+            "{policy}: {all:?}"
+        );
+    }
+    parse(&[r#"{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{"bucket":"b"},"eviction":{"eviction_policy":"noop"}}"#]).unwrap();
+}

@@ -11,7 +11,7 @@ use kv_config::{
     StorageSpec, Warning,
 };
 use nixl_core::{Channel, ChannelConfig, ChannelType, NixlTransport, Role};
-use pinned_alloc::{Page, PagePool, PoolConfig};
+use pinned_alloc::{KvShape, Page, PagePool, PoolConfig};
 
 use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
 use crate::error::{Error, Result};
@@ -42,6 +42,7 @@ pub struct StoreBuilder {
     engine: Engine,
     factory: AdapterFactory,
     chunk_bytes: Option<usize>,
+    kv_shape: Option<KvShape>,
     pool_bytes: Option<u64>,
     eviction_interval: Duration,
 }
@@ -54,6 +55,7 @@ impl StoreBuilder {
             engine: Engine::Auto,
             factory: AdapterFactory::new(),
             chunk_bytes: None,
+            kv_shape: None,
             pool_bytes: None,
             eviction_interval: DEFAULT_EVICTION_INTERVAL,
         }
@@ -102,6 +104,13 @@ impl StoreBuilder {
         self
     }
 
+    /// The model's KV shape: with an LMCache configuration, one chunk is `chunk_size` tokens
+    /// of it (explicit chunk bytes, from the builder or the deployment, take precedence).
+    pub fn with_kv_shape(mut self, shape: KvShape) -> Self {
+        self.kv_shape = Some(shape);
+        self
+    }
+
     /// Bytes of the L1 pool where the configuration does not size it (`--l2-adapter`, HiCache,
     /// or an LMCache GPU-mode host pool); an LMCache CPU-mode pool is `max_local_cpu_size`.
     pub fn with_pool_bytes(mut self, pool_bytes: u64) -> Self {
@@ -116,14 +125,21 @@ impl StoreBuilder {
     }
 
     fn chunk_bytes(&self) -> Result<usize> {
+        let from_shape = match (&self.source, self.kv_shape) {
+            (Source::Lmcache(config), Some(shape)) => {
+                usize::try_from(shape.chunk_bytes(config.chunk_size)).ok()
+            }
+            _ => None,
+        };
         let chunk = self
             .chunk_bytes
             .or(self.deployment.chunk_bytes.map(|c| c as usize))
+            .or(from_shape)
             .filter(|&c| c > 0);
         chunk.ok_or_else(|| Error::Setting {
             key: "chunk_bytes".to_owned(),
             message: "the bytes of one KV chunk are needed to size the page pool: set them \
-                      on the deployment or the builder"
+                      on the deployment or the builder, or give the KV shape (with chunk_size)"
                 .to_owned(),
         })
     }
@@ -187,29 +203,11 @@ impl StoreBuilder {
         let context = AdapterContext::new(Arc::clone(&pool)).with_engine(self.engine);
         let mut tiers = Vec::new();
         for (name, spec) in specs {
-            check_device(&spec)?;
             let adapter = build_storage(&spec, &context)?;
             tiers.push(Tier::new(name, adapter, spec.eviction, Some(spec)));
         }
         Store::start(pool, tiers, warnings, self.eviction_interval)
     }
-}
-
-/// GPU staging (`nixl_buffer_device: cuda`) moves chunks between storage and GPU memory, which
-/// the page-based adapters do not do: refuse it by name rather than stage through host memory
-/// silently.
-fn check_device(spec: &StorageSpec) -> Result<()> {
-    if spec.buffer_device.is_cpu() {
-        return Ok(());
-    }
-    Err(Error::Setting {
-        key: "nixl_buffer_device".to_owned(),
-        message: format!(
-            "{} staging is not served by this store's host-page adapters; use \
-             nixl_buffer_device: cpu (the shared host pool of max_local_cpu_size)",
-            spec.buffer_device
-        ),
-    })
 }
 
 /// SGLang's choice of plugin: the one named, or the first of its priority list NIXL has. With
@@ -224,7 +222,17 @@ fn hicache_backend(config: &HiCacheConfig, engine: Engine) -> Result<kv_config::
         }
         (_, Err(err)) => return Err(err.into()),
     };
-    Ok(config.select_backend(&available)?)
+    let backend = config.select_backend(&available)?;
+    if backend.kind() == kv_config::StorageKind::Object {
+        return Err(Error::Setting {
+            key: kv_config::PLUGIN_VAR.to_owned(),
+            message: format!(
+                "{backend}: SGLang's HiCache settings name no bucket or credentials for an \
+                 object store; use a file plugin, or an --l2-adapter nixl_store_dynamic over {backend}"
+            ),
+        });
+    }
+    Ok(backend)
 }
 
 /// One storage tier of a [`Store`].
@@ -449,7 +457,26 @@ impl L2Adapter for Evicting {
 pub fn open_channel(
     spec: &ChannelSpec,
     chunk_bytes: usize,
+    deployment: &Deployment,
 ) -> Result<(Box<dyn Channel>, Arc<PagePool>)> {
+    if !spec.backends.is_empty() && spec.backends != ["UCX"] {
+        return Err(Error::Setting {
+            key: "nixl_backends".to_owned(),
+            message: format!(
+                "{:?}: the channel runs on NIXL's UCX plugin only; use [UCX] or leave it unset",
+                spec.backends
+            ),
+        });
+    }
+    if let Some((host, port)) = &spec.proxy {
+        return Err(Error::Setting {
+            key: "pd_proxy_host".to_owned(),
+            message: format!(
+                "{host}:{port}: this channel notifies no PD proxy; remove pd_proxy_host and \
+                 pd_proxy_port"
+            ),
+        });
+    }
     if spec.buffer_device != "cpu" {
         return Err(Error::Setting {
             key: "pd_buffer_device".to_owned(),
@@ -484,7 +511,7 @@ pub fn open_channel(
             PdRole::Receiver => Role::Receiver,
         },
         spec.peer_host.clone(),
-        spec.port,
+        spec.port_for(deployment.local_worker_id),
     );
     let channel = nixl_core::create_channel(config, Arc::clone(&pool))?;
     Ok((channel, pool))

@@ -161,9 +161,50 @@ impl L2Adapter for Registered {
     }
 }
 
+/// GPU staging (`nixl_buffer_device: cuda`) moves chunks between storage and GPU memory, which
+/// the page-based adapters do not do: refuse it by name rather than stage through host memory
+/// silently.
+fn check_device(spec: &StorageSpec) -> Result<()> {
+    if spec.buffer_device.is_cpu() {
+        return Ok(());
+    }
+    Err(Error::Setting {
+        key: "nixl_buffer_device".to_owned(),
+        message: format!(
+            "{} staging is not served by this store's host-page adapters; use \
+             nixl_buffer_device: cpu (the shared host pool of max_local_cpu_size)",
+            spec.buffer_device
+        ),
+    })
+}
+
+/// What the pool and backend must be for the spec, checked before anything is opened: a
+/// setting the given pool or backend cannot honour is refused by name.
+fn check_context(spec: &StorageSpec, context: &AdapterContext) -> Result<()> {
+    check_device(spec)?;
+    if spec.hugepages && !context.memory.is_hugepage_backed() {
+        return Err(Error::Setting {
+            key: "local_cpu_use_hugepages".to_owned(),
+            message: "the page pool given is not backed by hugepages; build it with \
+                      PoolConfig::with_hugepages(true), or let StoreBuilder build it"
+                .to_owned(),
+        });
+    }
+    if spec.backend == kv_config::Backend::DocaMemos {
+        return Err(Error::Setting {
+            key: "nixl_backend".to_owned(),
+            message: "DOCA_MEMOS: its 128-bit object names are not wired to the object store, \
+                      and the nixl-cu12 wheel ships no DOCA_MEMOS plugin"
+                .to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// Builds the adapter a storage spec describes (from the engine configuration or a
 /// `nixl_store*` `--l2-adapter`).
 pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc<dyn L2Adapter>> {
+    check_context(spec, context)?;
     let page_bytes = context.memory.page_bytes();
     spec.check_page_size(page_bytes.next_multiple_of(4096) as u64)?;
     let (transport, label) = transport_for(spec, context.engine)?;

@@ -191,6 +191,7 @@ pub struct PagePool {
     in_use: AtomicUsize,
     high_water: AtomicUsize,
     abandoned: AtomicUsize,
+    hugepages: bool,
 }
 
 impl fmt::Debug for PagePool {
@@ -203,6 +204,7 @@ impl fmt::Debug for PagePool {
             .field("total", &self.total)
             .field("free", &self.free.len())
             .field("locked", &self.mapping.is_locked())
+            .field("hugepages", &self.hugepages)
             .finish()
     }
 }
@@ -240,6 +242,7 @@ impl PagePool {
             in_use: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
             abandoned: AtomicUsize::new(0),
+            hugepages: config.hugepages,
         }))
     }
 
@@ -251,6 +254,11 @@ impl PagePool {
     /// Distance between the starts of two pages.
     pub fn page_stride(&self) -> usize {
         self.stride
+    }
+
+    /// Whether the pool is backed by 2 MiB hugepages.
+    pub fn is_hugepage_backed(&self) -> bool {
+        self.hugepages
     }
 
     /// Whether the pool's memory is locked.
