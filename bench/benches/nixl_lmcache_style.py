@@ -4,8 +4,15 @@ One file per chunk, opened and registered per chunk, one prepped transfer per ba
 polled every millisecond, everything released and closed afterwards. The host buffer is one
 page-aligned mapping registered once in page-sized pieces.
 
+Every pass stores new keys, as a store of new keys does: its files get names no earlier pass
+used (`pass{P}_chunk_{I}.bin`), are created by the write, read back, and removed before the next
+pass, so no pass overwrites another's files in place. Every chunk carries its own index in its
+first bytes and is verified after its read; stamping, zeroing and verifying are left out of the
+timed figures.
+
 Run by kv-bench (`cargo xtask bench`) with PYTHONPATH pointing at the NIXL runtime that
-`cargo xtask setup` unpacks. Prints one JSON object: put and get GB/s, best of the passes.
+`cargo xtask setup` unpacks. Prints one JSON object: put and get GB/s (median of the passes)
+and every pass's figures.
 
 usage: nixl_lmcache_style.py DIR CHUNK_BYTES CHUNKS BATCH PASSES DIRECT_IO(0|1)
 """
@@ -40,13 +47,30 @@ def main() -> None:
     mem_handle = agent.prep_xfer_dlist("", mem_descs)
     array[:] = np.arange(page * batch, dtype=np.uint64).astype(np.uint8)
 
-    flags_write = os.O_CREAT | os.O_RDWR | (os.O_DIRECT if direct else 0)
+    flags_write = os.O_CREAT | os.O_EXCL | os.O_RDWR | (os.O_DIRECT if direct else 0)
     flags_read = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    pattern = array.copy()
 
-    def run(operation: str) -> float:
+    def stamp(first: int, count: int) -> None:
+        for j in range(count):
+            array[j * page : j * page + 8] = np.frombuffer((first + j).to_bytes(8, "little"), dtype=np.uint8)
+
+    def name(pass_index: int, i: int) -> str:
+        return os.path.join(folder, f"pass{pass_index}_chunk_{i}.bin")
+
+    def run(operation: str, pass_index: int) -> float:
+        untimed = 0.0
         started = time.perf_counter()
         for start in range(0, chunks, batch):
-            names = [os.path.join(folder, f"chunk_{i}.bin") for i in range(start, min(start + batch, chunks))]
+            count = min(batch, chunks - start)
+            paused = time.perf_counter()
+            if operation == "WRITE":
+                array[:] = pattern
+                stamp(start, count)
+            else:
+                array[:] = 0
+            untimed += time.perf_counter() - paused
+            names = [name(pass_index, i) for i in range(start, start + count)]
             fds = [os.open(n, flags_write if operation == "WRITE" else flags_read, 0o644) for n in names]
             file_reg = agent.register_memory(agent.get_reg_descs([(0, page, fd, "") for fd in fds], "FILE"))
             file_descs = agent.get_xfer_descs([(0, page, fd) for fd in fds], "FILE")
@@ -64,15 +88,31 @@ def main() -> None:
             agent.deregister_memory(file_reg)
             for fd in fds:
                 os.close(fd)
-        return chunks * page / (time.perf_counter() - started) / 1e9
+            if operation == "READ":
+                paused = time.perf_counter()
+                got = array[: count * page].copy()
+                array[:] = pattern
+                stamp(start, count)
+                if not np.array_equal(got, array[: count * page]):
+                    raise RuntimeError(f"pass {pass_index}: chunks {start}..{start + count} read back wrong")
+                untimed += time.perf_counter() - paused
+        return chunks * page / (time.perf_counter() - started - untimed) / 1e9
 
-    put = max(run("WRITE") for _ in range(passes))
-    get = max(run("READ") for _ in range(passes))
-    for i in range(chunks):
-        os.remove(os.path.join(folder, f"chunk_{i}.bin"))
+    puts, gets = [], []
+    for pass_index in range(passes):
+        puts.append(run("WRITE", pass_index))
+        gets.append(run("READ", pass_index))
+        for i in range(chunks):
+            os.remove(name(pass_index, i))
     agent.release_dlist_handle(mem_handle)
     agent.deregister_memory(mem_reg)
-    print(json.dumps({"put_gbps": put, "get_gbps": get}))
+    print(json.dumps({"put_gbps": median(puts), "get_gbps": median(gets), "put_passes": puts, "get_passes": gets}))
+
+
+def median(values: list) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 if __name__ == "__main__":

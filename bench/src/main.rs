@@ -1,30 +1,48 @@
 //! `kv-bench`: KV chunk put/get throughput of each engine, next to a raw baseline on the same
 //! folder in the same run, reported as ratios (absolute figures on a shared machine move too much
-//! to compare across runs).
+//! to compare across runs). The raw figure is fio (io_uring, O_DIRECT) on one preallocated file,
+//! swept over queue depths 32 / 128 / 256, the best per direction.
 //!
-//! `cargo xtask bench` runs it in release mode and writes the table to `target/bench/latest.md`.
-//! Arguments: `[--quick] [--rounds N] [--only ENGINE,...] [--dir DIR] [--out FILE]`.
+//! `cargo xtask bench` runs it in release mode and writes the table to `target/bench/latest.md`
+//! and one object per row to `target/bench/latest.json`. Arguments: `[--quick] [--rounds N]
+//! [--only NAME,...] [--chunk-kib KIB,...] [--adapter-params JSON]... [--no-extras] [--dir DIR]
+//! [--out FILE] [--json FILE]`.
 #![forbid(unsafe_code)]
 
 mod engines;
 mod extras;
+mod fio;
+mod per_key;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
 
-use crate::engines::{Engine, Series, Workload};
+use crate::engines::{Engine, Group, Series, Workload};
+use crate::fio::Device;
+use crate::per_key::AdapterSpec;
 
 /// Interleaved rounds per workload unless `--rounds` says otherwise (`--quick`: 2).
 const ROUNDS: usize = 5;
 
+const USAGE: &str = "[--quick] [--rounds N] [--only NAME,...] [--chunk-kib KIB,...] \
+     [--adapter-params JSON]... [--no-extras] [--dir DIR] [--out FILE] [--json FILE]";
+
 struct Args {
     quick: bool,
     rounds: Option<usize>,
-    /// Only these engines (by their enum name, lowercase), when given.
+    /// Only these rows (by `--only` name: fio, rawpwrite, nixlposix, uring, fiofreshfiles,
+    /// filestore, nixlpython, adapter, adapter-native, ...), when given.
     only: Option<Vec<String>>,
+    /// Only these chunk sizes, in KiB, when given.
+    chunk_kib: Option<Vec<usize>>,
+    /// Extra L2-adapter rows: these backend params, on both engines.
+    adapter_params: Vec<serde_json::Map<String, Value>>,
+    extras: bool,
     dir: Option<PathBuf>,
     out: Option<PathBuf>,
+    json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -32,8 +50,12 @@ fn parse_args() -> Result<Args> {
         quick: false,
         rounds: None,
         only: None,
+        chunk_kib: None,
+        adapter_params: Vec::new(),
+        extras: true,
         dir: None,
         out: None,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,20 +78,42 @@ fn parse_args() -> Result<Args> {
                         .collect(),
                 );
             }
+            "--chunk-kib" => {
+                let list = it.next().context("--chunk-kib needs a list, e.g. 256")?;
+                args.chunk_kib = Some(
+                    list.split(',')
+                        .map(|k| k.trim().parse().context("--chunk-kib takes whole KiB"))
+                        .collect::<Result<_>>()?,
+                );
+            }
+            "--adapter-params" => {
+                let text = it.next().context(
+                    "--adapter-params needs a JSON object, e.g. '{\"layout\":\"segments\"}'",
+                )?;
+                match serde_json::from_str(&text).context("--adapter-params")? {
+                    Value::Object(params) => args.adapter_params.push(params),
+                    other => bail!("--adapter-params needs a JSON object, got {other}"),
+                }
+            }
+            "--no-extras" => args.extras = false,
             "--dir" => args.dir = Some(it.next().context("--dir needs a folder")?.into()),
             "--out" => args.out = Some(it.next().context("--out needs a file")?.into()),
+            "--json" => args.json = Some(it.next().context("--json needs a file")?.into()),
             "--bench" => {}
-            other => bail!(
-                "unknown argument {other}; use [--quick] [--rounds N] [--only ENGINE,...] [--dir DIR] [--out FILE]"
-            ),
+            "--help" | "-h" => {
+                println!("kv-bench {USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}; use {USAGE}"),
         }
     }
     Ok(args)
 }
 
-/// The middle value (the mean of the two middle ones for an even count).
+/// The middle value (the mean of the two middle ones for an even count); NaN values are left
+/// out, and none left is NaN.
 fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
         0 => f64::NAN,
@@ -79,88 +123,209 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Per-round ratios of `a` over `b` (rounds run interleaved, so round `r` of both saw the same
-/// machine): "median (min–max)".
-fn paired(a: &[f64], b: &[f64]) -> String {
+/// machine): (median, lowest, highest).
+fn paired(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
     let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
     let (low, high) = ratios
         .iter()
         .fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
-    format!("{:.2}x ({low:.2}–{high:.2})", median(&ratios))
+    (median(&ratios), low, high)
 }
 
-/// The throughput table of one workload: every figure the median over rounds, every ratio the
-/// median of per-round ratios to the raw figure of the same round: fio on one file for the
-/// one-file engines, fio on a fresh file per chunk for the per-key rows. A row that did not run
-/// interleaved with its raw figure (NIXL's Python API, or any row when fio is missing) gets a
-/// ratio of medians, marked †.
-fn table(workload: &Workload, series: &[Series]) -> String {
+fn ratio_text((median, low, high): (f64, f64, f64)) -> String {
+    format!("{median:.2}x ({low:.2}–{high:.2})")
+}
+
+fn share_text(share: f64) -> String {
+    if share.is_nan() {
+        "n/a".to_owned()
+    } else {
+        format!("{share:.2}")
+    }
+}
+
+/// The raw row of a group: fio, or pwrite/pread where fio is missing.
+fn raw_of(group: &Group) -> Option<&Series> {
+    let find = |engine| group.series.iter().find(|s| s.engine == engine);
+    find(Engine::Fio).or_else(|| find(Engine::RawPwrite))
+}
+
+/// A row's figures against its group's raw row, as the JSON report holds them.
+fn row_json(group: &Group, s: &Series) -> Value {
+    let raw = raw_of(group);
+    let (put, get) = (s.put_gbps(), s.get_gbps());
+    let ratios = raw.map(|raw| (paired(&put, &raw.put_gbps()), paired(&get, &raw.get_gbps())));
+    let device =
+        |f: fn(&engines::Figures) -> f64| median(&s.rounds.iter().map(f).collect::<Vec<_>>());
+    let mut row = json!({
+        "group": group.title,
+        "chunk_bytes": group.workload.chunk_bytes,
+        "chunks": group.workload.chunks,
+        "engine": s.label,
+        "name": s.name,
+        "put_ratio": ratios.map(|r| r.0.0),
+        "get_ratio": ratios.map(|r| r.1.0),
+        "put_ratio_range": ratios.map(|r| [r.0.1, r.0.2]),
+        "get_ratio_range": ratios.map(|r| [r.1.1, r.1.2]),
+        "put_gbps": median(&put),
+        "get_gbps": median(&get),
+        "raw_engine": raw.map(|r| r.label.clone()),
+        "raw_put_gbps": raw.map(|r| median(&r.put_gbps())),
+        "raw_get_gbps": raw.map(|r| median(&r.get_gbps())),
+        "rounds": s.rounds.len(),
+        "o_direct": true,
+        "device_put_share": device(|f| f.device_put),
+        "device_get_share": device(|f| f.device_get),
+    });
+    let sweeps: Vec<_> = s.rounds.iter().filter_map(|f| f.sweep.as_ref()).collect();
+    if !sweeps.is_empty() {
+        row["fio_best_qd_put"] = sweeps.iter().map(|w| w.best_write().depth).collect();
+        row["fio_best_qd_get"] = sweeps.iter().map(|w| w.best_read().depth).collect();
+        row["fio_sweep"] = fio::QUEUE_DEPTHS
+            .iter()
+            .enumerate()
+            .map(|(i, &depth)| {
+                let at = |f: fn(&fio::Depth) -> f64| {
+                    median(
+                        &sweeps
+                            .iter()
+                            .filter_map(|w| w.depths.get(i).map(f))
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                json!({
+                    "qd": depth,
+                    "write_gbps": at(|d| d.write),
+                    "read_gbps": at(|d| d.read),
+                    "device_write_share": at(|d| d.device_write),
+                    "device_read_share": at(|d| d.device_read),
+                })
+            })
+            .collect();
+    }
+    row
+}
+
+/// The throughput table of one group: every figure the median over rounds, every ratio the
+/// median of per-round ratios to the group's raw figure in the same round.
+fn table(group: &Group) -> String {
+    let raw = raw_of(group);
     let mut out = String::new();
-    let find = |engine| series.iter().find(|s| s.engine == engine);
-    let one_file_raw = find(Engine::Fio).or_else(|| find(Engine::RawPwrite));
-    let fresh_raw = find(Engine::FioFreshFiles);
-    for s in series {
-        let (put, get) = (median(&s.put_gbps), median(&s.get_gbps));
-        let (paired_raw, unpaired_raw) = if Engine::ONE_FILE.contains(&s.engine) {
-            (one_file_raw, None)
-        } else if matches!(
-            s.engine,
-            Engine::FioFreshFiles | Engine::FileStore | Engine::Adapter
-        ) {
-            (fresh_raw, one_file_raw)
-        } else {
-            (None, fresh_raw.or(one_file_raw))
-        };
-        let (put_ratio, get_ratio) = match (paired_raw, unpaired_raw) {
-            (Some(raw), _) => (
-                paired(&s.put_gbps, &raw.put_gbps),
-                paired(&s.get_gbps, &raw.get_gbps),
+    for s in &group.series {
+        let (put, get) = (s.put_gbps(), s.get_gbps());
+        let (put_ratio, get_ratio) = match raw {
+            Some(raw) => (
+                ratio_text(paired(&put, &raw.put_gbps())),
+                ratio_text(paired(&get, &raw.get_gbps())),
             ),
-            (None, Some(raw)) => (
-                format!("{:.2}x †", put / median(&raw.put_gbps)),
-                format!("{:.2}x †", get / median(&raw.get_gbps)),
-            ),
-            (None, None) => ("-".to_owned(), "-".to_owned()),
+            None => ("-".to_owned(), "-".to_owned()),
         };
-        let chunks = if Engine::ONE_FILE.contains(&s.engine) {
-            workload.chunks
+        let device_put = median(&s.rounds.iter().map(|f| f.device_put).collect::<Vec<_>>());
+        let device_get = median(&s.rounds.iter().map(|f| f.device_get).collect::<Vec<_>>());
+        let sweeps: Vec<_> = s.rounds.iter().filter_map(|f| f.sweep.as_ref()).collect();
+        let label = if sweeps.is_empty() {
+            s.label.clone()
         } else {
-            workload.resident_only().chunks
+            let depths = |f: fn(&fio::Sweep) -> u32| {
+                sweeps
+                    .iter()
+                    .map(|w| f(w).to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            };
+            format!(
+                "{} [best QD per round: write {}, read {}]",
+                s.label,
+                depths(|w| w.best_write().depth),
+                depths(|w| w.best_read().depth)
+            )
         };
         out.push_str(&format!(
-            "| {chunks} x {} KiB | {} | {} | {put:.2} | {get:.2} | {put_ratio} | {get_ratio} |\n",
-            workload.chunk_bytes >> 10,
-            s.engine.label(),
-            s.put_gbps.len(),
+            "| {} x {} KiB | {} | {label} | {} | {:.2} | {:.2} | {put_ratio} | {get_ratio} | {} / {} |\n",
+            group.workload.chunks,
+            group.workload.chunk_bytes >> 10,
+            group.title,
+            s.rounds.len(),
+            median(&put),
+            median(&get),
+            share_text(device_put),
+            share_text(device_get),
         ));
     }
     out
 }
 
+/// fio's figure at every queue depth, medians over rounds, for every group that ran it.
+fn sweep_table(groups: &[Group]) -> String {
+    let mut out = String::new();
+    for group in groups {
+        for s in &group.series {
+            let sweeps: Vec<_> = s.rounds.iter().filter_map(|f| f.sweep.as_ref()).collect();
+            if sweeps.is_empty() {
+                continue;
+            }
+            for (i, depth) in fio::QUEUE_DEPTHS.iter().enumerate() {
+                let at = |f: fn(&fio::Depth) -> f64| {
+                    median(
+                        &sweeps
+                            .iter()
+                            .filter_map(|w| w.depths.get(i).map(f))
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                out.push_str(&format!(
+                    "| {} x {} KiB | {} | {} | {depth} | {:.2} | {:.2} | {} / {} |\n",
+                    group.workload.chunks,
+                    group.workload.chunk_bytes >> 10,
+                    group.title,
+                    s.label,
+                    at(|d| d.write),
+                    at(|d| d.read),
+                    share_text(at(|d| d.device_write)),
+                    share_text(at(|d| d.device_read)),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// The adapter's own cost: its throughput over that of the store it runs on, round by round.
-fn adapter_overhead(workload: &Workload, series: &[Series]) -> String {
-    let find = |engine| series.iter().find(|s| s.engine == engine);
-    match (find(Engine::FileStore), find(Engine::Adapter)) {
+fn adapter_overhead(group: &Group) -> String {
+    let store = group.series.iter().find(|s| s.engine == Engine::FileStore);
+    let adapter = group
+        .series
+        .iter()
+        .find(|s| s.engine == Engine::Adapter && s.name == "adapter");
+    match (store, adapter) {
         (Some(store), Some(adapter)) => format!(
-            "- {} x {} KiB, {} rounds: adapter / file store = put {}, get {}\n",
-            workload.chunks,
-            workload.chunk_bytes >> 10,
-            store.put_gbps.len(),
-            paired(&adapter.put_gbps, &store.put_gbps),
-            paired(&adapter.get_gbps, &store.get_gbps),
+            "- {} x {} KiB, {} rounds: per-key adapter (NIXL POSIX) / file store = put {}, get {}\n",
+            group.workload.chunks,
+            group.workload.chunk_bytes >> 10,
+            store.rounds.len(),
+            ratio_text(paired(&adapter.put_gbps(), &store.put_gbps())),
+            ratio_text(paired(&adapter.get_gbps(), &store.get_gbps())),
         ),
         _ => String::new(),
     }
 }
 
-/// Whether `--only` (when given) names `engine`.
-fn wanted(args: &Args, engine: Engine) -> bool {
+/// Whether `--only` (when given) names the row: by its name, or by its name before `[`.
+fn wanted(args: &Args, name: &str) -> bool {
+    let base = name.split('[').next().unwrap_or(name);
     args.only
         .as_ref()
-        .is_none_or(|only| only.contains(&format!("{engine:?}").to_ascii_lowercase()))
+        .is_none_or(|only| only.iter().any(|o| o == name || o == base))
 }
 
-/// Every wanted engine on one workload.
-fn measure(args: &Args, workload: &Workload, dir: &std::path::Path) -> Result<Vec<Series>> {
+/// Every wanted engine on one workload: the one-file group, then the per-key group.
+fn measure(
+    args: &Args,
+    workload: &Workload,
+    dir: &Path,
+    adapters: &[AdapterSpec],
+    device: Option<&Device>,
+) -> Result<Vec<Group>> {
     let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { ROUNDS });
     let available = |engine: Engine| {
         let ok = engine.available();
@@ -175,9 +340,9 @@ fn measure(args: &Args, workload: &Workload, dir: &std::path::Path) -> Result<Ve
     let size = format!("{} x {} KiB", workload.chunks, workload.chunk_bytes >> 10);
     let one_file: Vec<_> = Engine::ONE_FILE
         .into_iter()
-        .filter(|&e| wanted(args, e) && available(e))
+        .filter(|&e| wanted(args, e.name()) && available(e))
         .collect();
-    let mut series = Vec::new();
+    let mut groups = Vec::new();
     if !one_file.is_empty() {
         eprintln!(
             "bench: {size}, {rounds} interleaved rounds of {}",
@@ -187,21 +352,34 @@ fn measure(args: &Args, workload: &Workload, dir: &std::path::Path) -> Result<Ve
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        series.extend(engines::one_file_rounds(workload, dir, &one_file, rounds)?);
+        groups.push(Group {
+            title: "one file",
+            workload: *workload,
+            series: engines::one_file_rounds(workload, dir, &one_file, rounds, device)?,
+        });
     }
     let per_key = workload.resident_only();
-    let per_key_size = format!("{} x {} KiB", per_key.chunks, per_key.chunk_bytes >> 10);
-    if wanted(args, Engine::FileStore) || wanted(args, Engine::Adapter) {
-        eprintln!(
-            "bench: {per_key_size}, {rounds} interleaved rounds of the file store and the adapter"
-        );
-        series.extend(engines::per_key_rounds(&per_key, dir, rounds)?);
+    eprintln!(
+        "bench: {} x {} KiB, {rounds} interleaved rounds of the per-key rows",
+        per_key.chunks,
+        per_key.chunk_bytes >> 10
+    );
+    let series = per_key::per_key_rounds(
+        &per_key,
+        dir,
+        rounds,
+        adapters,
+        &|name| wanted(args, name),
+        device,
+    )?;
+    if !series.is_empty() {
+        groups.push(Group {
+            title: "per key",
+            workload: per_key,
+            series,
+        });
     }
-    if wanted(args, Engine::NixlPython) && available(Engine::NixlPython) {
-        eprintln!("bench: {per_key_size}, {rounds} passes of NIXL's Python API");
-        series.push(engines::python_rounds(&per_key, dir, rounds)?);
-    }
-    Ok(series)
+    Ok(groups)
 }
 
 fn main() -> Result<()> {
@@ -216,20 +394,77 @@ fn main() -> Result<()> {
             temp.clone()
         }
     };
+    let device = Device::of(&dir);
     let scale = if args.quick { 16 } else { 1 };
-    let workloads = [
+    let workloads: Vec<_> = [
         Workload::new(256 / scale, 32 << 20),
         Workload::new(4096 / scale, 256 << 10),
-    ];
+    ]
+    .into_iter()
+    .filter(|w| {
+        args.chunk_kib
+            .as_ref()
+            .is_none_or(|sizes| sizes.contains(&(w.chunk_bytes >> 10)))
+    })
+    .collect();
+    let mut adapters = AdapterSpec::defaults();
+    for params in &args.adapter_params {
+        adapters.extend(AdapterSpec::pair(params));
+    }
+    let mut groups = Vec::new();
+    for workload in &workloads {
+        groups.extend(measure(&args, workload, &dir, &adapters, device.as_ref())?);
+    }
     let mut throughput = String::from(
-        "| chunks | engine | rounds | put GB/s | get GB/s | put vs raw | get vs raw |\n|---|---|---|---|---|---|---|\n",
+        "| chunks | group | engine | rounds | put GB/s | get GB/s | put vs raw | get vs raw | device share put / get |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut overhead = String::new();
-    for workload in &workloads {
-        let series = measure(&args, workload, &dir)?;
-        throughput.push_str(&table(workload, &series));
-        overhead.push_str(&adapter_overhead(&workload.resident_only(), &series));
+    let mut rows = Vec::new();
+    for group in &groups {
+        throughput.push_str(&table(group));
+        overhead.push_str(&adapter_overhead(group));
+        rows.extend(group.series.iter().map(|s| row_json(group, s)));
     }
+    let sweeps = sweep_table(&groups);
+    let extras = if args.extras {
+        extras_report(&args)?
+    } else {
+        String::new()
+    };
+    let device_name = device
+        .as_ref()
+        .map_or_else(|| "no block-device counters".to_owned(), Device::name);
+    let report = format!(
+        "# kv-bench\n\nO_DIRECT is in effect for every row: fio runs with `--direct=1`, every engine and store opens its files with O_DIRECT, and NIXL's Python API opens its files with O_DIRECT too. One folder ({}, device {device_name}). Each row writes every chunk, then reads it back and verifies it; the \"device share\" column is the bytes the block device counted during the timed put / get over the bytes moved (from /sys/dev/block/…/stat; 1.00 means every byte went to and came from the device, not the page cache or the holes of a preallocated file).\n\nRows are measured in groups of interleaved rounds. The one-file group (fio, pwrite, NIXL POSIX, native io_uring) shares one preallocated file, every engine writing all of it before reading it back; the order rotates from round to round. The per-key group (a file or key per chunk, 8 chunks per call) runs on as many chunks as stay in host memory at once (1 GiB), the order alternating, with fio on one preallocated file of the same bytes as its raw figure, and fio on a fresh file per chunk beside it. Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round of the same group (lowest and highest in brackets): fio (io_uring, O_DIRECT) swept over queue depths {:?}, the best depth per direction, or single-threaded pwrite/pread where fio is missing.\n\n{}\n## fio by queue depth\n\nMedians over rounds; device share write / read.\n\n| chunks | group | fio | QD | write GB/s | read GB/s | device share |\n|---|---|---|---|---|---|---|\n{}\n## Adapter overhead\n\nThe per-key adapter and the file store it runs on, interleaved rounds, per-round ratios: median (lowest–highest).\n\n{}\n{}",
+        dir.display(),
+        fio::QUEUE_DEPTHS,
+        throughput,
+        sweeps,
+        overhead,
+        extras,
+    );
+    println!("{report}");
+    if let Some(out) = &args.out {
+        write(out, &report)?;
+    }
+    if let Some(out) = &args.json {
+        write(out, &serde_json::to_string_pretty(&rows)?)?;
+    }
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Lookups, object stores and the transfer channel.
+fn extras_report(args: &Args) -> Result<String> {
     let lookups = 100_000;
     eprintln!("bench: batched_contains over {lookups} keys");
     let rate = extras::lookup_rate(lookups)?;
@@ -284,29 +519,13 @@ fn main() -> Result<()> {
             channel_bytes >> 10
         ),
     };
-    let report = format!(
-        "# kv-bench\n\nO_DIRECT, one folder ({}). The one-file engines share one preallocated file and run in interleaved rounds (each round: every engine writes every chunk, then reads it back and verifies it; the order rotates from round to round). Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round (lowest and highest in brackets): fio (io_uring, queue depth 32), or single-threaded pwrite/pread where fio is missing. The per-key rows (a file per chunk) run after, on as many chunks as stay in host memory at once (1 GiB), in their own interleaved rounds with fio writing a fresh file per chunk, their raw figure (writing into newly allocated space costs the file system more than overwriting one file). NIXL's Python API runs on its own: its ratios (†) are ratios of medians.\n\n{}\n## Adapter overhead\n\nThe adapter and the file store it runs on, interleaved rounds (order alternating), per-round ratios: median (lowest–highest).\n\n{}\n## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{}",
-        dir.display(),
-        throughput,
-        overhead,
+    Ok(format!(
+        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{channel}",
         rate / 1e6,
-        object_table,
-        channel
-    );
-    println!("{report}");
-    if let Some(out) = &args.out {
-        if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
-    }
-    if args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok(())
+    ))
 }
 
-fn tempfile_in(base: &std::path::Path) -> Result<PathBuf> {
+fn tempfile_in(base: &Path) -> Result<PathBuf> {
     let dir = base.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

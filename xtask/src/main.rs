@@ -7,7 +7,9 @@
 //! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers, the chunk header parser and the chunk
 //!   file-name parser, each for SECONDS (default ten minutes).
-//! - `bench [--quick]`: the macro benchmarks (release build), table in `target/bench/latest.md`.
+//! - `bench [ARGS]`: the macro benchmarks (release build; `--quick`, `--chunk-kib 256`,
+//!   `--only fio,uring`, `--adapter-params '{"layout":"segments"}'`, `--help` for the rest), table
+//!   in `target/bench/latest.md`, one object per row in `target/bench/latest.json`.
 //! - `stress [--short]`: crash, corruption, full disk, limits, concurrency, tenants, hostile
 //!   input and secrets, with a summary table (CI runs the short form).
 //! - `hw-test`: the GPU, GDS and 3FS suites where that hardware is present; every suite is
@@ -147,8 +149,10 @@ fn main() -> Result<()> {
             system::ensure_fio();
             let out = root.join("target/bench/latest.md");
             let out = out.to_string_lossy();
-            let mut cargo_args = vec!["run", "--release", "--package", "kv-bench", "--", "--out"];
-            cargo_args.push(&out);
+            let json = root.join("target/bench/latest.json");
+            let json = json.to_string_lossy();
+            let mut cargo_args = vec!["run", "--release", "--package", "kv-bench", "--"];
+            cargo_args.extend(["--out", &out, "--json", &json]);
             cargo_args.extend(args[1..].iter().map(String::as_str));
             // The channel benchmark runs NIXL's UCX plugin: loopback transports, and no
             // InfiniBand modules (their libnl crashes the process at exit without IB).
