@@ -207,7 +207,8 @@ fn watermark_eviction_brings_usage_under_the_mark() {
     let controller = EvictionController::spawn(
         vec![(Arc::clone(&adapter), spec.eviction.unwrap())],
         Duration::from_millis(20),
-    );
+    )
+    .unwrap();
     let started = std::time::Instant::now();
     while adapter.usage().fraction() >= 0.5 && started.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));

@@ -319,6 +319,29 @@ fn closing_the_store_stops_eviction_and_closes_every_tier() {
     );
 }
 
+/// NIXL's UCX plugin, loaded in this process, pulls in libnl through UCX's InfiniBand modules,
+/// whose destructor crashes at exit on machines without InfiniBand (see nixl-core's README).
+/// A test that opens a NIXL channel runs itself again in a child process with those modules
+/// left out, as deployments without InfiniBand should; true when this is the child.
+fn in_a_child_without_ib(test: &str) -> bool {
+    if std::env::var_os("UCX_MODULES").is_some() {
+        return true;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .env("UCX_MODULES", "^ib,rdmacm")
+        .env("UCX_TLS", "tcp,self,sm")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{test} in a child process: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    false
+}
+
 fn pd_yaml(role: &str, channel: &str, port: u16, extra: &str) -> String {
     format!(
         "enable_pd: true\npd_role: {role}\ntransfer_channel: {channel}\npd_buffer_size: 4194304\npd_buffer_device: cpu\npd_peer_host: 127.0.0.1\npd_peer_init_port: [{port}]\n{extra}"
@@ -329,6 +352,9 @@ fn pd_yaml(role: &str, channel: &str, port: u16, extra: &str) -> String {
 /// batch over NIXL (UCX on loopback) into the receiver's pool of `pd_buffer_size` bytes.
 #[test]
 fn pd_keys_open_a_channel_that_moves_kv() {
+    if !in_a_child_without_ib("pd_keys_open_a_channel_that_moves_kv") {
+        return;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -447,6 +473,12 @@ fn each_worker_uses_its_own_init_port() {
         err.contains("7200"),
         "worker 0 talks on the first port: {err}"
     );
+    // A worker past the list has no port of its own: refused by name, never wrapped onto
+    // another worker's.
+    let err = kv_l2_adapter::open_channel(&spec("sender"), 4096, &worker(2))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pd_peer_init_port"), "{err}");
 }
 
 /// `chunk_size` (tokens per chunk) with the model's KV shape sizes the pages.
@@ -632,10 +664,7 @@ fn eviction_policy_and_ratio_decide_what_goes() {
     );
     // Quota 8 chunks per salt: "a" (12) is over 0.9 of it, "b" (4) is not.
     assert_eq!(b, 4, "IsolatedLRU leaves the salt under its quota alone");
-    assert!(
-        a <= 8,
-        "IsolatedLRU brings the salt over quota down: {a} left"
-    );
+    assert_eq!(a, 6, "IsolatedLRU evicts half of the salt over its quota");
     let (a, b) =
         left_per_salt(r#"{"eviction_policy":"LRU","trigger_watermark":0.9,"eviction_ratio":0.25}"#);
     // 16 keys, one pass of 25 % takes the 4 oldest (all of salt "a"), leaving 0.75 < 0.9.
@@ -699,6 +728,9 @@ fn shard_dirs_put_chunks_in_hex_subfolders() {
 /// receiver by name, NIXL fails to reach the receiver's side channel.
 #[test]
 fn transfer_channel_picks_the_implementation() {
+    if !in_a_child_without_ib("transfer_channel_picks_the_implementation") {
+        return;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -718,5 +750,220 @@ fn transfer_channel_picks_the_implementation() {
         }
     };
     assert!(error_of("mock_memory").contains("no mock receiver"));
-    assert!(!error_of("nixl").contains("mock"));
+    let nixl = error_of("nixl");
+    assert!(
+        !nixl.contains("mock") && nixl.contains(&port.to_string()),
+        "NIXL's side channel names the receiver it could not reach: {nixl}"
+    );
+}
+
+/// Opening a full store with eviction deletes nothing by itself: the controller's first pass
+/// waits an interval (or a store's kick); a store opened without eviction never evicts.
+#[test]
+fn opening_a_full_store_evicts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{EIGHT_CHUNKS_GB}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5}}}}"#,
+        dir.path().display()
+    );
+    {
+        let store = built(StoreBuilder::from_l2_adapters([json.clone()]).with_eviction(false));
+        let mut page = store.pool().allocate().unwrap();
+        for i in 0..8u32 {
+            fill(i, &mut page);
+            assert!(store.adapter().store(&[key(i, None)], &[&page]).keys[0].is_stored());
+        }
+        fill(8, &mut page);
+        assert!(
+            !store.adapter().store(&[key(8, None)], &[&page]).keys[0].is_stored(),
+            "without eviction a full store refuses"
+        );
+    }
+    let count = || walk(dir.path());
+    let before = count();
+    let store = built(
+        StoreBuilder::from_l2_adapters([json]).with_eviction_interval(Duration::from_millis(300)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(count(), before, "nothing evicted at open");
+    assert_eq!(store.adapter().usage().keys, 8);
+}
+
+/// Stores from 8 threads into a full store with eviction are accepted: passes never overlap
+/// (each would evict its ratio of what the other left), and a store refused for room is
+/// retried once another thread's pass has made it.
+#[test]
+fn concurrent_stores_into_a_full_store_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5,"eviction_ratio":0.5}}}}"#,
+        dir.path().display(),
+        EIGHT_CHUNKS_GB * 2.0
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let refused = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..8u32 {
+            let store = &store;
+            let refused = &refused;
+            scope.spawn(move || {
+                let mut page = store.pool().allocate().unwrap();
+                for i in 0..300u32 {
+                    let n = t * 1000 + i;
+                    fill(n, &mut page);
+                    if !store.adapter().store(&[key(n, None)], &[&page]).keys[0].is_stored() {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let refused = refused.into_inner();
+    assert!(refused <= 24, "{refused} of 2400 concurrent stores refused");
+    let usage = store.adapter().usage();
+    assert!(usage.used_bytes <= usage.capacity_bytes);
+}
+
+/// What the `--l2-adapter` values warn about reaches the store's warnings.
+#[test]
+fn l2_adapter_warnings_reach_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","colour":"blue","backend_params":{{"file_path":"{}","max_capacity_gb":"1"}}}}"#,
+        dir.path().display()
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    assert!(
+        store
+            .warnings()
+            .iter()
+            .any(|w| matches!(w, kv_config::Warning::UnknownKey { key, .. } if key == "colour")),
+        "{:?}",
+        store.warnings()
+    );
+}
+
+fn segments_json(dir: &Path, capacity_gb: f64, eviction: &str) -> String {
+    format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{capacity_gb}","layout":"segments","segment_size_mb":"1","use_direct_io":"true"}}{eviction}}}"#,
+        dir.display()
+    )
+}
+
+/// Bytes of the regular files under `dir`, as the file system counts them.
+fn bytes_on_disk(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// `layout: segments` through the builder, on both engines: the conformance kit, then a
+/// reopen that finds every key byte-exact from the segment headers.
+#[test]
+fn segments_pass_the_conformance_kit_and_survive_a_reopen() {
+    for engine in [Engine::Native, Engine::Nixl] {
+        let dir = tempfile::tempdir().unwrap();
+        let json = segments_json(dir.path(), 0.0625, "");
+        {
+            let store = StoreBuilder::from_l2_adapters([json.clone()])
+                .with_engine(engine)
+                .with_chunk_bytes(CHUNK)
+                .build()
+                .unwrap_or_else(|err| panic!("{engine:?}: {err}"));
+            assert_eq!(
+                store.tiers()[0].spec().unwrap().layout,
+                kv_config::Layout::Segments
+            );
+            kv_l2_adapter::test_utils::run_all(store.adapter().as_ref(), store.pool());
+            kv_l2_adapter::test_utils::store(
+                store.adapter().as_ref(),
+                store.pool(),
+                &[100, 101, 102],
+            );
+        }
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".bin")),
+            "no file per key"
+        );
+        let store = StoreBuilder::from_l2_adapters([json])
+            .with_engine(engine)
+            .with_chunk_bytes(CHUNK)
+            .build()
+            .unwrap();
+        let found = kv_l2_adapter::test_utils::load(
+            store.adapter().as_ref(),
+            store.pool(),
+            &[100, 101, 102],
+        );
+        assert_eq!(
+            found,
+            vec![true, true, true],
+            "{engine:?}: found again after a reopen"
+        );
+    }
+}
+
+/// Churn on segments: three times the capacity written with LRU eviction on; every store is
+/// accepted, the bytes on disk never pass `max_capacity_gb`, and the newest keys are served.
+#[test]
+fn segments_churn_past_capacity_stays_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity_gb = 8.0 / 1024.0; // 8 MiB: 8 segments of 1 MiB, 3 chunks each.
+    let json = segments_json(
+        dir.path(),
+        capacity_gb,
+        r#","eviction":{"eviction_policy":"LRU","trigger_watermark":0.8,"eviction_ratio":0.3}"#,
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    let capacity = (capacity_gb * (1u64 << 30) as f64) as u64;
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    let chunks = 3 * capacity as usize / CHUNK;
+    let mut refused = 0;
+    for i in 0..chunks as u32 {
+        fill(i, &mut page);
+        if !adapter.store(&[key(i, None)], &[&page]).keys[0].is_stored() {
+            refused += 1;
+        }
+        assert!(
+            bytes_on_disk(dir.path()) <= capacity + 64 * 1024,
+            "store {i}: over capacity on disk"
+        );
+    }
+    assert!(refused <= 3, "{refused} of {chunks} stores refused");
+    let newest = chunks as u32 - 1;
+    let mut out = store.pool().allocate().unwrap();
+    assert!(adapter.lookup_and_pin(&[key(newest, None)])[0]);
+    assert!(adapter.load(&[key(newest, None)], &mut [&mut out])[0]);
+    adapter.unlock(&[key(newest, None)]);
+    assert_eq!(out.as_slice(), page.as_slice());
+}
+
+/// The YAML spelling: `nixl_layout: segments` builds a segment store.
+#[test]
+fn nixl_layout_segments_from_the_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dynamic_yaml(
+        dir.path(),
+        "  nixl_max_capacity_gb: 0.01\n  nixl_layout: segments\n  nixl_segment_size_mb: 2\n",
+    );
+    let store = built(StoreBuilder::from_lmcache(lmcache(&yaml)));
+    let mut page = store.pool().allocate().unwrap();
+    fill(1, &mut page);
+    assert!(store.adapter().store(&[key(1, None)], &[&page]).keys[0].is_stored());
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with(".kvseg")), "{names:?}");
+    assert!(names.iter().any(|n| n == "segments.lock"), "{names:?}");
 }

@@ -135,6 +135,15 @@ fn a_process_with_stuck_transfers_exits_promptly() {
     }
 }
 
+/// An engine the user only switched off chooses nothing: io_uring is still ours to pick.
+#[test]
+fn nixl_posix_with_libaio_switched_off_still_gets_io_uring() {
+    let transport = NixlTransport::new(NixlConfig::new("POSIX").with_param("use_aio", "false"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let params = &transport.config().backend_params;
+    assert_eq!(params.get("use_uring").map(String::as_str), Some("true"));
+}
+
 /// A POSIX engine the user chose is kept as given, never replaced by ours.
 #[test]
 fn nixl_posix_keeps_the_engine_the_user_chose() {

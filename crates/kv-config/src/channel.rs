@@ -56,13 +56,11 @@ pub struct ChannelSpec {
 }
 
 impl ChannelSpec {
-    /// The side-channel port of worker `local_worker_id`: LMCache lists one port per worker in
-    /// `pd_peer_init_port`; a single port serves every worker.
-    pub fn port_for(&self, local_worker_id: u32) -> u16 {
-        self.init_ports
-            .get(local_worker_id as usize % self.init_ports.len().max(1))
-            .copied()
-            .unwrap_or(self.port)
+    /// The side-channel port of worker `worker_id` (the global rank): LMCache gives worker
+    /// *i* `pd_peer_init_port[i]`, so two workers never share one. `None` when the list has no
+    /// port for that worker.
+    pub fn port_for(&self, worker_id: u32) -> Option<u16> {
+        self.init_ports.get(worker_id as usize).copied()
     }
 }
 

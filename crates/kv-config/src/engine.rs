@@ -66,6 +66,11 @@ pub struct ExtraConfig {
     /// Watermark eviction, the `--l2-adapter` `eviction` object (ours: LMCache's in-process
     /// backend has no L2 eviction).
     pub nixl_eviction: Option<serde_json::Value>,
+    /// `segments` or `files` for a dynamic store over files (ours; the `--l2-adapter` JSON
+    /// spells it `backend_params.layout`).
+    pub nixl_layout: Option<String>,
+    /// MiB per segment file with `nixl_layout: segments` (ours).
+    pub nixl_segment_size_mb: Option<f64>,
 }
 
 impl Default for ExtraConfig {
@@ -87,6 +92,8 @@ impl Default for ExtraConfig {
             nixl_use_hugepages: None,
             nixl_max_capacity_gb: None,
             nixl_eviction: None,
+            nixl_layout: None,
+            nixl_segment_size_mb: None,
         }
     }
 }
@@ -574,6 +581,8 @@ const EXTRA_CONFIG_KEYS: &[&str] = &[
     "nixl_use_hugepages",
     "nixl_max_capacity_gb",
     "nixl_eviction",
+    "nixl_layout",
+    "nixl_segment_size_mb",
 ];
 
 /// Strips surrounding white space and one layer of matching quotes.

@@ -11,7 +11,7 @@ use crate::backend::{Backend, StorageKind};
 use crate::engine::Loaded;
 use crate::error::{Error, Result, Warnings};
 use crate::secret::{BackendParams, is_secret_key, scalar_to_string};
-use crate::spec::{EvictionPolicy, EvictionSpec, Mode, StorageSpec};
+use crate::spec::{EvictionPolicy, EvictionSpec, Layout, Mode, StorageSpec};
 
 /// The static-pool adapter type.
 pub const NIXL_STORE: &str = "nixl_store";
@@ -36,6 +36,8 @@ const OWN_PARAMS: &[&str] = &[
     "max_capacity_gb",
     "shard_dirs",
     "durable",
+    "layout",
+    "segment_size_mb",
 ];
 
 /// Checks the JSON object of a downstream adapter type; returns what is wrong, in words.
@@ -268,6 +270,54 @@ pub(crate) fn parse_eviction(
     })
 }
 
+/// The layout of a dynamic store over files, and its segment size; `fail` gets each problem
+/// with the key (`layout`, `segment_size_mb`, `shard_dirs`). Segments serve POSIX, GDS and
+/// GDS_MT; HF3FS is a shared file system, where one file per key is the layout.
+pub(crate) fn layout_rules(
+    backend: Option<Backend>,
+    mode: Mode,
+    layout: Option<Layout>,
+    segment_mb: Option<f64>,
+    shard_dirs: bool,
+    fail: &mut dyn FnMut(&str, String),
+) -> Option<(Layout, Option<u64>)> {
+    let backend = backend?;
+    let dynamic_files = mode == Mode::Dynamic && backend.kind() == StorageKind::File;
+    let chosen = layout.unwrap_or(Layout::Files);
+    if layout.is_some() && !dynamic_files {
+        fail("layout", "applies to dynamic stores over files".to_owned());
+    }
+    if chosen == Layout::Segments && backend == Backend::Hf3fs {
+        fail(
+            "layout",
+            "HF3FS is a shared file system: segments take one writer per folder; use files"
+                .to_owned(),
+        );
+    }
+    if chosen == Layout::Segments && shard_dirs {
+        fail(
+            "shard_dirs",
+            "applies to the files layout (segments make no file per key)".to_owned(),
+        );
+    }
+    let segment_bytes = match segment_mb {
+        None => None,
+        Some(_) if chosen != Layout::Segments => {
+            fail("segment_size_mb", "applies to layout: segments".to_owned());
+            None
+        }
+        Some(mb) if mb.is_finite() && mb >= 1.0 => Some((mb * (1u64 << 20) as f64) as u64),
+        Some(mb) => {
+            fail(
+                "segment_size_mb",
+                format!("must be a number of MiB, at least 1, got {mb}"),
+            );
+            None
+        }
+    };
+    Some((chosen, segment_bytes))
+}
+
 /// Watermark eviction needs a capacity to measure usage against: without one, LRU would never
 /// run and IsolatedLRU (a quota of zero per salt) would evict everything every pass.
 pub(crate) fn eviction_without_capacity(spec: &StorageSpec) -> Option<String> {
@@ -475,8 +525,36 @@ fn nixl_storage(ctx: &mut Ctx<'_>, obj: &Map<String, Value>, dynamic: bool) -> O
         _ => None,
     };
 
+    let layout = match params.get("layout") {
+        None => None,
+        Some(value) => {
+            let parsed = value.as_str().and_then(Layout::parse);
+            if parsed.is_none() {
+                ctx.fail(
+                    "backend_params.layout",
+                    format!("expected \"segments\" or \"files\", got {value}"),
+                );
+            }
+            parsed
+        }
+    };
+    let segment_mb = number_param(ctx, params, "segment_size_mb");
+    let (layout, segment_bytes) = match layout_rules(
+        backend,
+        mode,
+        layout,
+        segment_mb,
+        shard_dirs,
+        &mut |key, message| ctx.fail(&format!("backend_params.{key}"), message),
+    ) {
+        Some(chosen) => chosen,
+        None => (Layout::Files, None),
+    };
+
     let backend = backend?;
     let mut spec = StorageSpec::new(backend, mode);
+    spec.layout = layout;
+    spec.segment_bytes = segment_bytes;
     spec.path = file_path.clone();
     spec.all_paths = file_path.into_iter().collect();
     spec.backend_params = plugin_params;

@@ -47,5 +47,5 @@ pub use sglang::{
     STORAGE_DIR_VAR,
 };
 pub use spec::{
-    Deployment, EvictionPolicy, EvictionSpec, Mode, PresenceCache, StorageSpec, SyncMode,
+    Deployment, EvictionPolicy, EvictionSpec, Layout, Mode, PresenceCache, StorageSpec, SyncMode,
 };

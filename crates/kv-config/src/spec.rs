@@ -119,6 +119,28 @@ impl SyncMode {
     }
 }
 
+/// How a dynamic store over files lays its chunks out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One file per key, published by rename (LMCache's layout; the one for folders shared
+    /// between processes).
+    Files,
+    /// Chunks appended to large preallocated segment files, one writer per folder.
+    Segments,
+}
+
+impl Layout {
+    /// `files` or `segments`.
+    pub fn parse(value: &str) -> Option<Layout> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "files" => Some(Layout::Files),
+            "segments" => Some(Layout::Segments),
+            _ => None,
+        }
+    }
+}
+
 /// L2 eviction policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum EvictionPolicy {
@@ -190,6 +212,11 @@ pub struct StorageSpec {
     /// Sync each chunk's data before publishing it and its folder once per batch (dynamic
     /// mode over files; `backend_params.durable`).
     pub durable: bool,
+    /// How a dynamic store over files lays chunks out (`layout` / `nixl_layout`).
+    pub layout: Layout,
+    /// Bytes per segment file when [`Layout::Segments`] (`segment_size_mb` /
+    /// `nixl_segment_size_mb`); `None` for the store's default.
+    pub segment_bytes: Option<u64>,
     /// Bytes per static file (several page slots per file).
     pub file_size: Option<u64>,
     /// Keep data on close (`persist_enabled`).
@@ -222,6 +249,8 @@ impl StorageSpec {
             capacity_bytes: None,
             shard_dirs: false,
             durable: false,
+            layout: Layout::Files,
+            segment_bytes: None,
             file_size: None,
             persist: true,
             eviction: None,
@@ -571,6 +600,34 @@ impl EngineConfig {
                 }),
             _ => {}
         }
+        let layout = extra
+            .nixl_layout
+            .as_deref()
+            .map(|text| Layout::parse(text).ok_or(text));
+        let layout = match layout {
+            None => None,
+            Some(Ok(layout)) => Some(layout),
+            Some(Err(text)) => {
+                errors.push(Error::InvalidSetting {
+                    key: "extra_config.nixl_layout".to_owned(),
+                    message: format!("expected segments or files, got {text:?}"),
+                });
+                None
+            }
+        };
+        let layout = crate::l2::layout_rules(
+            backend,
+            mode,
+            layout,
+            extra.nixl_segment_size_mb,
+            false,
+            &mut |key, message| {
+                errors.push(Error::InvalidSetting {
+                    key: format!("extra_config.nixl_{key}"),
+                    message,
+                })
+            },
+        );
         let eviction = extra.nixl_eviction.as_ref().and_then(|value| {
             crate::l2::parse_eviction(value, "extra_config.nixl_eviction", &mut |key, message| {
                 errors.push(Error::InvalidSetting { key, message })
@@ -606,6 +663,10 @@ impl EngineConfig {
         spec.cache_policy = self.cache_policy.clone();
         spec.capacity_bytes = capacity_bytes;
         spec.eviction = eviction;
+        if let Some((layout, segment_bytes)) = layout {
+            spec.layout = layout;
+            spec.segment_bytes = segment_bytes;
+        }
         if let Some(message) = crate::l2::eviction_without_capacity(&spec) {
             return Err(Error::InvalidSetting {
                 key: "extra_config.nixl_eviction".to_owned(),

@@ -916,3 +916,34 @@ fn enable_pd_forces_unfull_chunks_and_capacity_must_be_positive() {
         );
     }
 }
+
+/// The YAML spelling of the layout: `nixl_layout`, `nixl_segment_size_mb`.
+#[test]
+fn nixl_layout_from_the_yaml() {
+    let dynamic = POSIX_STATIC.replace("nixl_pool_size: 64", "nixl_pool_size: 0");
+    let spec = spec(&format!(
+        "{dynamic}  nixl_layout: segments\n  nixl_segment_size_mb: 128\n"
+    ));
+    assert_eq!(spec.layout, kv_config::Layout::Segments);
+    assert_eq!(spec.segment_bytes, Some(128 << 20));
+    let messages = errors(
+        &format!("{POSIX_STATIC}  nixl_layout: segments\n"),
+        Deployment::new(),
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("extra_config.nixl_layout")),
+        "{messages:?}"
+    );
+    let messages = errors(
+        &format!("{dynamic}  nixl_layout: blocks\n"),
+        Deployment::new(),
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("extra_config.nixl_layout")),
+        "{messages:?}"
+    );
+}

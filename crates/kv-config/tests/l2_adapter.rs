@@ -400,3 +400,39 @@ fn eviction_without_a_capacity_is_refused_for_objects() {
     }
     parse(&[r#"{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{"bucket":"b"},"eviction":{"eviction_policy":"noop"}}"#]).unwrap();
 }
+
+/// `layout` picks per-key files (the default) or segments for a dynamic store over files, with
+/// `segment_size_mb`; anywhere else, or with a value it does not know, it is refused by name.
+#[test]
+fn layout_and_segment_size_apply_to_dynamic_files() {
+    let dynamic = |params: &str| {
+        format!(
+            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"/x","max_capacity_gb":"1"{params}}}}}"#
+        )
+    };
+    let spec = |json: &str| parse(&[json]).unwrap().value.remove(0).storage.unwrap();
+    assert_eq!(spec(&dynamic("")).layout, kv_config::Layout::Files);
+    let segments = spec(&dynamic(r#","layout":"segments","segment_size_mb":"64""#));
+    assert_eq!(segments.layout, kv_config::Layout::Segments);
+    assert_eq!(segments.segment_bytes, Some(64 << 20));
+    assert!(
+        !segments.backend_params.expose().contains_key("layout"),
+        "layout is ours, not the plugin's"
+    );
+    for (json, key) in [
+        (dynamic(r#","layout":"blocks""#), "backend_params.layout"),
+        (dynamic(r#","segment_size_mb":"64""#), "backend_params.segment_size_mb"),
+        (dynamic(r#","layout":"segments","shard_dirs":"true""#), "backend_params.shard_dirs"),
+        (
+            r#"{"type":"nixl_store","backend":"POSIX","pool_size":2,"backend_params":{"file_path":"/x","use_direct_io":"false","layout":"segments"}}"#.to_owned(),
+            "backend_params.layout",
+        ),
+        (
+            r#"{"type":"nixl_store_dynamic","backend":"HF3FS","backend_params":{"file_path":"/x","max_capacity_gb":"1","layout":"segments"}}"#.to_owned(),
+            "backend_params.layout",
+        ),
+    ] {
+        let all = messages(&[json.as_str()]);
+        assert!(all.iter().any(|m| m.contains(key)), "{json}: {all:?}");
+    }
+}

@@ -105,7 +105,8 @@ impl StoreReport {
 #[derive(Debug, Clone, PartialEq, Default)]
 #[non_exhaustive]
 pub struct Usage {
-    /// Bytes stored.
+    /// Bytes stored, and bytes of writes in flight (queued background puts among them): what
+    /// capacity and eviction must count.
     pub used_bytes: u64,
     /// Capacity, 0 when unknown or unlimited (object stores).
     pub capacity_bytes: u64,
@@ -188,7 +189,7 @@ pub struct EvictionReport {
 ///   nor after a failed store of it.
 /// - [`load`](L2Adapter::load) MUST NOT report success for data that does not check out.
 /// - [`delete`](L2Adapter::delete) and eviction MUST skip pinned keys.
-/// - Usage MUST never go negative and MUST match what is indexed.
+/// - Usage MUST never go negative and MUST match what is indexed plus what is being written.
 /// - Every method is safe to call from several threads at once.
 pub trait L2Adapter: Send + Sync + Debug + 'static {
     /// Stores pages under keys, in order; per-key outcomes.

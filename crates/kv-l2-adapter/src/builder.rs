@@ -3,19 +3,19 @@
 //! page pool sized and backed as configured, the adapters, and the eviction controller running
 //! for them. [`open_channel`] does the same for the transfer channel.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kv_config::{
-    ChannelKind, ChannelSpec, Deployment, EngineConfig, EvictionSpec, HiCacheConfig, PdRole,
-    StorageSpec, Warning,
+    ChannelKind, ChannelSpec, Deployment, EngineConfig, EvictionPolicy, EvictionSpec,
+    HiCacheConfig, PdRole, StorageSpec, Warning,
 };
 use nixl_core::{Channel, ChannelConfig, ChannelType, NixlTransport, Role};
 use pinned_alloc::{KvShape, Page, PagePool, PoolConfig};
 
 use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
 use crate::error::{Error, Result};
-use crate::eviction::{EvictionController, EvictionKick, eviction_pass};
+use crate::eviction::{EvictionController, EvictionKick, Pass, eviction_pass};
 use crate::hicache::HiCache;
 use crate::keys::ChunkKey;
 use crate::registry::{AdapterContext, AdapterFactory, Engine, build_storage};
@@ -45,6 +45,7 @@ pub struct StoreBuilder {
     kv_shape: Option<KvShape>,
     pool_bytes: Option<u64>,
     eviction_interval: Duration,
+    evicting: bool,
 }
 
 impl StoreBuilder {
@@ -58,6 +59,7 @@ impl StoreBuilder {
             kv_shape: None,
             pool_bytes: None,
             eviction_interval: DEFAULT_EVICTION_INTERVAL,
+            evicting: true,
         }
     }
 
@@ -115,6 +117,13 @@ impl StoreBuilder {
     /// or an LMCache GPU-mode host pool); an LMCache CPU-mode pool is `max_local_cpu_size`.
     pub fn with_pool_bytes(mut self, pool_bytes: u64) -> Self {
         self.pool_bytes = Some(pool_bytes);
+        self
+    }
+
+    /// Whether configured eviction runs (the default). Off for a store opened only to read or
+    /// list, which should never delete what it finds.
+    pub fn with_eviction(mut self, evicting: bool) -> Self {
+        self.evicting = evicting;
         self
     }
 
@@ -183,7 +192,8 @@ impl StoreBuilder {
             Source::L2Adapters(values) => {
                 let pool = self.pool(chunk, None, false)?;
                 let context = AdapterContext::new(Arc::clone(&pool)).with_engine(self.engine);
-                let built = self.factory.build(values, &context)?;
+                let (built, parsed_warnings) = self.factory.build_loaded(values, &context)?;
+                warnings.extend(parsed_warnings);
                 let tiers = built
                     .into_iter()
                     .map(|(spec, adapter)| {
@@ -191,7 +201,7 @@ impl StoreBuilder {
                         Tier::new(name, adapter, spec.eviction, spec.storage)
                     })
                     .collect();
-                return Store::start(pool, tiers, warnings, self.eviction_interval);
+                return Store::start(pool, tiers, warnings, self.eviction_interval, self.evicting);
             }
             Source::HiCache(config) => {
                 let backend = hicache_backend(config, self.engine)?;
@@ -206,7 +216,7 @@ impl StoreBuilder {
             let adapter = build_storage(&spec, &context)?;
             tiers.push(Tier::new(name, adapter, spec.eviction, Some(spec)));
         }
-        Store::start(pool, tiers, warnings, self.eviction_interval)
+        Store::start(pool, tiers, warnings, self.eviction_interval, self.evicting)
     }
 }
 
@@ -299,6 +309,7 @@ impl Store {
         mut tiers: Vec<Tier>,
         warnings: Vec<Warning>,
         interval: Duration,
+        evicting: bool,
     ) -> Result<Store> {
         if tiers.is_empty() {
             return Err(Error::Setting {
@@ -306,22 +317,34 @@ impl Store {
                 message: "no adapter given".to_owned(),
             });
         }
-        let evicted: Vec<(Arc<dyn L2Adapter>, EvictionSpec)> = tiers
-            .iter()
-            .filter_map(|t| Some((Arc::clone(&t.adapter), t.eviction?)))
-            .collect();
-        let eviction = (!evicted.is_empty()).then(|| EvictionController::spawn(evicted, interval));
-        if let Some(controller) = &eviction {
+        let kick = EvictionKick::default();
+        let mut passes: Vec<Pass> = Vec::new();
+        if evicting {
             for tier in &mut tiers {
-                if let Some(spec) = tier.eviction {
-                    tier.adapter = Arc::new(Evicting {
-                        inner: Arc::clone(&tier.adapter),
-                        spec,
-                        kick: controller.kicker(),
-                    });
-                }
+                let Some(spec) = tier.eviction else { continue };
+                let wrapped = Arc::new(Evicting {
+                    inner: Arc::clone(&tier.adapter),
+                    spec,
+                    kick: kick.clone(),
+                    passes: Mutex::new(()),
+                });
+                let for_controller = Arc::clone(&wrapped);
+                passes.push(Box::new(move || for_controller.pass()));
+                tier.adapter = wrapped;
             }
         }
+        let eviction = if passes.is_empty() {
+            None
+        } else {
+            Some(
+                EvictionController::spawn_passes(kick, passes, interval).map_err(|err| {
+                    Error::Setting {
+                        key: "eviction".to_owned(),
+                        message: format!("the eviction thread could not start: {err}"),
+                    }
+                })?,
+            )
+        };
         Ok(Store {
             eviction,
             tiers,
@@ -370,6 +393,22 @@ impl Store {
     }
 }
 
+/// Eviction passes a store runs in the caller before it reports a key refused for room.
+const MAX_EVICTION_RETRIES: usize = 8;
+
+/// Whether a key was refused for want of room: the adapter's capacity, a full static pool, or
+/// no free segment.
+fn refused_for_room(outcome: &KeyOutcome) -> bool {
+    matches!(
+        outcome,
+        KeyOutcome::Failed(
+            Error::CapacityExceeded { .. }
+                | Error::PoolFull { .. }
+                | Error::File(nixl_file::Error::NoSpace { .. })
+        )
+    )
+}
+
 /// An adapter with watermark eviction: a store that leaves it at or over the watermark wakes
 /// the controller, and keys refused for want of room are retried once after an eviction pass
 /// run in the caller, so a full store keeps accepting instead of refusing until the next tick.
@@ -378,31 +417,64 @@ struct Evicting {
     inner: Arc<dyn L2Adapter>,
     spec: EvictionSpec,
     kick: EvictionKick,
+    /// Held for a whole pass, by the controller and by stores alike, so passes never overlap
+    /// (each would evict its ratio of what the other left).
+    passes: Mutex<()>,
+}
+
+impl Evicting {
+    fn pass(&self) -> EvictionReport {
+        let _one_at_a_time = self.passes.lock().unwrap_or_else(|p| p.into_inner());
+        eviction_pass(self.inner.as_ref(), &self.spec)
+    }
+
+    /// A pass for a store refused for room: the watermark pass, or, where storage is full below
+    /// the watermark (segments free space a segment at a time), the policy's ratio anyway.
+    fn make_room(&self) -> EvictionReport {
+        let report = eviction_pass(self.inner.as_ref(), &self.spec);
+        if report.evicted > 0 || self.spec.policy == EvictionPolicy::Noop {
+            return report;
+        }
+        self.inner
+            .evict(self.spec.eviction_ratio.max(f64::MIN_POSITIVE), None)
+    }
+
+    /// Stores the refused keys again; whether any is still refused.
+    fn retry(&self, keys: &[ChunkKey], pages: &[&Page], report: &mut StoreReport) -> bool {
+        let refused: Vec<usize> = report
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(i, outcome)| *i < pages.len() && refused_for_room(outcome))
+            .map(|(i, _)| i)
+            .collect();
+        if refused.is_empty() {
+            return false;
+        }
+        let retry_keys: Vec<ChunkKey> = refused.iter().map(|&i| keys[i].clone()).collect();
+        let retry_pages: Vec<&Page> = refused.iter().map(|&i| pages[i]).collect();
+        let retried = self.inner.store(&retry_keys, &retry_pages);
+        for (&i, outcome) in refused.iter().zip(retried.keys) {
+            report.keys[i] = outcome;
+        }
+        report.keys.iter().any(refused_for_room)
+    }
 }
 
 #[deny(clippy::missing_trait_methods)]
 impl L2Adapter for Evicting {
     fn store(&self, keys: &[ChunkKey], pages: &[&Page]) -> StoreReport {
         let mut report = self.inner.store(keys, pages);
-        let refused: Vec<usize> = report
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, outcome)| {
-                matches!(
-                    outcome,
-                    KeyOutcome::Failed(Error::CapacityExceeded { .. } | Error::PoolFull { .. })
-                )
-            })
-            .map(|(i, _)| i)
-            .filter(|&i| i < pages.len())
-            .collect();
-        if !refused.is_empty() && eviction_pass(self.inner.as_ref(), &self.spec).evicted > 0 {
-            let retry_keys: Vec<ChunkKey> = refused.iter().map(|&i| keys[i].clone()).collect();
-            let retry_pages: Vec<&Page> = refused.iter().map(|&i| pages[i]).collect();
-            let retried = self.inner.store(&retry_keys, &retry_pages);
-            for (&i, outcome) in refused.iter().zip(retried.keys) {
-                report.keys[i] = outcome;
+        if report.keys.iter().any(refused_for_room) {
+            // Under the pass lock: first retry (another thread's pass may have made room), then
+            // evict and retry, a few passes at most (segments free space a segment at a time).
+            let _one_at_a_time = self.passes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut still_refused = self.retry(keys, pages, &mut report);
+            for _ in 0..MAX_EVICTION_RETRIES {
+                if !still_refused || self.make_room().evicted == 0 {
+                    break;
+                }
+                still_refused = self.retry(keys, pages, &mut report);
             }
         }
         if self.inner.usage().fraction() >= self.spec.trigger_watermark {
@@ -500,6 +572,15 @@ pub fn open_channel(
             message: "must be positive".to_owned(),
         });
     }
+    let port = spec
+        .port_for(deployment.worker_id)
+        .ok_or_else(|| Error::Setting {
+            key: "pd_peer_init_port".to_owned(),
+            message: format!(
+                "worker {} has no port: the list {:?} gives one port per worker",
+                deployment.worker_id, spec.init_ports
+            ),
+        })?;
     let pool = PoolConfig::new(chunk_bytes, spec.buffer_bytes).build()?;
     let config = ChannelConfig::new(
         match spec.kind {
@@ -511,7 +592,7 @@ pub fn open_channel(
             PdRole::Receiver => Role::Receiver,
         },
         spec.peer_host.clone(),
-        spec.port_for(deployment.local_worker_id),
+        port,
     );
     let channel = nixl_core::create_channel(config, Arc::clone(&pool))?;
     Ok((channel, pool))

@@ -2,6 +2,7 @@
 //! recovery after a restart, presence cache, optional background puts.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -35,6 +36,8 @@ pub struct DynamicOptions {
     /// Where [`store`](L2Adapter::store) copies pages it queues: the L1 pool the transport
     /// registered. Without it `store` writes synchronously (only
     /// [`store_async`](DynamicAdapter::store_async), which hands over its pages, queues).
+    /// Queued batches hold at most a quarter of its pages (at least one) at a time: past that,
+    /// `store` writes in the caller, so the engine keeps the rest of its pool.
     pub staging: Option<Arc<PagePool>>,
 }
 
@@ -162,6 +165,53 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled whenever keys leave `State::busy`.
     settled: Condvar,
+    /// Staging pages held by queued or writing batches, and at most how many may be.
+    staging: Arc<StagingBudget>,
+}
+
+/// How many staging pages queued batches hold, against a cap: a quarter of the L1 pool, so
+/// background puts never take the pages the engine needs (the queue's depth bounds batches,
+/// not pages: one large batch would otherwise hold as many pages as it has keys).
+#[derive(Debug)]
+struct StagingBudget {
+    in_use: AtomicUsize,
+    cap: usize,
+}
+
+impl StagingBudget {
+    /// The cap for a pool of `total` pages: a quarter, at least one.
+    fn for_pool(total: usize) -> Self {
+        Self {
+            in_use: AtomicUsize::new(0),
+            cap: (total / 4).max(1),
+        }
+    }
+
+    /// Takes `n` pages of the budget, or `None` when they would pass the cap.
+    fn take(self: &Arc<Self>, n: usize) -> Option<StagingPermit> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&after| after <= self.cap)
+            })
+            .ok()?;
+        Some(StagingPermit {
+            budget: Arc::clone(self),
+            pages: n,
+        })
+    }
+}
+
+/// Staging pages taken from the budget; given back when the job holding them is dropped.
+#[derive(Debug)]
+struct StagingPermit {
+    budget: Arc<StagingBudget>,
+    pages: usize,
+}
+
+impl Drop for StagingPermit {
+    fn drop(&mut self) {
+        self.budget.in_use.fetch_sub(self.pages, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -177,6 +227,8 @@ impl std::fmt::Debug for Shared {
 struct AsyncJob {
     keys: Vec<ChunkKey>,
     pages: Vec<Page>,
+    /// The staging budget the pages hold (none for pages handed over by `store_async`).
+    _permit: Option<StagingPermit>,
 }
 
 impl AsyncJob {
@@ -386,16 +438,58 @@ fn spawn_async(
 impl DynamicAdapter {
     /// Indexes chunks found in storage at open, oldest first, so capacity and eviction count
     /// what earlier processes left (lazy recovery alone would leave them unaccounted: a store
-    /// reopened per command would grow without bound). Usage may start above capacity; the
-    /// eviction controller brings it down. Returns how many keys joined the index.
-    pub fn adopt_stored(&self, chunks: impl IntoIterator<Item = (ChunkKey, u64)>) -> usize {
+    /// reopened per command would grow without bound). Returns how many keys joined the index.
+    ///
+    /// With eviction configured (`evicting`) every chunk is adopted: usage may start above
+    /// capacity, and the eviction controller brings it down. Without it nothing would, and
+    /// every store would be refused for good, so only the newest chunks that fit the capacity
+    /// are adopted; the rest stay on storage for lazy recovery, with a warning.
+    pub(crate) fn adopt_stored(
+        &self,
+        chunks: impl IntoIterator<Item = (ChunkKey, u64)>,
+        evicting: bool,
+    ) -> usize {
         let mut state = self.shared.state();
-        let mut adopted = 0;
+        let mut fresh: Vec<(ChunkKey, u64)> = Vec::new();
+        let mut seen = HashSet::new();
         for (key, bytes) in chunks {
-            if !state.index.contains(&key) && !state.index.inflight.contains(&key) {
-                state.index.insert(key, bytes, 0);
-                adopted += 1;
+            if !state.index.contains(&key)
+                && !state.index.inflight.contains(&key)
+                && seen.insert(key.clone())
+            {
+                fresh.push((key, bytes));
             }
+        }
+        let start = match self.shared.options.capacity_bytes {
+            Some(capacity) if !evicting => {
+                // Newest first, stopping at the first chunk that does not fit.
+                let mut room = capacity.saturating_sub(state.index.used() + state.reserved);
+                let mut start = fresh.len();
+                while let Some(i) = start.checked_sub(1) {
+                    let Some(left) = room.checked_sub(fresh[i].1) else {
+                        break;
+                    };
+                    room = left;
+                    start = i;
+                }
+                if start > 0 {
+                    let bytes: u64 = fresh[..start].iter().map(|(_, b)| b).sum();
+                    tracing::warn!(
+                        chunks = start,
+                        bytes,
+                        capacity,
+                        "chunks on storage beyond max_capacity_gb are not indexed (no eviction \
+                         is configured); they are left to lazy recovery"
+                    );
+                }
+                start
+            }
+            _ => 0,
+        };
+        let adopted = fresh.len() - start;
+        // Oldest first, so the LRU order is the storage's.
+        for (key, bytes) in fresh.drain(start..) {
+            state.index.insert(key, bytes, 0);
         }
         adopted
     }
@@ -403,11 +497,16 @@ impl DynamicAdapter {
     /// An adapter over `storage`.
     pub fn new(storage: Box<dyn ChunkStorage>, options: DynamicOptions) -> Self {
         let depth = options.async_queue;
+        let staging_pages = options
+            .staging
+            .as_ref()
+            .map_or(0, |pool| pool.stats().total);
         let shared = Arc::new(Shared {
             storage,
             options,
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
+            staging: Arc::new(StagingBudget::for_pool(staging_pages)),
         });
         let queue = if depth > 0 {
             spawn_async(Arc::clone(&shared), depth)
@@ -438,6 +537,7 @@ impl DynamicAdapter {
         let job = AsyncJob {
             keys: job_keys,
             pages: job_pages,
+            _permit: None,
         };
         match self.sender() {
             Some(tx) if !reserved.is_empty() => self.submit(tx, &reserved, job, &mut outcomes),
@@ -453,10 +553,12 @@ impl DynamicAdapter {
     }
 
     /// Copies the reserved pages into pages of the staging pool, or `None` (the caller writes
-    /// them itself) when there is no pool, it is short of free pages, or a page is longer than
-    /// the pool's. Never waits for pages: they are the L1 pool's, which the engine needs too.
+    /// them itself) when there is no pool, it is short of free pages, queued batches already
+    /// hold the staging cap (a quarter of the pool), or a page is longer than the pool's. Never
+    /// waits for pages: they are the L1 pool's, which the engine needs too.
     fn stage(&self, keys: &[ChunkKey], pages: &[&Page], reserved: &[usize]) -> Option<AsyncJob> {
         let pool = self.shared.options.staging.as_ref()?;
+        let permit = self.shared.staging.take(reserved.len())?;
         let mut staged = pool.allocate_batch(reserved.len()).ok()?;
         for (copy, &i) in staged.iter_mut().zip(reserved) {
             let source = pages[i].as_slice();
@@ -468,6 +570,7 @@ impl DynamicAdapter {
         Some(AsyncJob {
             keys: reserved.iter().map(|&i| keys[i].clone()).collect(),
             pages: staged,
+            _permit: Some(permit),
         })
     }
 
@@ -712,8 +815,15 @@ impl L2Adapter for DynamicAdapter {
         self.shared.storage.stored_size(key).ok().flatten()
     }
 
+    /// `used_bytes` counts the bytes of batches in flight (reserved, queued background puts
+    /// included) beside the indexed ones: the capacity already counts them, so the watermark
+    /// and eviction must too, or they would see room that stores are refused. `keys`,
+    /// `pinned` and `bytes_by_salt` count indexed keys only.
     fn usage(&self) -> Usage {
-        self.shared.state().index.usage(self.shared.capacity())
+        let state = self.shared.state();
+        let mut usage = state.index.usage(self.shared.capacity());
+        usage.used_bytes += state.reserved;
+        usage
     }
 
     fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
@@ -1049,6 +1159,109 @@ mod tests {
             "close returned before the queued write"
         );
         opener.join().unwrap();
+    }
+
+    #[test]
+    fn usage_counts_queued_bytes() {
+        let pool = pool(8);
+        let (adapter, storage) = gated(4, Some(4), &pool);
+        assert!(matches!(
+            store_one(&adapter, &pool, 1),
+            KeyOutcome::Queued { .. }
+        ));
+        storage.wait_entered(1);
+        let usage = adapter.usage();
+        assert_eq!(
+            usage.used_bytes, PAGE as u64,
+            "a queued page holds capacity, so usage shows it: {usage:?}"
+        );
+        assert!((usage.fraction() - 0.25).abs() < 1e-9, "{usage:?}");
+        assert_eq!(usage.keys, 0, "not indexed until written");
+        storage.open();
+        adapter.flush();
+        assert_eq!(adapter.usage().used_bytes, PAGE as u64, "counted once");
+    }
+
+    #[test]
+    fn staging_holds_at_most_a_quarter_of_the_pool() {
+        // Eight pages: two may be staged at a time.
+        let pool = pool(8);
+        let (adapter, storage) = gated(8, None, &pool);
+        let three: Vec<Page> = (1..=3).map(|i| page(&pool, i)).collect();
+        let refs: Vec<&Page> = three.iter().collect();
+        let keys: Vec<ChunkKey> = (1..=3).map(|i| key(i, None)).collect();
+        let report = adapter.store(&keys, &refs);
+        assert!(
+            report
+                .keys
+                .iter()
+                .all(|k| matches!(k, KeyOutcome::Stored { .. })),
+            "three pages pass the two-page cap: written here: {report:?}"
+        );
+        assert_eq!(pool.stats().free, 5, "no staging page taken");
+        drop(three);
+        let two: Vec<Page> = (4..=5).map(|i| page(&pool, i)).collect();
+        let refs: Vec<&Page> = two.iter().collect();
+        let keys: Vec<ChunkKey> = (4..=5).map(|i| key(i, None)).collect();
+        let report = adapter.store(&keys, &refs);
+        assert!(
+            report
+                .keys
+                .iter()
+                .all(|k| matches!(k, KeyOutcome::Queued { .. })),
+            "two pages fit the cap: {report:?}"
+        );
+        drop(two);
+        storage.wait_entered(1);
+        let sixth = store_one(&adapter, &pool, 6);
+        assert!(
+            matches!(sixth, KeyOutcome::Stored { .. }),
+            "the queued batch holds the cap: {sixth:?}"
+        );
+        assert!(pool.stats().free >= 6, "{:?}", pool.stats());
+        storage.open();
+        adapter.flush();
+        assert_eq!(pool.stats().free, 8, "staging pages went back");
+        let again = store_one(&adapter, &pool, 7);
+        assert!(
+            matches!(again, KeyOutcome::Stored { .. }),
+            "flushed: no queue any more: {again:?}"
+        );
+    }
+
+    /// A synchronous adapter over in-memory storage with a capacity of `pages`.
+    fn bounded(pages: u64) -> DynamicAdapter {
+        let options = DynamicOptions::new("gated").with_capacity(Some(pages * PAGE as u64));
+        DynamicAdapter::new(Box::new(Arc::new(Gated::default())), options)
+    }
+
+    fn found(n: u32) -> Vec<(ChunkKey, u64)> {
+        (0..n).map(|i| (key(i, None), PAGE as u64)).collect()
+    }
+
+    #[test]
+    fn adopting_without_eviction_keeps_the_newest_that_fit() {
+        let pool = pool(2);
+        let adapter = bounded(4);
+        assert_eq!(adapter.adopt_stored(found(8), false), 4);
+        let usage = adapter.usage();
+        assert_eq!(usage.used_bytes, 4 * PAGE as u64, "{usage:?}");
+        let indexed: Vec<ChunkKey> = (4..8).map(|i| key(i, None)).collect();
+        assert_eq!(adapter.batched_contains(&indexed), 4, "the newest four");
+        // Room made by a delete is room: the store is not refused for good.
+        assert_eq!(adapter.delete(&[key(7, None)]), 1);
+        assert!(matches!(
+            store_one(&adapter, &pool, 9),
+            KeyOutcome::Stored { .. }
+        ));
+    }
+
+    #[test]
+    fn adopting_with_eviction_takes_everything() {
+        let adapter = bounded(4);
+        assert_eq!(adapter.adopt_stored(found(8), true), 8);
+        assert_eq!(adapter.usage().used_bytes, 8 * PAGE as u64);
+        assert_eq!(adapter.adopt_stored(found(8), true), 0, "each key once");
     }
 
     #[test]

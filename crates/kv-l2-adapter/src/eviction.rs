@@ -56,16 +56,21 @@ struct Signal {
     kicked: bool,
 }
 
+type SharedSignal = Arc<(Mutex<Signal>, Condvar)>;
+
+/// One adapter's pass, as the controller runs it.
+pub(crate) type Pass = Box<dyn Fn() -> EvictionReport + Send>;
+
 /// Runs [`eviction_pass`] over every adapter on its own thread until dropped.
 #[derive(Debug)]
 pub struct EvictionController {
-    signal: Arc<(Mutex<Signal>, Condvar)>,
+    signal: SharedSignal,
     thread: Option<JoinHandle<()>>,
 }
 
 /// Wakes an [`EvictionController`] for a pass before its interval ends.
-#[derive(Debug, Clone)]
-pub(crate) struct EvictionKick(Arc<(Mutex<Signal>, Condvar)>);
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EvictionKick(SharedSignal);
 
 impl EvictionKick {
     pub(crate) fn kick(&self) {
@@ -76,43 +81,57 @@ impl EvictionKick {
 }
 
 impl EvictionController {
-    /// Starts the thread; it checks every `interval` (LMCache: one second), and at once when
-    /// kicked.
-    pub fn spawn(adapters: Vec<(Arc<dyn L2Adapter>, EvictionSpec)>, interval: Duration) -> Self {
-        let signal = Arc::new((Mutex::new(Signal::default()), Condvar::new()));
+    /// Starts the thread; it checks every `interval` (LMCache: one second). The first pass runs
+    /// after one interval, so opening a store never evicts by itself.
+    pub fn spawn(
+        adapters: Vec<(Arc<dyn L2Adapter>, EvictionSpec)>,
+        interval: Duration,
+    ) -> std::io::Result<Self> {
+        let passes = adapters
+            .into_iter()
+            .map(|(adapter, spec)| Box::new(move || eviction_pass(adapter.as_ref(), &spec)) as Pass)
+            .collect();
+        Self::spawn_passes(EvictionKick::default(), passes, interval)
+    }
+
+    /// Starts the thread over `passes`, woken early by `kick`.
+    pub(crate) fn spawn_passes(
+        kick: EvictionKick,
+        passes: Vec<Pass>,
+        interval: Duration,
+    ) -> std::io::Result<Self> {
+        let signal = kick.0;
         let shared = Arc::clone(&signal);
         let thread = std::thread::Builder::new()
             .name("kv-l2-eviction".to_owned())
             .spawn(move || {
                 let (lock, wake) = &*shared;
                 let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
-                while !state.stopped {
-                    state.kicked = false;
-                    drop(state);
-                    for (adapter, spec) in &adapters {
-                        let report = eviction_pass(adapter.as_ref(), spec);
-                        if report.evicted > 0 || report.skipped_pinned > 0 {
-                            tracing::debug!(?report, "eviction pass");
-                        }
-                    }
-                    state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
                     if !state.stopped && !state.kicked {
                         state = wake
                             .wait_timeout(state, interval)
                             .map(|(guard, _)| guard)
                             .unwrap_or_else(|p| p.into_inner().0);
                     }
+                    if state.stopped {
+                        break;
+                    }
+                    state.kicked = false;
+                    drop(state);
+                    for pass in &passes {
+                        let report = pass();
+                        if report.evicted > 0 || report.skipped_pinned > 0 {
+                            tracing::debug!(?report, "eviction pass");
+                        }
+                    }
+                    state = lock.lock().unwrap_or_else(|p| p.into_inner());
                 }
-            })
-            .expect("spawning the eviction thread");
-        Self {
+            })?;
+        Ok(Self {
             signal,
             thread: Some(thread),
-        }
-    }
-
-    pub(crate) fn kicker(&self) -> EvictionKick {
-        EvictionKick(Arc::clone(&self.signal))
+        })
     }
 }
 

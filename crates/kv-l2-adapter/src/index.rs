@@ -24,6 +24,8 @@ pub(crate) struct Index {
     next_tick: u64,
     used: u64,
     by_salt: BTreeMap<String, u64>,
+    /// Entries with at least one pin, kept as they change so `usage` walks no entries.
+    pinned: usize,
     /// Keys being written: never reported present.
     pub(crate) inflight: HashSet<ChunkKey>,
 }
@@ -82,6 +84,9 @@ impl Index {
     /// Removes a key, releasing its bytes.
     pub(crate) fn remove(&mut self, key: &ChunkKey) -> Option<Entry> {
         let entry = self.entries.remove(key)?;
+        if entry.pins > 0 {
+            self.pinned -= 1;
+        }
         self.lru.remove(&entry.tick);
         self.used = self.used.saturating_sub(entry.size);
         let salt = salt_of(key);
@@ -97,6 +102,9 @@ impl Index {
     pub(crate) fn pin(&mut self, key: &ChunkKey) -> bool {
         match self.entries.get_mut(key) {
             Some(entry) => {
+                if entry.pins == 0 {
+                    self.pinned += 1;
+                }
                 entry.pins += 1;
                 true
             }
@@ -106,8 +114,10 @@ impl Index {
 
     pub(crate) fn unpin(&mut self, key: &ChunkKey) {
         if let Some(entry) = self.entries.get_mut(key) {
-            if entry.pins == 0 {
-                tracing::warn!(key = ?key, "unlock of a key that is not pinned");
+            match entry.pins {
+                0 => tracing::warn!(key = ?key, "unlock of a key that is not pinned"),
+                1 => self.pinned -= 1,
+                _ => {}
             }
             entry.pins = entry.pins.saturating_sub(1);
         }
@@ -128,7 +138,7 @@ impl Index {
             capacity_bytes: capacity,
             bytes_by_salt: self.by_salt.clone(),
             keys: self.entries.len(),
-            pinned: self.entries.values().filter(|e| e.pins > 0).count(),
+            pinned: self.pinned,
         }
     }
 
@@ -168,6 +178,11 @@ impl Index {
         (free, pinned.len())
     }
 
+    /// Every entry, in no order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
     pub(crate) fn keys(&self) -> Vec<ChunkKey> {
         self.entries.keys().cloned().collect()
     }
@@ -181,5 +196,46 @@ pub(crate) fn eviction_count(candidates: usize, ratio: f64) -> usize {
         1
     } else {
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Index;
+    use crate::test_utils::key;
+
+    /// The pinned count kept as pins change, against a walk of the entries.
+    fn walked(index: &Index) -> usize {
+        index.entries.values().filter(|e| e.pins > 0).count()
+    }
+
+    #[test]
+    fn the_pinned_count_follows_pins_unpins_and_removals() {
+        let mut index = Index::default();
+        for i in 0..4 {
+            index.insert(key(i, None), 10, 0);
+        }
+        assert!(index.pin(&key(0, None)));
+        assert!(index.pin(&key(0, None)));
+        assert!(index.pin(&key(1, None)));
+        assert!(index.pin(&key(2, None)));
+        assert!(!index.pin(&key(9, None)));
+        assert_eq!(index.usage(0).pinned, 3);
+        index.unpin(&key(0, None));
+        assert_eq!(index.usage(0).pinned, 3, "key 0 still holds a pin");
+        index.unpin(&key(0, None));
+        index.unpin(&key(0, None));
+        index.unpin(&key(3, None));
+        assert_eq!(index.usage(0).pinned, 2);
+        assert_eq!(
+            index.remove_unpinned(&[key(1, None), key(3, None)]).len(),
+            1
+        );
+        assert!(index.remove(&key(2, None)).is_some());
+        assert_eq!(index.usage(0).pinned, 1);
+        index.insert(key(2, None), 10, 0);
+        assert_eq!(index.usage(0).pinned, 1, "a fresh entry starts unpinned");
+        assert_eq!(index.usage(0).pinned, walked(&index));
+        assert_eq!(index.usage(0).keys, 3);
     }
 }

@@ -46,8 +46,8 @@ pub use eviction::{EvictionController, eviction_pass};
 pub use hicache::HiCache;
 pub use keys::{CacheEngineKey, ChunkKey, ObjectKey, PageKey};
 pub use registry::{
-    AdapterConstructor, AdapterContext, AdapterFactory, Engine, build_storage, nixl_config_for,
-    transport_for,
+    AdapterConstructor, AdapterContext, AdapterFactory, BuiltAdapter, Engine, build_storage,
+    nixl_config_for, transport_for,
 };
 pub use static_adapter::{SlotStorage, StaticAdapter};
 pub use storage::{ChunkStorage, Objects};

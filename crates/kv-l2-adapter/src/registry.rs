@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kv_config::{AdapterRegistry, AdapterSpec, AdapterValidator, Mode, StorageKind, StorageSpec};
+use kv_config::{
+    AdapterRegistry, AdapterSpec, AdapterValidator, Layout, Mode, StorageKind, StorageSpec,
+};
 use nixl_core::{NixlConfig, NixlTransport, Registration, Transport, TransportExt};
 use nixl_file::{
-    DynamicConfig, DynamicFileStore, StaticConfig, StaticFilePool, UringConfig, UringTransport,
+    DynamicConfig, DynamicFileStore, SegmentConfig, SegmentStore, StaticConfig, StaticFilePool,
+    UringConfig, UringTransport,
 };
 use nixl_obj::{ObjectConfig, ObjectStore, StaticObjectPool};
 use pinned_alloc::{Page, PagePool};
@@ -202,7 +205,8 @@ fn check_context(spec: &StorageSpec, context: &AdapterContext) -> Result<()> {
 }
 
 /// Builds the adapter a storage spec describes (from the engine configuration or a
-/// `nixl_store*` `--l2-adapter`).
+/// `nixl_store*` `--l2-adapter`), without its eviction: [`StoreBuilder`](crate::StoreBuilder)
+/// runs that.
 pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc<dyn L2Adapter>> {
     check_context(spec, context)?;
     let page_bytes = context.memory.page_bytes();
@@ -218,15 +222,35 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
     };
     let adapter: Box<dyn L2Adapter> = match (spec.mode, spec.kind) {
         (Mode::Dynamic, kind) => {
-            let storage: Box<dyn crate::storage::ChunkStorage> = match kind {
-                StorageKind::File => Box::new(DynamicFileStore::open(
+            let segments = (kind == StorageKind::File && spec.layout == Layout::Segments)
+                .then(|| open_segments(spec, &transport, page_bytes))
+                .transpose()?;
+            // A segment holds whole entries (a header block and the padded payload) after its
+            // own header block: the payload it can take is what the adapter counts against.
+            let segment_capacity = segments.as_ref().map(|store| {
+                let usage = store.usage();
+                let block = nixl_core::header::HEADER_BYTES as u64;
+                let entry = block + (page_bytes as u64).next_multiple_of(block);
+                let per_segment = usage.segment_bytes.saturating_sub(block) / entry;
+                usage.segments as u64 * per_segment * page_bytes as u64
+            });
+            let found_in_segments = segments.as_ref().map(|store| {
+                store
+                    .list()
+                    .into_iter()
+                    .map(|chunk| (ChunkKey::from_file_key(chunk.key), chunk.payload_len))
+                    .collect::<Vec<_>>()
+            });
+            let storage: Box<dyn crate::storage::ChunkStorage> = match (kind, segments) {
+                (StorageKind::File, Some(store)) => Box::new(store),
+                (StorageKind::File, None) => Box::new(DynamicFileStore::open(
                     Arc::clone(&transport),
                     DynamicConfig::new(path()?)
                         .with_direct_io(spec.use_direct_io)
                         .with_shard_dirs(spec.shard_dirs)
                         .with_durable(spec.durable),
                 )?),
-                StorageKind::Object => Box::new(Objects {
+                (StorageKind::Object, _) => Box::new(Objects {
                     store: ObjectStore::open(
                         Arc::clone(&transport),
                         ObjectConfig::new(page_bytes),
@@ -235,23 +259,26 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                 }),
             };
             let mut options = DynamicOptions::new(label)
-                .with_capacity(spec.capacity_bytes)
+                .with_capacity(segment_capacity.or(spec.capacity_bytes))
                 .with_presence_cache(spec.presence_cache)
                 .with_persist(spec.persist);
             if spec.async_put {
                 // Staging pages come from the registered L1 pool, so the transport can write
-                // them; 8 batches bound what queued puts take from it.
+                // them; at most a quarter of it stages queued puts, and 8 batches wait at most.
                 options = options
                     .with_async_queue(8)
                     .with_staging(Arc::clone(&context.memory));
             }
             let adapter = DynamicAdapter::new(storage, options);
-            if kind == StorageKind::File
+            if let Some(found) = found_in_segments {
+                // A segment store's index is rebuilt from its headers at open: oldest first.
+                adapter.adopt_stored(found, spec.eviction.is_some());
+            } else if kind == StorageKind::File
                 && (spec.capacity_bytes.is_some() || spec.eviction.is_some())
             {
                 let folder = path()?;
                 let found = stored_oldest_first(&folder)?;
-                let adopted = adapter.adopt_stored(found);
+                let adopted = adapter.adopt_stored(found, spec.eviction.is_some());
                 if adopted > 0 {
                     tracing::info!(folder = %folder.display(), chunks = adopted, "indexed the chunks already stored");
                 }
@@ -295,6 +322,39 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
     }))
 }
 
+/// The segment store of a dynamic spec over files with `layout: segments`, over every
+/// configured folder, sized by its capacity.
+fn open_segments(
+    spec: &StorageSpec,
+    transport: &Arc<dyn Transport>,
+    page_bytes: usize,
+) -> Result<SegmentStore> {
+    let folders: Vec<std::path::PathBuf> = if spec.all_paths.is_empty() {
+        spec.path.iter().cloned().collect()
+    } else {
+        spec.all_paths.clone()
+    };
+    let capacity = spec.capacity_bytes.ok_or_else(|| Error::Setting {
+        key: "max_capacity_gb".to_owned(),
+        message: "layout: segments preallocates its capacity, so it needs one".to_owned(),
+    })?;
+    let mut config = SegmentConfig::new(folders)
+        .with_capacity_bytes(capacity)
+        .with_direct_io(spec.use_direct_io)
+        .with_durable(spec.durable);
+    let block = nixl_core::header::HEADER_BYTES as u64;
+    let segment_bytes = spec.segment_bytes.unwrap_or_else(|| {
+        // A small store gets four segments rather than none of the default size, each still
+        // holding a whole chunk after its header block.
+        let one_chunk = 2 * block + (page_bytes as u64).next_multiple_of(block);
+        nixl_file::DEFAULT_SEGMENT_BYTES
+            .min((capacity / 4).next_multiple_of(block))
+            .max(one_chunk)
+    });
+    config = config.with_segment_bytes(segment_bytes);
+    Ok(SegmentStore::open(Arc::clone(transport), config)?)
+}
+
 /// The chunks under `folder`, least recently written first (by modification time).
 fn stored_oldest_first(folder: &std::path::Path) -> Result<Vec<(ChunkKey, u64)>> {
     let mut chunks: Vec<_> = nixl_file::list_dir(folder)?
@@ -316,6 +376,9 @@ fn stored_oldest_first(folder: &std::path::Path) -> Result<Vec<(ChunkKey, u64)>>
         .map(|(_, key, bytes)| (key, bytes))
         .collect())
 }
+
+/// One built `--l2-adapter` value: its spec and the adapter.
+pub type BuiltAdapter = (AdapterSpec, Arc<dyn L2Adapter>);
 
 /// Builds an adapter of a downstream type from its validated `--l2-adapter` spec.
 pub type AdapterConstructor = fn(&AdapterSpec, &AdapterContext) -> Result<Arc<dyn L2Adapter>>;
@@ -360,13 +423,27 @@ impl AdapterFactory {
     }
 
     /// Validates every `--l2-adapter` value (all errors at once), then builds them in order.
+    ///
+    /// The adapters come without their `eviction` (it is in each [`AdapterSpec`], for the
+    /// caller to run): [`StoreBuilder`](crate::StoreBuilder) runs it.
     pub fn build<S: AsRef<str>>(
         &self,
         values: &[S],
         context: &AdapterContext,
-    ) -> Result<Vec<(AdapterSpec, Arc<dyn L2Adapter>)>> {
-        let specs = self.json.parse(values)?.value;
-        specs
+    ) -> Result<Vec<BuiltAdapter>> {
+        Ok(self.build_loaded(values, context)?.0)
+    }
+
+    /// [`AdapterFactory::build`], with the configuration's warnings.
+    pub(crate) fn build_loaded<S: AsRef<str>>(
+        &self,
+        values: &[S],
+        context: &AdapterContext,
+    ) -> Result<(Vec<BuiltAdapter>, Vec<kv_config::Warning>)> {
+        let loaded = self.json.parse(values)?;
+        let warnings = loaded.warnings;
+        let built = loaded
+            .value
             .into_iter()
             .map(|spec| {
                 let adapter = match (&spec.storage, self.constructors.get(&spec.type_name)) {
@@ -381,6 +458,7 @@ impl AdapterFactory {
                 };
                 Ok((spec, adapter))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((built, warnings))
     }
 }

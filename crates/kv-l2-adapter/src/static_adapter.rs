@@ -181,6 +181,15 @@ impl State {
         keys
     }
 
+    /// Whether `key`'s slot is being read (loads in flight): such a key is never a victim, at
+    /// store time or in a watermark pass. Its slot would not come free before the reads end,
+    /// so evicting it would only lose the key.
+    fn read_now(&self, key: &ChunkKey) -> bool {
+        self.index
+            .get(key)
+            .is_some_and(|e| self.readers.contains_key(&e.slot))
+    }
+
     /// Takes back the quarantined slots whose grace period has passed.
     fn reclaim(&mut self) {
         let now = Instant::now();
@@ -256,19 +265,24 @@ impl StaticAdapter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Frees up to `needed` slots by evicting unpinned keys in the cache policy's order. A key
-    /// whose slot is being read is passed over: its slot would not come free before the read
-    /// ends, so evicting it would only lose the key.
+    /// Frees slots until `needed` are free by evicting unpinned keys in the cache policy's
+    /// order, passing over keys being read ([`State::read_now`]). Evicts nothing when even
+    /// every such key would not make room: the batch is refused whole, and evicting first
+    /// would lose keys for nothing.
     fn make_room(&self, state: &mut State, needed: usize) {
+        let evictable = state
+            .index
+            .entries()
+            .filter(|e| e.pins == 0 && !state.readers.contains_key(&e.slot))
+            .count();
+        if state.free.len() + evictable < needed {
+            return;
+        }
         for key in state.victims(self.options.policy) {
             if state.free.len() >= needed {
                 break;
             }
-            let read_now = state
-                .index
-                .get(&key)
-                .is_some_and(|e| state.readers.contains_key(&e.slot));
-            if read_now {
+            if state.read_now(&key) {
                 continue;
             }
             let removed = state.index.remove_unpinned(std::slice::from_ref(&key));
@@ -508,14 +522,20 @@ impl L2Adapter for StaticAdapter {
             .usage(self.storage.slots() as u64 * self.slot_bytes)
     }
 
+    /// A watermark pass. A candidate being read is passed over like a pinned one (and counted
+    /// in `skipped_pinned`): evicting it would lose it while its slot stays busy.
     fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
-        let (candidates, skipped_pinned) = self.state().index.eviction_candidates(ratio, salt);
-        let before = self.state().index.used();
-        let evicted = self.delete(&candidates);
+        let mut state = self.state();
+        let (candidates, pinned) = state.index.eviction_candidates(ratio, salt);
+        let (read_now, free): (Vec<_>, Vec<_>) =
+            candidates.into_iter().partition(|k| state.read_now(k));
+        let before = state.index.used();
+        let removed = state.index.remove_unpinned(&free);
+        state.forget(&removed);
         EvictionReport {
-            evicted,
-            freed_bytes: before.saturating_sub(self.state().index.used()),
-            skipped_pinned,
+            evicted: removed.len(),
+            freed_bytes: before.saturating_sub(state.index.used()),
+            skipped_pinned: pinned + read_now.len(),
         }
     }
 
@@ -676,6 +696,75 @@ mod tests {
             "key 1 was being read"
         );
         assert!(adapter.stored_size(&key(2, None)).is_none());
+    }
+
+    #[test]
+    fn a_watermark_pass_passes_over_a_key_being_read() {
+        let pool = pages();
+        let storage = Arc::new(Gated::default());
+        let adapter = Arc::new(StaticAdapter::new(
+            Box::new(Arc::clone(&storage)),
+            "gated",
+            4096,
+        ));
+        for i in 1..=2 {
+            let mut page = pool.allocate().unwrap();
+            fill(i, &mut page);
+            assert!(adapter.store(&[key(i, None)], &[&page]).is_successful());
+        }
+        let (entered, in_read) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel();
+        *storage.entered.lock().unwrap() = Some(entered);
+        *storage.release.lock().unwrap() = Some(released);
+        let reader = {
+            let adapter = Arc::clone(&adapter);
+            let mut target = pool.allocate().unwrap();
+            std::thread::spawn(move || adapter.load(&[key(1, None)], &mut [&mut target]))
+        };
+        in_read.recv().unwrap();
+        let report = adapter.evict(1.0, None);
+        release.send(()).unwrap();
+        assert_eq!(reader.join().unwrap(), vec![true]);
+        assert_eq!(report.evicted, 1, "{report:?}");
+        assert_eq!(report.skipped_pinned, 1, "{report:?}");
+        assert!(
+            adapter.stored_size(&key(1, None)).is_some(),
+            "key 1 was being read"
+        );
+        assert!(adapter.stored_size(&key(2, None)).is_none());
+    }
+
+    #[test]
+    fn a_batch_that_cannot_fit_evicts_nothing() {
+        let pool = pages();
+        let adapter = StaticAdapter::new(Box::new(Arc::new(Memory::default())), "memory", 4096);
+        let batch: Vec<_> = (1..=4)
+            .map(|i| {
+                let mut page = pool.allocate().unwrap();
+                fill(i, &mut page);
+                page
+            })
+            .collect();
+        for (i, page) in (1..).zip(&batch[..2]) {
+            assert!(adapter.store(&[key(i, None)], &[page]).is_successful());
+        }
+        assert_eq!(adapter.lookup_and_pin(&[key(1, None)]), vec![true]);
+        // Two slots, one pinned: two new keys cannot fit, whatever is evicted.
+        let report = adapter.store(&[key(3, None), key(4, None)], &[&batch[2], &batch[3]]);
+        assert!(
+            report
+                .keys
+                .iter()
+                .all(|k| matches!(k, KeyOutcome::Failed(Error::PoolFull { .. }))),
+            "{report:?}"
+        );
+        assert!(
+            adapter.stored_size(&key(2, None)).is_some(),
+            "key 2 is not lost for a batch refused anyway"
+        );
+        adapter.unlock(&[key(1, None)]);
+        let report = adapter.store(&[key(3, None), key(4, None)], &[&batch[2], &batch[3]]);
+        assert!(report.is_successful(), "both evictable now: {report:?}");
     }
 
     /// Two slots whose writes fail while `failure` holds an error to fail with.

@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use nixl_file::DynamicFileStore;
+use nixl_file::{DynamicFileStore, SegmentStore};
 use nixl_obj::ObjectStore;
 use pinned_alloc::Page;
 
@@ -71,6 +71,46 @@ impl ChunkStorage for DynamicFileStore {
 
     fn delete(&self, key: &ChunkKey) -> Result<bool> {
         Ok(DynamicFileStore::delete(self, key.file_key())?)
+    }
+}
+
+impl ChunkStorage for SegmentStore {
+    fn kind(&self) -> &'static str {
+        "segment"
+    }
+
+    fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>> {
+        let items: Vec<_> = items.iter().map(|(k, p)| (k.file_key(), *p)).collect();
+        SegmentStore::put(self, &items)
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>> {
+        let mut items: Vec<_> = items
+            .iter_mut()
+            .map(|(k, p)| (k.file_key(), &mut **p))
+            .collect();
+        SegmentStore::get(self, &mut items)
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>> {
+        Ok(keys
+            .iter()
+            .map(|k| SegmentStore::contains(self, k.file_key()))
+            .collect())
+    }
+
+    fn stored_size(&self, key: &ChunkKey) -> Result<Option<u64>> {
+        Ok(SegmentStore::stored_size(self, key.file_key()))
+    }
+
+    fn delete(&self, key: &ChunkKey) -> Result<bool> {
+        Ok(SegmentStore::delete(self, key.file_key())?)
     }
 }
 

@@ -11,7 +11,7 @@ use pinned_alloc::{KvShape, Page};
 use serde_json::json;
 
 use crate::exit::{CliError, CliResult};
-use crate::store::StoreArgs;
+use crate::store::{Access, StoreArgs};
 
 /// Tokens per chunk (LMCache's default `chunk_size`).
 const CHUNK_TOKENS: u32 = 256;
@@ -71,6 +71,10 @@ pub(crate) struct BenchArgs {
     /// Engine: auto (NIXL if installed, else native io_uring), nixl, uring.
     #[arg(long, default_value = "auto")]
     engine: String,
+    /// Store layout: segments (preallocated segment files, sized to the run) or files (one
+    /// file per chunk, LMCache's layout).
+    #[arg(long, default_value = "segments")]
+    layout: String,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -173,10 +177,26 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
             temp.path().to_path_buf()
         }
     };
+    let layout = kv_config::Layout::parse(&args.layout)
+        .ok_or_else(|| CliError::usage("--layout must be segments or files"))?;
+    // Room for every chunk of the run with its header, plus slack for the last segment.
+    let stride = chunk_bytes.next_multiple_of(4096) + 4096;
+    let capacity_gb = ((args.chunks + 16) * stride) as f64 / (1u64 << 30) as f64;
+    let json = serde_json::json!({
+        "type": "nixl_store_dynamic",
+        "backend": "POSIX",
+        "backend_params": {
+            "file_path": dir.display().to_string(),
+            "use_direct_io": "true",
+            "max_capacity_gb": capacity_gb.to_string(),
+            "layout": args.layout.to_ascii_lowercase(),
+        },
+    })
+    .to_string();
     let store = StoreArgs {
         config: None,
-        l2_adapter: Vec::new(),
-        dir: Some(dir.clone()),
+        l2_adapter: vec![json],
+        dir: None,
         engine: args.engine.clone(),
         chunk_bytes,
         worker_id: 0,
@@ -184,7 +204,7 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         gpu: None,
     };
     let batch = args.batch.min(args.chunks);
-    let opened = store.open(2 * batch)?;
+    let opened = store.open(2 * batch, Access::Write)?;
     let adapter = &opened.adapter;
     let backend = adapter.status().backend;
     let total_bytes = (args.chunks * chunk_bytes) as u64;
@@ -266,8 +286,13 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
     adapter.close().map_err(CliError::storage)?;
 
     let gb = total_bytes as f64 / 1e9;
+    let layout_name = match layout {
+        kv_config::Layout::Segments => "segments",
+        _ => "files",
+    };
     let result = json!({
         "engine": backend,
+        "layout": layout_name,
         "model": args.model,
         "chunk_bytes": chunk_bytes,
         "chunks": args.chunks,
@@ -296,6 +321,7 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         dir.display()
     );
     println!("  engine           {backend}");
+    println!("  layout           {layout_name}");
     println!(
         "  put              {:>8.2} GB/s   batch p50 {:.1} ms, p99 {:.1} ms",
         f("put_gbps"),

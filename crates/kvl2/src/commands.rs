@@ -7,7 +7,7 @@ use kv_l2_adapter::ChunkKey;
 use serde_json::json;
 
 use crate::exit::{CliError, CliResult};
-use crate::store::{StoreArgs, parse_key};
+use crate::store::{Access, StoreArgs, parse_key};
 
 /// `kvl2 config check`: the normalised spec (secrets redacted), or every error with its key.
 pub(crate) fn config_check(configs: &[PathBuf], adapters: &[String]) -> CliResult<()> {
@@ -71,7 +71,7 @@ pub(crate) fn put(store: &StoreArgs, key: &str, file: &Path) -> CliResult<()> {
             store.chunk_bytes
         )));
     }
-    let opened = store.open(1)?;
+    let opened = store.open(1, Access::Write)?;
     let mut page = opened
         .pool
         .allocate()
@@ -90,7 +90,7 @@ pub(crate) fn put(store: &StoreArgs, key: &str, file: &Path) -> CliResult<()> {
 pub(crate) fn get(store: &StoreArgs, key: &str, out: &Path) -> CliResult<()> {
     let text = key;
     let key = parse_key(key)?;
-    let opened = store.open(1)?;
+    let opened = store.open(1, Access::Read)?;
     let size = opened
         .adapter
         .stored_size(&key)
@@ -124,7 +124,7 @@ fn keys_of(texts: &[String]) -> CliResult<Vec<ChunkKey>> {
 /// `kvl2 contains KEY...`: leading-hit count and per-key bits.
 pub(crate) fn contains(store: &StoreArgs, texts: &[String]) -> CliResult<()> {
     let keys = keys_of(texts)?;
-    let opened = store.open(1)?;
+    let opened = store.open(1, Access::Read)?;
     let bits = opened.adapter.lookup_and_pin(&keys);
     opened.adapter.unlock(&keys);
     let leading = opened.adapter.batched_contains(&keys);
@@ -139,7 +139,7 @@ pub(crate) fn contains(store: &StoreArgs, texts: &[String]) -> CliResult<()> {
 /// `kvl2 rm KEY...`.
 pub(crate) fn rm(store: &StoreArgs, texts: &[String]) -> CliResult<()> {
     let keys = keys_of(texts)?;
-    let opened = store.open(1)?;
+    let opened = store.open(1, Access::Write)?;
     // Deletion acts on what the adapter knows; a lookup first recovers keys stored by others.
     opened.adapter.lookup_and_pin(&keys);
     opened.adapter.unlock(&keys);
@@ -158,13 +158,13 @@ pub(crate) fn rm(store: &StoreArgs, texts: &[String]) -> CliResult<()> {
 
 /// `kvl2 ls`: one JSON line per chunk of a file-based dynamic store.
 pub(crate) fn ls(store: &StoreArgs) -> CliResult<()> {
-    let opened = store.open(1)?;
-    let Some(folder) = opened.folder else {
+    let opened = store.open(1, Access::Read)?;
+    let Some(chunks) = opened.stored_chunks()? else {
         return Err(CliError::usage(
-            "ls lists file-based dynamic stores (--dir, or nixl_store_dynamic on a file backend)",
+            "ls lists dynamic stores over files (--dir, or nixl_store_dynamic on a file backend)",
         ));
     };
-    for chunk in nixl_file::list_dir(&folder).map_err(CliError::storage)? {
+    for chunk in chunks {
         println!(
             "{}",
             json!({
@@ -173,8 +173,8 @@ pub(crate) fn ls(store: &StoreArgs) -> CliResult<()> {
                 "group_id": chunk.key.group_id,
                 "chunk_hash": chunk.key.chunk_hash.iter().map(|b| format!("{b:02x}")).collect::<String>(),
                 "cache_salt": chunk.key.cache_salt,
-                "bytes": chunk.payload_len,
-                "path": chunk.path.display().to_string(),
+                "bytes": chunk.bytes,
+                "path": chunk.place,
             })
         );
     }
@@ -183,17 +183,14 @@ pub(crate) fn ls(store: &StoreArgs) -> CliResult<()> {
 
 /// `kvl2 stat`: usage, capacity, counts.
 pub(crate) fn stat(store: &StoreArgs) -> CliResult<()> {
-    let opened = store.open(1)?;
+    let opened = store.open(1, Access::Read)?;
     let usage = opened.adapter.usage();
     let status = opened.adapter.status();
-    let on_disk = match &opened.folder {
-        Some(folder) => {
-            let chunks = nixl_file::list_dir(folder).map_err(CliError::storage)?;
-            json!({
-                "chunks": chunks.len(),
-                "bytes": chunks.iter().map(|c| c.payload_len).sum::<u64>(),
-            })
-        }
+    let on_disk = match opened.stored_chunks()? {
+        Some(chunks) => json!({
+            "chunks": chunks.len(),
+            "bytes": chunks.iter().map(|c| c.bytes).sum::<u64>(),
+        }),
         None => serde_json::Value::Null,
     };
     println!(
@@ -219,7 +216,7 @@ pub(crate) fn evict(store: &StoreArgs, ratio: f64) -> CliResult<()> {
     if !(0.0..=1.0).contains(&ratio) {
         return Err(CliError::usage("--ratio must be in [0, 1]"));
     }
-    let opened = store.open(1)?;
+    let opened = store.open(1, Access::Read)?;
     if let Some(folder) = &opened.folder {
         // A fresh process knows nothing yet: recover what is on disk so LRU can see it.
         let chunks = nixl_file::list_dir(folder).map_err(CliError::storage)?;

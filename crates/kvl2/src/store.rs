@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use kv_config::{ConfigLoader, Deployment};
+use kv_config::{ConfigLoader, Deployment, Layout, StorageKind};
 use kv_l2_adapter::{CacheEngineKey, ChunkKey, Engine, L2Adapter, PageKey, Store, StoreBuilder};
+use nixl_core::Transport;
+use nixl_file::{FileKey, SegmentConfig, SegmentStore, UringConfig, UringTransport};
 use pinned_alloc::PagePool;
 
 use crate::exit::{CliError, CliResult};
@@ -45,6 +47,8 @@ pub(crate) struct Opened {
     pub(crate) pool: Arc<PagePool>,
     /// The folder of a file-based dynamic store, for listing.
     pub(crate) folder: Option<PathBuf>,
+    /// The folders of a segment store (`layout: segments`), for listing.
+    segments: Option<Vec<PathBuf>>,
     /// The running store (its eviction controller among it), kept for as long as the command runs.
     _store: Store,
 }
@@ -74,10 +78,19 @@ pub(crate) fn default_adapter_json(dir: &std::path::Path) -> String {
     .to_string()
 }
 
+/// What a command does to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reads or lists only: configured eviction does not run, so opening deletes nothing.
+    Read,
+    /// Writes: configured eviction runs.
+    Write,
+}
+
 impl StoreArgs {
     /// Opens the store through the public builder, with a staging pool of `pages` pages where
     /// the configuration does not size it (an LMCache CPU-mode pool is `max_local_cpu_size`).
-    pub(crate) fn open(&self, pages: usize) -> CliResult<Opened> {
+    pub(crate) fn open(&self, pages: usize, access: Access) -> CliResult<Opened> {
         if self.chunk_bytes == 0 {
             return Err(CliError::usage("--chunk-bytes must be positive"));
         }
@@ -119,18 +132,71 @@ impl StoreArgs {
             .with_deployment(deployment)
             .with_engine(engine(&self.engine)?)
             .with_pool_bytes((pages.max(1) * self.chunk_bytes.next_multiple_of(4096)) as u64)
+            .with_eviction(access == Access::Write)
             .build()
             .map_err(CliError::from_adapter)?;
-        let folder = store.tiers()[0]
+        let dynamic_files = store.tiers()[0]
             .spec()
-            .filter(|spec| spec.mode == kv_config::Mode::Dynamic)
+            .filter(|spec| spec.mode == kv_config::Mode::Dynamic && spec.kind == StorageKind::File);
+        let segments = dynamic_files
+            .filter(|spec| spec.layout == Layout::Segments)
+            .map(|spec| spec.all_paths.clone());
+        let folder = dynamic_files
+            .filter(|spec| spec.layout == Layout::Files)
             .and_then(|spec| spec.path.clone());
         Ok(Opened {
             adapter: Arc::clone(store.adapter()),
             pool: Arc::clone(store.pool()),
             folder,
+            segments,
             _store: store,
         })
+    }
+}
+
+/// One chunk found in storage, for `ls` and `stat`.
+pub(crate) struct Listed {
+    pub(crate) key: FileKey,
+    pub(crate) bytes: u64,
+    /// The file, or the segment, holding it.
+    pub(crate) place: String,
+}
+
+impl Opened {
+    /// The chunks on disk of a dynamic store over files, read from their headers (`None` for
+    /// other stores). Segments are read through a read-only open beside the store's writer.
+    pub(crate) fn stored_chunks(&self) -> CliResult<Option<Vec<Listed>>> {
+        if let Some(folder) = &self.folder {
+            let chunks = nixl_file::list_dir(folder).map_err(CliError::storage)?;
+            return Ok(Some(
+                chunks
+                    .into_iter()
+                    .map(|c| Listed {
+                        key: c.key,
+                        bytes: c.payload_len,
+                        place: c.path.display().to_string(),
+                    })
+                    .collect(),
+            ));
+        }
+        let Some(folders) = &self.segments else {
+            return Ok(None);
+        };
+        let transport: Arc<dyn Transport> =
+            Arc::new(UringTransport::new(UringConfig::default()).map_err(CliError::storage)?);
+        let reader = SegmentStore::open_read_only(transport, SegmentConfig::new(folders.clone()))
+            .map_err(CliError::storage)?;
+        Ok(Some(
+            reader
+                .list()
+                .into_iter()
+                .map(|c| Listed {
+                    key: c.key,
+                    bytes: c.payload_len,
+                    place: format!("segment {}", c.segment),
+                })
+                .collect(),
+        ))
     }
 }
 

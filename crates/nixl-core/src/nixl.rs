@@ -894,8 +894,16 @@ impl NixlTransport {
     }
 }
 
-/// The POSIX plugin's I/O engines, in the order the plugin tries them (the first set true wins).
+/// The POSIX plugin's I/O engine switches.
 const POSIX_IO_ENGINES: [&str; 3] = ["use_uring", "use_aio", "use_posix_aio"];
+
+/// Whether a plugin parameter's text means on, as NIXL's POSIX plugin reads it.
+fn is_on(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "true" | "1" | "yes" | "on"
+    )
+}
 
 /// Creates the configured backend. A POSIX backend whose engine is not chosen gets io_uring:
 /// with libaio (the plugin's default) `io_submit` can block inside `post_xfer_req` on storage
@@ -903,10 +911,14 @@ const POSIX_IO_ENGINES: [&str; 3] = ["use_uring", "use_aio", "use_posix_aio"];
 /// request times out. Where io_uring is refused (a container's seccomp profile), the plugin's
 /// default is used, with a warning. The returned configuration names the engine chosen.
 fn create_backend(agent: &Agent, config: NixlConfig) -> Result<(Backend, NixlConfig)> {
+    // An engine switched off (`use_aio: false`) chooses nothing; only one switched on does.
     let engine_unset = config.backend == "POSIX"
-        && !POSIX_IO_ENGINES
-            .iter()
-            .any(|key| config.backend_params.contains_key(*key));
+        && !POSIX_IO_ENGINES.iter().any(|key| {
+            config
+                .backend_params
+                .get(*key)
+                .is_some_and(|value| is_on(value))
+        });
     if engine_unset {
         let with_uring = config.clone().with_param("use_uring", "true");
         match create_backend_as_given(agent, &with_uring) {

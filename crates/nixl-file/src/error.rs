@@ -80,6 +80,51 @@ pub enum Error {
     /// No header page came free in time (too many concurrent batches for the header pool).
     #[error("no header buffer became free within {0:?}")]
     Busy(std::time::Duration),
+
+    /// No segment can take the chunk: every segment holds live data (or loads in flight).
+    /// Delete (evict) keys, then try again.
+    #[error(
+        "no space for {key}: {needed} bytes wanted, every segment of the {capacity}-byte store          holds live data; evict keys to free a segment"
+    )]
+    NoSpace {
+        /// The key that did not fit (boxed, as in [`Error::Key`]).
+        key: Box<FileKey>,
+        /// Bytes on disk it needs, header included.
+        needed: u64,
+        /// The store's capacity in bytes.
+        capacity: u64,
+    },
+
+    /// A chunk larger than a segment can hold.
+    #[error("{key} is {bytes} bytes: more than a segment of {segment_bytes} bytes holds")]
+    EntryTooLarge {
+        /// The key.
+        key: Box<FileKey>,
+        /// Its payload bytes.
+        bytes: u64,
+        /// Bytes of one segment.
+        segment_bytes: u64,
+    },
+
+    /// Another segment store writes to this folder.
+    #[error(
+        "{folder} is locked by another segment store (pid {}): a folder has one writer; use \
+         per-key files (`layout: files`) for folders shared between processes",
+        holder.map_or_else(|| "unknown".to_owned(), |pid| pid.to_string())
+    )]
+    FolderLocked {
+        /// The folder.
+        folder: PathBuf,
+        /// The pid written in its lock file by the holder, if readable.
+        holder: Option<u32>,
+    },
+
+    /// A write to a store opened read-only.
+    #[error("{operation} refused: the store was opened read-only")]
+    ReadOnly {
+        /// What was refused.
+        operation: &'static str,
+    },
 }
 
 impl Error {

@@ -4,6 +4,8 @@
 //! - [`StaticFilePool`]: `pool_size` files opened and registered once, carved into page slots.
 //! - [`DynamicFileStore`]: one file per key ([`FileKey`]), atomic publish, a checked header, found
 //!   again after a restart.
+//! - [`SegmentStore`]: chunks appended to preallocated segment files registered once, an index
+//!   rebuilt from headers at open, exact capacity, space reclaimed by segment.
 //!
 //! Files are preallocated, because small `O_DIRECT` writes that grow a fresh file are several
 //! times slower than writes into allocated space, and `O_DIRECT` falls back to buffered I/O per
@@ -23,6 +25,7 @@ mod dynamic;
 mod error;
 mod key;
 mod open;
+mod segment;
 mod static_pool;
 #[cfg(target_os = "linux")]
 mod uring;
@@ -31,6 +34,10 @@ pub use dynamic::{DynamicConfig, DynamicFileStore, StoredChunk, list_dir};
 pub use error::{Error, Result};
 pub use key::FileKey;
 pub use open::{FileOptions, open_storage_file};
+pub use segment::{
+    DEFAULT_CAPACITY_BYTES, DEFAULT_SEGMENT_BYTES, SegmentChunk, SegmentConfig, SegmentStore,
+    SegmentUsage,
+};
 pub use static_pool::{SlotId, StaticConfig, StaticFilePool};
 #[cfg(target_os = "linux")]
 pub use uring::{UringConfig, UringTransport};
