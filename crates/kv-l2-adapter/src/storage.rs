@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use nixl_file::{DynamicFileStore, SegmentStore};
+use nixl_file::{DynamicFileStore, FileKey, SegmentStore};
 use nixl_obj::ObjectStore;
 use pinned_alloc::Page;
 
@@ -35,28 +35,44 @@ pub trait ChunkStorage: Send + Sync + Debug + 'static {
     fn delete(&self, key: &ChunkKey) -> Result<bool>;
 }
 
+/// A file store's call on `(ChunkKey, page)` items, made on their file keys.
+fn by_file_key<T>(
+    items: &[(&ChunkKey, &Page)],
+    call: impl FnOnce(&[(&FileKey, &Page)]) -> Vec<nixl_file::Result<T>>,
+) -> Vec<Result<T>> {
+    let items: Vec<_> = items.iter().map(|(k, p)| (k.file_key(), *p)).collect();
+    call(&items)
+        .into_iter()
+        .map(|r| r.map_err(Error::from))
+        .collect()
+}
+
+/// [`by_file_key`] for calls that fill the pages.
+fn by_file_key_mut<T>(
+    items: &mut [(&ChunkKey, &mut Page)],
+    call: impl FnOnce(&mut [(&FileKey, &mut Page)]) -> Vec<nixl_file::Result<T>>,
+) -> Vec<Result<T>> {
+    let mut items: Vec<_> = items
+        .iter_mut()
+        .map(|(k, p)| (k.file_key(), &mut **p))
+        .collect();
+    call(&mut items)
+        .into_iter()
+        .map(|r| r.map_err(Error::from))
+        .collect()
+}
+
 impl ChunkStorage for DynamicFileStore {
     fn kind(&self) -> &'static str {
         "file"
     }
 
     fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>> {
-        let items: Vec<_> = items.iter().map(|(k, p)| (k.file_key(), *p)).collect();
-        DynamicFileStore::put(self, &items)
-            .into_iter()
-            .map(|r| r.map_err(Error::from))
-            .collect()
+        by_file_key(items, |items| DynamicFileStore::put(self, items))
     }
 
     fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>> {
-        let mut items: Vec<_> = items
-            .iter_mut()
-            .map(|(k, p)| (k.file_key(), &mut **p))
-            .collect();
-        DynamicFileStore::get(self, &mut items)
-            .into_iter()
-            .map(|r| r.map_err(Error::from))
-            .collect()
+        by_file_key_mut(items, |items| DynamicFileStore::get(self, items))
     }
 
     fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>> {
@@ -80,22 +96,11 @@ impl ChunkStorage for SegmentStore {
     }
 
     fn put(&self, items: &[(&ChunkKey, &Page)]) -> Vec<Result<u64>> {
-        let items: Vec<_> = items.iter().map(|(k, p)| (k.file_key(), *p)).collect();
-        SegmentStore::put(self, &items)
-            .into_iter()
-            .map(|r| r.map_err(Error::from))
-            .collect()
+        by_file_key(items, |items| SegmentStore::put(self, items))
     }
 
     fn get(&self, items: &mut [(&ChunkKey, &mut Page)]) -> Vec<Result<bool>> {
-        let mut items: Vec<_> = items
-            .iter_mut()
-            .map(|(k, p)| (k.file_key(), &mut **p))
-            .collect();
-        SegmentStore::get(self, &mut items)
-            .into_iter()
-            .map(|r| r.map_err(Error::from))
-            .collect()
+        by_file_key_mut(items, |items| SegmentStore::get(self, items))
     }
 
     fn contains(&self, keys: &[&ChunkKey]) -> Result<Vec<bool>> {
