@@ -83,12 +83,14 @@ impl AdapterSpec {
         .collect()
     }
 
-    /// The `--l2-adapter` JSON of this row over `folder`.
-    pub(crate) fn json(&self, folder: &Path) -> String {
+    /// The `--l2-adapter` JSON of this row over `folder`, with room for `bytes` of chunks (a
+    /// segment store preallocates its capacity, so it is sized to the run).
+    pub(crate) fn json(&self, folder: &Path, bytes: u64) -> String {
         let mut backend_params = Map::new();
         backend_params.insert("file_path".into(), folder.display().to_string().into());
         backend_params.insert("use_direct_io".into(), "true".into());
-        backend_params.insert("max_capacity_gb".into(), "1024".into());
+        let capacity_gb = (bytes + (64 << 20)) as f64 / (1u64 << 30) as f64;
+        backend_params.insert("max_capacity_gb".into(), capacity_gb.to_string().into());
         backend_params.extend(self.params.clone());
         serde_json::json!({
             "type": "nixl_store_dynamic",
@@ -269,7 +271,10 @@ pub(crate) fn per_key_rounds(
         members.push((
             Series::named(Engine::Adapter, &spec.name, &spec.label),
             Member::Store(Box::new(AdapterRow {
-                json: spec.json(&folder),
+                json: spec.json(
+                    &folder,
+                    (workload.chunks * (workload.chunk_bytes.next_multiple_of(4096) + 4096)) as u64,
+                ),
                 engine: spec.engine,
                 chunk_bytes: workload.chunk_bytes,
                 folder,

@@ -967,3 +967,65 @@ fn nixl_layout_segments_from_the_yaml() {
     assert!(names.iter().any(|n| n.ends_with(".kvseg")), "{names:?}");
     assert!(names.iter().any(|n| n == "segments.lock"), "{names:?}");
 }
+
+/// One writer per folder: a second writing store is refused, naming the folder's holder; a
+/// read-only store opens beside the writer and serves what it can verify.
+#[test]
+fn segments_take_one_writer_and_readers_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = segments_json(dir.path(), 0.0625, "");
+    let writer = built(StoreBuilder::from_l2_adapters([json.clone()]));
+    kv_l2_adapter::test_utils::store(writer.adapter().as_ref(), writer.pool(), &[7, 8]);
+    let err = StoreBuilder::from_l2_adapters([json.clone()])
+        .with_engine(Engine::Native)
+        .with_chunk_bytes(CHUNK)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&std::process::id().to_string()),
+        "names the holder: {err}"
+    );
+    assert!(
+        err.contains("layout: files"),
+        "says what shared folders use: {err}"
+    );
+    let reader = built(StoreBuilder::from_l2_adapters([json]).read_only());
+    let found =
+        kv_l2_adapter::test_utils::load(reader.adapter().as_ref(), reader.pool(), &[7, 8, 9]);
+    assert_eq!(found, vec![true, true, false]);
+    let mut page = reader.pool().allocate().unwrap();
+    fill(10, &mut page);
+    assert!(
+        !reader.adapter().store(&[key(10, None)], &[&page]).keys[0].is_stored(),
+        "a reader stores nothing"
+    );
+}
+
+/// A changed capacity keeps the segment size the folder already has, so what is stored
+/// survives it.
+#[test]
+fn segments_survive_a_changed_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = built(StoreBuilder::from_l2_adapters([segments_json_auto(
+            dir.path(),
+            0.03125,
+        )]));
+        kv_l2_adapter::test_utils::store(store.adapter().as_ref(), store.pool(), &[1, 2]);
+    }
+    let store = built(StoreBuilder::from_l2_adapters([segments_json_auto(
+        dir.path(),
+        0.0625,
+    )]));
+    let found = kv_l2_adapter::test_utils::load(store.adapter().as_ref(), store.pool(), &[1, 2]);
+    assert_eq!(found, vec![true, true]);
+}
+
+/// Segments without `segment_size_mb`: the store picks the size.
+fn segments_json_auto(dir: &Path, capacity_gb: f64) -> String {
+    format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{capacity_gb}","layout":"segments"}}}}"#,
+        dir.display()
+    )
+}

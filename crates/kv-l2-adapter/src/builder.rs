@@ -46,6 +46,7 @@ pub struct StoreBuilder {
     pool_bytes: Option<u64>,
     eviction_interval: Duration,
     evicting: bool,
+    read_only: bool,
 }
 
 impl StoreBuilder {
@@ -60,6 +61,7 @@ impl StoreBuilder {
             pool_bytes: None,
             eviction_interval: DEFAULT_EVICTION_INTERVAL,
             evicting: true,
+            read_only: false,
         }
     }
 
@@ -127,6 +129,14 @@ impl StoreBuilder {
         self
     }
 
+    /// Opens storage to read only (and so without eviction): a segment store beside a live
+    /// writer, verifying every load; stores and deletes are refused.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self.evicting = false;
+        self
+    }
+
     /// How often the eviction controller checks usage when nothing wakes it.
     pub fn with_eviction_interval(mut self, interval: Duration) -> Self {
         self.eviction_interval = interval;
@@ -191,7 +201,9 @@ impl StoreBuilder {
             }
             Source::L2Adapters(values) => {
                 let pool = self.pool(chunk, None, false)?;
-                let context = AdapterContext::new(Arc::clone(&pool)).with_engine(self.engine);
+                let context = AdapterContext::new(Arc::clone(&pool))
+                    .with_engine(self.engine)
+                    .with_read_only(self.read_only);
                 let (built, parsed_warnings) = self.factory.build_loaded(values, &context)?;
                 warnings.extend(parsed_warnings);
                 let tiers = built
@@ -210,7 +222,9 @@ impl StoreBuilder {
                 (pool, vec![(format!("HiCache ({backend})"), spec)])
             }
         };
-        let context = AdapterContext::new(Arc::clone(&pool)).with_engine(self.engine);
+        let context = AdapterContext::new(Arc::clone(&pool))
+            .with_engine(self.engine)
+            .with_read_only(self.read_only);
         let mut tiers = Vec::new();
         for (name, spec) in specs {
             let adapter = build_storage(&spec, &context)?;

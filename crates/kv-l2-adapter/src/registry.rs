@@ -43,6 +43,9 @@ pub struct AdapterContext {
     pub memory: Arc<PagePool>,
     /// The engine for file backends.
     pub engine: Engine,
+    /// Open storage to read only: a segment store opens beside a live writer, takes no lock
+    /// and creates nothing; stores and deletes are refused.
+    pub read_only: bool,
 }
 
 impl AdapterContext {
@@ -51,12 +54,19 @@ impl AdapterContext {
         Self {
             memory,
             engine: Engine::Auto,
+            read_only: false,
         }
     }
 
     /// Chooses the engine.
     pub fn with_engine(mut self, engine: Engine) -> Self {
         self.engine = engine;
+        self
+    }
+
+    /// Opens storage to read only.
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
         self
     }
 }
@@ -223,7 +233,7 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
     let adapter: Box<dyn L2Adapter> = match (spec.mode, spec.kind) {
         (Mode::Dynamic, kind) => {
             let segments = (kind == StorageKind::File && spec.layout == Layout::Segments)
-                .then(|| open_segments(spec, &transport, page_bytes))
+                .then(|| open_segments(spec, &transport, page_bytes, context.read_only))
                 .transpose()?;
             // A segment holds whole entries (a header block and the padded payload) after its
             // own header block: the payload it can take is what the adapter counts against.
@@ -261,7 +271,8 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
             let mut options = DynamicOptions::new(label)
                 .with_capacity(segment_capacity.or(spec.capacity_bytes))
                 .with_presence_cache(spec.presence_cache)
-                .with_persist(spec.persist);
+                // A reader never deletes what it did not write.
+                .with_persist(spec.persist || context.read_only);
             if spec.async_put {
                 // Staging pages come from the registered L1 pool, so the transport can write
                 // them; at most a quarter of it stages queued puts, and 8 batches wait at most.
@@ -328,6 +339,7 @@ fn open_segments(
     spec: &StorageSpec,
     transport: &Arc<dyn Transport>,
     page_bytes: usize,
+    read_only: bool,
 ) -> Result<SegmentStore> {
     let folders: Vec<std::path::PathBuf> = if spec.all_paths.is_empty() {
         spec.path.iter().cloned().collect()
@@ -338,21 +350,50 @@ fn open_segments(
         key: "max_capacity_gb".to_owned(),
         message: "layout: segments preallocates its capacity, so it needs one".to_owned(),
     })?;
-    let mut config = SegmentConfig::new(folders)
+    let mut config = SegmentConfig::new(folders.clone())
         .with_capacity_bytes(capacity)
         .with_direct_io(spec.use_direct_io)
         .with_durable(spec.durable);
     let block = nixl_core::header::HEADER_BYTES as u64;
-    let segment_bytes = spec.segment_bytes.unwrap_or_else(|| {
+    let one_chunk = 2 * block + (page_bytes as u64).next_multiple_of(block);
+    let segment_bytes = match (spec.segment_bytes, existing_segment_bytes(&folders)) {
+        (Some(bytes), _) => bytes,
+        // The size the folder already has: a changed capacity must never change the segment
+        // size under stored data.
+        (None, Some(bytes)) => bytes,
         // A small store gets four segments rather than none of the default size, each still
         // holding a whole chunk after its header block.
-        let one_chunk = 2 * block + (page_bytes as u64).next_multiple_of(block);
-        nixl_file::DEFAULT_SEGMENT_BYTES
+        (None, None) => nixl_file::DEFAULT_SEGMENT_BYTES
             .min((capacity / 4).next_multiple_of(block))
-            .max(one_chunk)
-    });
+            .max(one_chunk),
+    };
+    if segment_bytes < one_chunk {
+        return Err(Error::Setting {
+            key: "segment_size_mb".to_owned(),
+            message: format!(
+                "segments of {segment_bytes} bytes hold no chunk of {page_bytes} bytes with its \
+                 header; they need at least {one_chunk}"
+            ),
+        });
+    }
     config = config.with_segment_bytes(segment_bytes);
-    Ok(SegmentStore::open(Arc::clone(transport), config)?)
+    let store = if read_only {
+        SegmentStore::open_read_only(Arc::clone(transport), config)?
+    } else {
+        SegmentStore::open(Arc::clone(transport), config)?
+    };
+    Ok(store)
+}
+
+/// The size of the segment files already in `folders`, if any.
+fn existing_segment_bytes(folders: &[std::path::PathBuf]) -> Option<u64> {
+    folders.iter().find_map(|folder| {
+        std::fs::read_dir(folder).ok()?.find_map(|entry| {
+            let entry = entry.ok()?;
+            let is_segment = entry.file_name().to_string_lossy().ends_with(".kvseg");
+            is_segment.then(|| entry.metadata().ok().map(|m| m.len()))?
+        })
+    })
 }
 
 /// The chunks under `folder`, least recently written first (by modification time).

@@ -216,7 +216,7 @@ pub(crate) fn evict(store: &StoreArgs, ratio: f64) -> CliResult<()> {
     if !(0.0..=1.0).contains(&ratio) {
         return Err(CliError::usage("--ratio must be in [0, 1]"));
     }
-    let opened = store.open(1, Access::Read)?;
+    let opened = store.open(1, Access::Write)?;
     if let Some(folder) = &opened.folder {
         // A fresh process knows nothing yet: recover what is on disk so LRU can see it.
         let chunks = nixl_file::list_dir(folder).map_err(CliError::storage)?;

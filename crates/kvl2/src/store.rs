@@ -81,7 +81,8 @@ pub(crate) fn default_adapter_json(dir: &std::path::Path) -> String {
 /// What a command does to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
-    /// Reads or lists only: configured eviction does not run, so opening deletes nothing.
+    /// Reads or lists only: storage opens read-only (a segment store beside a live writer) and
+    /// configured eviction does not run, so opening deletes nothing.
     Read,
     /// Writes: configured eviction runs.
     Write,
@@ -128,11 +129,14 @@ impl StoreArgs {
             };
             StoreBuilder::from_l2_adapters(values)
         };
+        let builder = match access {
+            Access::Read => builder.read_only(),
+            Access::Write => builder,
+        };
         let store = builder
             .with_deployment(deployment)
             .with_engine(engine(&self.engine)?)
             .with_pool_bytes((pages.max(1) * self.chunk_bytes.next_multiple_of(4096)) as u64)
-            .with_eviction(access == Access::Write)
             .build()
             .map_err(CliError::from_adapter)?;
         let dynamic_files = store.tiers()[0]

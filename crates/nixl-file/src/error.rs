@@ -119,6 +119,49 @@ pub enum Error {
         holder: Option<u32>,
     },
 
+    /// A segment file on disk was written with another segment size than the configured one;
+    /// opening refuses rather than resize it and lose its entries.
+    #[error(
+        "{path} is a segment of {bytes} bytes, the configuration asks for segments of \
+         {segment_bytes}: restore the segment size it was written with, or remove the segment \
+         files to drop their entries"
+    )]
+    SegmentSize {
+        /// The segment file.
+        path: PathBuf,
+        /// Bytes of a segment, as its own segment header records.
+        bytes: u64,
+        /// Bytes of a segment, as configured.
+        segment_bytes: u64,
+    },
+
+    /// A segment file lies beyond the configured capacity; opening refuses rather than delete
+    /// its entries.
+    #[error(
+        "{path} is segment {id}, beyond the {segments} segments max_capacity_gb ({capacity_bytes} \
+         bytes) allows: raise max_capacity_gb to keep its entries, or remove the file to drop them"
+    )]
+    BeyondCapacity {
+        /// The segment file.
+        path: PathBuf,
+        /// Its segment number.
+        id: usize,
+        /// Segments the configured capacity holds.
+        segments: usize,
+        /// The configured capacity in bytes.
+        capacity_bytes: u64,
+    },
+
+    /// A wait inside the store ran out of time (for example, for entries reserved before this
+    /// one in its segment to be written).
+    #[error("{operation} did not finish within {waited:?}")]
+    Timeout {
+        /// What was waited for.
+        operation: &'static str,
+        /// How long.
+        waited: std::time::Duration,
+    },
+
     /// A write to a store opened read-only.
     #[error("{operation} refused: the store was opened read-only")]
     ReadOnly {

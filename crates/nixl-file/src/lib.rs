@@ -3,7 +3,10 @@
 //!
 //! - [`StaticFilePool`]: `pool_size` files opened and registered once, carved into page slots.
 //! - [`DynamicFileStore`]: one file per key ([`FileKey`]), atomic publish, a checked header, found
-//!   again after a restart.
+//!   again after a restart (`layout: files`, the layout for folders shared between processes).
+//! - [`SegmentStore`]: chunks appended to preallocated segment files, registered once, under
+//!   checked headers with sequence numbers; the index is rebuilt from the headers at open,
+//!   capacity is exact, and one writer holds each folder (`layout: segments`).
 //! - [`SegmentStore`]: chunks appended to preallocated segment files registered once, an index
 //!   rebuilt from headers at open, exact capacity, space reclaimed by segment.
 //!

@@ -6,9 +6,10 @@
 //! # On-disk format
 //!
 //! Every configured folder holds `segments.lock` (the writer's `flock`, with its pid in it) and
-//! its share of the segment files `seg-NNNNNN.kvseg`: segment `i` lives in folder
-//! `i % folders` (round-robin striping). A segment file is [`SegmentConfig::segment_bytes`]
-//! long and made of 4 KiB blocks:
+//! its share of the segment files `seg-NNNNNN.kvseg`: segment `i` is made in folder
+//! `i % folders` (round-robin striping), and found at open in whichever configured folder holds
+//! it, so folders may be reordered or added. A segment file is
+//! [`SegmentConfig::segment_bytes`] long and made of 4 KiB blocks:
 //!
 //! - block 0, the segment header: written each time the segment is (re)started, it carries a
 //!   random 64-bit *salt* and a generation number;
@@ -29,7 +30,16 @@
 //! block 1, jumping by each frame's length, until a frame that does not check out or carries
 //! another salt (bytes of an older generation, or never written). An entry whose frame checks
 //! out but whose full header does not (torn, foreign) is skipped with a warning. Of several
-//! entries of one key the newest sequence number wins; the writer erases the others.
+//! entries of one key the newest sequence number wins; the writer erases the others (a failed
+//! erase is a warning: the next open settles them again).
+//!
+//! Opening never deletes data: a segment whose own header records another size than the
+//! configured one is refused ([`Error::SegmentSize`]), and so is a segment file beyond the
+//! configured capacity ([`Error::BeyondCapacity`]).
+//!
+//! A segment with a write that timed out (it may still land), a failed write whose space could
+//! not be marked, or a failed segment-header write is *poisoned*: sealed and never reused in
+//! this process; what was written before the failure is still served.
 //!
 //! For that walk to reach every entry, a `put` returns only once every entry reserved before
 //! its own in the same segment is written (or, when its transfer failed, replaced by an erased
@@ -59,7 +69,9 @@
 //!
 //! A load counts itself on its segment, which is not reused while the count is not zero, and
 //! verifies the header it reads back (frame, salt, sequence, key, length) and the payload
-//! checksum: whatever does not check out is a miss. [`SegmentStore::open_read_only`] works
+//! checksum: whatever does not check out is a miss (its page left empty), and leaves the index
+//! (the writer also erases it), so that it no longer pins its segment.
+//! [`SegmentStore::open_read_only`] works
 //! beside a live writer on the same folders: its index is the one found at open, and since the
 //! writer may reuse segments meanwhile, its loads rely on that verification alone.
 
@@ -70,7 +82,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
 use nixl_core::{PageView, Registration, StorageExtent, Transport, TransportExt};
@@ -106,6 +118,10 @@ const MAX_BATCH: usize = 64;
 const HEADER_PAGES: u64 = 8 * MAX_BATCH as u64;
 /// How long a batch waits for header buffers held by other batches.
 const HEADER_WAIT: Duration = Duration::from_secs(30);
+/// How long a `put` waits for the entries reserved before its own in its segment to be written.
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+/// Header pages retired by timed-out transfers after which the header pool is replaced.
+const REPLACE_HEADERS_AT: usize = MAX_BATCH;
 /// Threads that read headers at open.
 const SCAN_THREADS: usize = 8;
 
@@ -391,11 +407,12 @@ impl Seg {
     }
 
     fn reusable(&self) -> bool {
+        if self.poisoned {
+            return false;
+        }
         match self.phase {
             Phase::Free => true,
-            Phase::Sealed => {
-                self.live == 0 && self.pins == 0 && self.pending.is_empty() && !self.poisoned
-            }
+            Phase::Sealed => self.live == 0 && self.pins == 0 && self.pending.is_empty(),
             Phase::Opening | Phase::Open => false,
         }
     }
@@ -442,7 +459,7 @@ struct Resv {
 }
 
 /// Chunks appended to preallocated segment files, through any [`Transport`]. See the
-/// [module documentation](self) for the format, recovery and space.
+/// module documentation of `segment.rs` for the format, recovery and space.
 #[derive(Debug)]
 pub struct SegmentStore {
     transport: Arc<dyn Transport>,
@@ -455,11 +472,74 @@ pub struct SegmentStore {
     state: Mutex<State>,
     changed: Condvar,
     /// The header buffer for segment headers: one segment opens at a time, and it must never
-    /// wait for buffers that batches waiting on the opening hold.
+    /// wait for buffers that batches waiting on the opening hold. Replaced when a timed-out
+    /// write retires it.
     segment_page: Mutex<Page>,
-    headers: Arc<PagePool>,
-    _headers_registration: Registration,
+    headers: Mutex<Headers>,
     _locks: Vec<File>,
+}
+
+/// The header buffers of batches: a registered pool, replaced by a fresh one once timed-out
+/// transfers have retired [`REPLACE_HEADERS_AT`] of its pages (a retired page never returns).
+#[derive(Debug)]
+struct Headers {
+    current: Arc<PagePool>,
+    /// Every registration made for header buffers: a retired page may still be in an engine's
+    /// hands, so none is dropped before the store.
+    registrations: Vec<Registration>,
+}
+
+/// A registered pool of `pages` header buffers.
+fn header_pool(transport: &dyn Transport, pages: u64) -> Result<(Arc<PagePool>, Registration)> {
+    let pool = PoolConfig::new(HEADER_BYTES, pages * BLOCK)
+        .with_lock(LockMode::BestEffort)
+        .build()
+        .map_err(|e| Error::Config(format!("header buffers: {e}")))?;
+    let registration = transport.register_pool(&pool)?;
+    Ok((pool, registration))
+}
+
+/// Whether a failed transfer may have left the engine with its buffers, or with a write that
+/// may still land: its segments are then never reused in this process.
+fn timed_out(err: &nixl_core::Error) -> bool {
+    err.memory_abandoned() || err.is_timeout()
+}
+
+/// The reservations of one `put` batch: until they are marked ([`Reserved::marked`]), dropping
+/// them (a panic) poisons their segments, so that later entries there fail instead of waiting
+/// for them for ever; their pins go when they are released or dropped.
+struct Reserved<'a> {
+    store: &'a SegmentStore,
+    resvs: Vec<Resv>,
+    marked: bool,
+}
+
+impl Reserved<'_> {
+    fn release(mut self) {
+        self.unpin();
+    }
+
+    fn unpin(&mut self) {
+        let segs: Vec<u32> = self.resvs.drain(..).map(|r| r.seg).collect();
+        if !segs.is_empty() {
+            self.store.unpin_segments(&segs);
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.marked && !self.resvs.is_empty() {
+            tracing::error!(
+                entries = self.resvs.len(),
+                "a put ended before its reservations were written or marked; their segments \
+                 take no more entries"
+            );
+            self.store
+                .poison(self.resvs.iter().map(|r| r.seg).collect::<Vec<_>>());
+        }
+        self.unpin();
+    }
 }
 
 /// What scanning one segment found.
@@ -467,6 +547,9 @@ pub struct SegmentStore {
 struct Scan {
     salt: u64,
     generation: u64,
+    /// The highest sequence number of every frame of this generation the walk read, erased
+    /// ones included.
+    max_seq: u64,
     end: u64,
     records: Vec<(FileKey, Loc)>,
 }
@@ -488,52 +571,94 @@ impl SegmentStore {
                 && nixl_core::direct_io_supported(folder).map_err(Error::Transport)?;
             direct.insert(folder.clone(), supported);
         }
-        let expected: HashSet<PathBuf> = (0..count)
-            .map(|id| segment_path(&config.paths, id))
-            .collect();
+        // Each segment is wherever a configured folder holds it (folders may have been
+        // reordered or added since it was made); only missing ones are made, in their folder.
+        // Nothing found is ever removed or resized away: a file that does not fit this
+        // configuration is refused, naming it.
+        let mut found: HashMap<usize, PathBuf> = HashMap::new();
         for folder in &folders {
-            for (_, path) in segment_files(folder)? {
-                if !expected.contains(&path) {
-                    tracing::warn!(
-                        file = %path.display(),
-                        "segment file outside the configured capacity or folders; removed"
-                    );
-                    fs::remove_file(&path).map_err(Error::io("removing", &path))?;
+            for (id, path) in segment_files(folder)? {
+                if id >= count {
+                    return Err(Error::BeyondCapacity {
+                        path,
+                        id,
+                        segments: count,
+                        capacity_bytes: config.capacity_bytes,
+                    });
+                }
+                if let Some(other) = found.insert(id, path.clone()) {
+                    return Err(Error::Config(format!(
+                        "segment {id} is in two folders, {} and {}: remove the stale copy",
+                        other.display(),
+                        path.display()
+                    )));
                 }
             }
         }
-        let mut files = Vec::with_capacity(count);
-        let mut all_direct = true;
-        for id in 0..count {
-            let path = segment_path(&config.paths, id);
-            let direct_io = direct
-                .get(&config.paths[id % config.paths.len()])
+        let paths: Vec<PathBuf> = (0..count)
+            .map(|id| {
+                found
+                    .remove(&id)
+                    .unwrap_or_else(|| segment_path(&config.paths, id))
+            })
+            .collect();
+        for path in &paths {
+            check_segment_size(path, config.segment_bytes)?;
+        }
+        ensure_room(&config, &paths)?;
+        let folder_direct = |path: &Path| {
+            path.parent()
+                .and_then(|folder| direct.get(folder))
                 .copied()
-                .unwrap_or(false);
-            all_direct &= direct_io;
+                .unwrap_or(false)
+        };
+        let mut files = Vec::with_capacity(count);
+        let mut created = Vec::new();
+        let opened = paths.iter().try_for_each(|path| {
+            if !path.exists() {
+                created.push(path.clone());
+            }
             let file = open_storage_file(
-                &path,
+                path,
                 FileOptions::new()
-                    .with_direct_io(direct_io)
+                    .with_direct_io(folder_direct(path))
                     .with_preallocate(config.segment_bytes),
             )?;
+            files.push((path.clone(), file));
+            Ok::<(), Error>(())
+        });
+        if let Err(err) = opened {
+            // Nothing half-made stays behind: the files this open created go again.
+            drop(files);
+            for path in &created {
+                let _ = fs::remove_file(path);
+            }
+            return Err(err);
+        }
+        let mut all_direct = true;
+        let mut checked = Vec::with_capacity(count);
+        for (path, file) in files {
+            all_direct &= folder_direct(&path);
             let len = file
                 .metadata()
                 .map_err(Error::io("reading the size of", &path))?
                 .len();
             if len != config.segment_bytes {
+                // Its segment header, if any, records the configured size (checked above): the
+                // file was cut short or grown. Bytes past its end read as zeros, which end the
+                // walk; nothing before is lost.
                 tracing::warn!(
                     file = %path.display(),
                     len,
                     segment_bytes = config.segment_bytes,
-                    "segment file of another size (segment_bytes changed?); its entries are dropped"
+                    "segment file of another length than its segment; set to its segment's"
                 );
                 file.set_len(config.segment_bytes)
                     .map_err(Error::io("resizing", &path))?;
-                write_zero_header(&path)?;
             }
-            files.push((path, Arc::new(file)));
+            checked.push((path, Arc::new(file)));
         }
+        let files = checked;
         let scans = scan_all(
             files.iter().map(|(path, _)| path.clone()).collect(),
             Some(config.segment_bytes),
@@ -584,11 +709,7 @@ impl SegmentStore {
         direct_io: bool,
         locks: Vec<File>,
     ) -> Result<Self> {
-        let headers = PoolConfig::new(HEADER_BYTES, HEADER_PAGES * BLOCK)
-            .with_lock(LockMode::BestEffort)
-            .build()
-            .map_err(|e| Error::Config(format!("header buffers: {e}")))?;
-        let headers_registration = transport.register_pool(&headers)?;
+        let (headers, headers_registration) = header_pool(&*transport, HEADER_PAGES)?;
         let segment_page = headers
             .allocate()
             .ok_or_else(|| Error::Config("header buffers: no page".to_owned()))?;
@@ -612,10 +733,12 @@ impl SegmentStore {
             seg.salt = scan.salt;
             seg.write_ptr = scan.end;
             seg.frontier = scan.end;
-            next_seq = next_seq.max(scan.generation + 1);
+            next_seq = next_seq
+                .max(scan.generation.saturating_add(1))
+                .max(scan.max_seq.saturating_add(1));
             for (key, mut loc) in scan.records {
                 loc.seg = id as u32;
-                next_seq = next_seq.max(loc.seq + 1);
+                next_seq = next_seq.max(loc.seq.saturating_add(1));
                 match index.get(&key) {
                     Some(old) if old.seq > loc.seq => stale.push(loc),
                     _ => {
@@ -646,8 +769,10 @@ impl SegmentStore {
             }),
             changed: Condvar::new(),
             segment_page: Mutex::new(segment_page),
-            headers,
-            _headers_registration: headers_registration,
+            headers: Mutex::new(Headers {
+                current: headers,
+                registrations: vec![headers_registration],
+            }),
             _locks: locks,
         };
         if !read_only && !stale.is_empty() {
@@ -655,7 +780,14 @@ impl SegmentStore {
                 entries = stale.len(),
                 "older versions of keys left by an interrupted overwrite; erased"
             );
-            store.erase(&stale)?;
+            if let Err(err) = store.erase(&stale) {
+                // Not fatal: the newest version is the one indexed, and the next open settles
+                // the duplicates again.
+                tracing::warn!(
+                    error = %err,
+                    "erasing older versions failed; they are settled again at the next open"
+                );
+            }
         }
         Ok(store)
     }
@@ -751,10 +883,7 @@ impl SegmentStore {
         if wanted.is_empty() {
             return;
         }
-        let mut heads = match self
-            .headers
-            .allocate_batch_within(wanted.len(), HEADER_WAIT)
-        {
+        let mut heads = match self.header_batch(wanted.len()) {
             Ok(pages) => pages,
             Err(_) => {
                 for (i, _) in wanted {
@@ -763,8 +892,14 @@ impl SegmentStore {
                 return;
             }
         };
+        let mut reserved = Reserved {
+            store: self,
+            resvs: Vec::with_capacity(wanted.len()),
+            marked: false,
+        };
+        // Per placed item: its index, its reservation, its header page, whether its payload goes.
         let mut placed = Vec::with_capacity(wanted.len());
-        for ((i, (canonical, len)), head) in wanted.into_iter().zip(heads.iter_mut()) {
+        for (j, (i, (canonical, len))) in wanted.into_iter().enumerate() {
             let (key, page) = items[i];
             let resv = match self.reserve(key, len) {
                 Ok(resv) => resv,
@@ -773,6 +908,8 @@ impl SegmentStore {
                     continue;
                 }
             };
+            reserved.resvs.push(resv);
+            let head = &mut heads[j];
             let frame = Frame {
                 kind: Kind::Data,
                 salt: resv.salt,
@@ -791,17 +928,17 @@ impl SegmentStore {
                     &[],
                     &[],
                 );
-                placed.push((i, resv, head as &Page, false));
+                placed.push((i, resv, j, false));
                 continue;
             }
-            placed.push((i, resv, head as &Page, true));
+            placed.push((i, resv, j, true));
         }
         if placed.is_empty() {
             return;
         }
         let mut batch = Vec::with_capacity(placed.len() * 2);
-        for (i, resv, head, with_payload) in &placed {
-            batch.push((*head, self.extent(resv.seg, resv.offset)));
+        for (i, resv, j, with_payload) in &placed {
+            batch.push((&heads[*j], self.extent(resv.seg, resv.offset)));
             let page = items[*i].1;
             if *with_payload && !page.is_empty() {
                 batch.push((page, self.extent(resv.seg, resv.offset + BLOCK)));
@@ -811,11 +948,31 @@ impl SegmentStore {
         drop(batch);
         let resvs: Vec<(usize, Resv, bool)> =
             placed.iter().map(|(i, r, _, ok)| (*i, *r, *ok)).collect();
-        drop(placed);
         let marked = match &written {
             Ok(()) => true,
-            Err(_) => self.mark_failed(&resvs.iter().map(|(_, r, _)| *r).collect::<Vec<_>>()),
+            Err(err) if timed_out(err) => {
+                // The write may still land: marking its space now could be overwritten by it,
+                // and reusing its segments could have it land in a later generation.
+                if err.memory_abandoned() {
+                    self.replace_headers();
+                }
+                false
+            }
+            Err(_) => {
+                let mut pages: Vec<&mut Page> = Vec::with_capacity(placed.len());
+                let mut taken = vec![false; heads.len()];
+                for (_, _, j, _) in &placed {
+                    taken[*j] = true;
+                }
+                for (page, taken) in heads.iter_mut().zip(taken) {
+                    if taken {
+                        pages.push(page);
+                    }
+                }
+                self.mark_failed(pages, &resvs.iter().map(|(_, r, _)| *r).collect::<Vec<_>>())
+            }
         };
+        drop(placed);
         drop(heads);
         let mut st = self.lock();
         for (_, resv, _) in &resvs {
@@ -837,13 +994,13 @@ impl SegmentStore {
                 }
             }
         }
+        reserved.marked = true;
         self.changed.notify_all();
         // Each reservation pins its segment until it is published (or failed): a segment whose
         // live bytes are still zero must not be reused under an entry being stored.
-        let reserved: Vec<u32> = resvs.iter().map(|(_, r, _)| r.seg).collect();
         if let Err(err) = written {
             drop(st);
-            self.unpin_segments(&reserved);
+            reserved.release();
             let err = Arc::new(err);
             for (i, _, _) in &resvs {
                 if results[*i].is_ok() {
@@ -859,6 +1016,7 @@ impl SegmentStore {
         }
         // Wait until every entry before ours in its segment is written: only then can a
         // restart's walk over the segment reach ours.
+        let deadline = Instant::now() + COMMIT_WAIT;
         let mut done = Vec::with_capacity(resvs.len());
         for (i, resv, ok) in resvs {
             if !ok {
@@ -885,7 +1043,24 @@ impl SegmentStore {
                     ));
                     break;
                 }
-                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                if now >= deadline {
+                    results[i] = Err(self.key_error(
+                        "storing",
+                        items[i].0,
+                        Some(resv.seg),
+                        Error::Timeout {
+                            operation: "writing the entries reserved before it in its segment",
+                            waited: COMMIT_WAIT,
+                        },
+                    ));
+                    break;
+                }
+                st = self
+                    .changed
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
         drop(st);
@@ -953,7 +1128,7 @@ impl SegmentStore {
                 results[*i] = Ok(page.len() as u64);
             }
         }
-        self.unpin_segments(&reserved);
+        reserved.release();
         if !superseded.is_empty() {
             if let Err(err) = self.erase(&superseded) {
                 tracing::error!(
@@ -1022,8 +1197,16 @@ impl SegmentStore {
                 }
                 Err(err) => {
                     // Its old header may still stand: holding only erased entries, it is
-                    // empty either way.
+                    // empty either way. It is not tried again in this process: a file that
+                    // fails its header write must not stop every later segment from opening,
+                    // and a timed-out one may still land.
+                    tracing::warn!(
+                        file = %self.files[id].path.display(),
+                        error = %err,
+                        "writing a segment header failed; the segment is not used again"
+                    );
                     st.segs[id].phase = Phase::Sealed;
+                    st.segs[id].poisoned = true;
                     return Err(err);
                 }
             }
@@ -1032,6 +1215,15 @@ impl SegmentStore {
 
     fn write_segment_header(&self, seg: u32, salt: u64, generation: u64) -> Result<()> {
         let mut page = self.segment_page.lock().unwrap_or_else(|p| p.into_inner());
+        if page.is_abandoned() {
+            // A timed-out write retired it: a fresh page, in its own pool, so that opening a
+            // segment still never waits for pages that batches hold.
+            let (pool, registration) = header_pool(&*self.transport, 1)?;
+            *page = pool
+                .allocate()
+                .ok_or_else(|| Error::Config("header buffers: no page".to_owned()))?;
+            self.headers_lock().registrations.push(registration);
+        }
         let frame = Frame {
             kind: Kind::Segment,
             salt,
@@ -1040,7 +1232,15 @@ impl SegmentStore {
         };
         write_block(page.as_mut_slice(), frame, &[], &[])?;
         self.transport
-            .write_pages(&[(&*page, self.extent(seg, 0))], PageView::Padded)?;
+            .write_pages(&[(&*page, self.extent(seg, 0))], PageView::Padded)
+            .inspect_err(|err| {
+                if timed_out(err) {
+                    tracing::error!(
+                        file = %self.files[seg as usize].path.display(),
+                        "a segment header write timed out; the segment is not used again"
+                    );
+                }
+            })?;
         if self.durable {
             let file = &self.files[seg as usize];
             file.file
@@ -1052,7 +1252,7 @@ impl SegmentStore {
 
     /// Writes erased headers over failed reservations, so that the walk of a restart passes
     /// them; `false` when even that failed.
-    fn mark_failed(&self, resvs: &[Resv]) -> bool {
+    fn mark_failed(&self, pages: Vec<&mut Page>, resvs: &[Resv]) -> bool {
         let locs: Vec<Loc> = resvs
             .iter()
             .map(|r| Loc {
@@ -1064,7 +1264,9 @@ impl SegmentStore {
                 salt: r.salt,
             })
             .collect();
-        match self.erase(&locs) {
+        // The batch's own header pages: asking the pool for more while holding them could
+        // exhaust it when several failed batches mark at once.
+        match self.erase_into(pages, &locs) {
             Ok(()) => true,
             Err(err) => {
                 tracing::error!(
@@ -1080,35 +1282,102 @@ impl SegmentStore {
     fn erase(&self, locs: &[Loc]) -> Result<()> {
         for piece in locs.chunks(MAX_BATCH) {
             let mut pages = self
-                .headers
-                .allocate_batch_within(piece.len(), HEADER_WAIT)
+                .header_batch(piece.len())
                 .map_err(|_| Error::Busy(HEADER_WAIT))?;
-            for (page, loc) in pages.iter_mut().zip(piece) {
-                let frame = Frame {
-                    kind: Kind::Erased,
-                    salt: loc.salt,
-                    seq: loc.seq,
-                    len: loc.len,
-                };
-                write_block(page.as_mut_slice(), frame, &[], &[])?;
+            self.erase_into(pages.iter_mut().collect(), piece)?;
+        }
+        Ok(())
+    }
+
+    /// [`erase`](Self::erase) with header pages at hand, one per entry (at most a batch).
+    fn erase_into(&self, pages: Vec<&mut Page>, locs: &[Loc]) -> Result<()> {
+        debug_assert!(pages.len() >= locs.len() && locs.len() <= MAX_BATCH);
+        let mut pages = pages;
+        for (page, loc) in pages.iter_mut().zip(locs) {
+            let frame = Frame {
+                kind: Kind::Erased,
+                salt: loc.salt,
+                seq: loc.seq,
+                len: loc.len,
+            };
+            write_block(page.as_mut_slice(), frame, &[], &[])?;
+        }
+        let batch: Vec<_> = pages
+            .iter()
+            .zip(locs)
+            .map(|(page, loc)| (&**page, self.extent(loc.seg, loc.offset)))
+            .collect();
+        if let Err(err) = self.transport.write_pages(&batch, PageView::Padded) {
+            if timed_out(&err) {
+                // The erased headers may still land, over whatever a reuse would write there.
+                self.poison(locs.iter().map(|l| l.seg).collect::<Vec<_>>());
             }
-            let batch: Vec<_> = pages
-                .iter()
-                .zip(piece)
-                .map(|(page, loc)| (page, self.extent(loc.seg, loc.offset)))
-                .collect();
-            self.transport.write_pages(&batch, PageView::Padded)?;
-            if self.durable {
-                let segs: HashSet<u32> = piece.iter().map(|l| l.seg).collect();
-                for seg in segs {
-                    let file = &self.files[seg as usize];
-                    file.file
-                        .sync_data()
-                        .map_err(Error::io("syncing", &file.path))?;
-                }
+            if err.memory_abandoned() {
+                self.replace_headers();
+            }
+            return Err(err.into());
+        }
+        if self.durable {
+            let segs: HashSet<u32> = locs.iter().map(|l| l.seg).collect();
+            for seg in segs {
+                let file = &self.files[seg as usize];
+                file.file
+                    .sync_data()
+                    .map_err(Error::io("syncing", &file.path))?;
             }
         }
         Ok(())
+    }
+
+    fn headers_lock(&self) -> MutexGuard<'_, Headers> {
+        self.headers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `n` header pages of the current pool, waiting at most [`HEADER_WAIT`].
+    fn header_batch(&self, n: usize) -> pinned_alloc::Result<Vec<Page>> {
+        let pool = Arc::clone(&self.headers_lock().current);
+        pool.allocate_batch_within(n, HEADER_WAIT)
+    }
+
+    /// After a transfer retired header pages: replaces the header pool by a fresh one once
+    /// [`REPLACE_HEADERS_AT`] of its pages are gone for good. Pages out of the old pool go back
+    /// to it; it and its registration stay for the life of the store.
+    fn replace_headers(&self) {
+        let mut headers = self.headers_lock();
+        let retired = headers.current.stats().abandoned;
+        if retired < REPLACE_HEADERS_AT {
+            return;
+        }
+        match header_pool(&*self.transport, HEADER_PAGES) {
+            Ok((pool, registration)) => {
+                tracing::warn!(
+                    retired,
+                    "header buffers retired by timed-out transfers; the header pool is replaced"
+                );
+                headers.current = pool;
+                headers.registrations.push(registration);
+            }
+            Err(err) => tracing::error!(
+                error = %err,
+                retired,
+                "replacing retired header buffers failed; fewer remain"
+            ),
+        }
+    }
+
+    /// Takes segments out of use for the rest of the process (a write to them may still land,
+    /// or their written prefix has a hole): sealed, never reused; entries before the hole are
+    /// still served.
+    fn poison(&self, segs: Vec<u32>) {
+        let mut st = self.lock();
+        for seg in segs {
+            st.segs[seg as usize].poisoned = true;
+            if st.open == Some(seg) {
+                st.open = None;
+            }
+            st.segs[seg as usize].phase = Phase::Sealed;
+        }
+        self.changed.notify_all();
     }
 
     fn unpin_segments(&self, segs: &[u32]) {
@@ -1146,11 +1415,13 @@ impl SegmentStore {
         let mut found = Vec::new();
         {
             let mut st = self.lock();
-            for (i, (key, page)) in items.iter().enumerate() {
+            for (i, (key, page)) in items.iter_mut().enumerate() {
                 let Some(loc) = st.index.get(*key).copied() else {
+                    page.set_len(0);
                     continue;
                 };
                 if (page.capacity() as u64) < loc.payload {
+                    page.set_len(0);
                     results[i] = Err(self.key_error(
                         "loading",
                         key,
@@ -1171,11 +1442,12 @@ impl SegmentStore {
             return;
         }
         let locs: Vec<Loc> = found.iter().map(|(_, l)| *l).collect();
-        let mut heads = match self.headers.allocate_batch_within(found.len(), HEADER_WAIT) {
+        let mut heads = match self.header_batch(found.len()) {
             Ok(pages) => pages,
             Err(_) => {
                 for (i, _) in &found {
                     results[*i] = Err(Error::Busy(HEADER_WAIT));
+                    items[*i].1.set_len(0);
                 }
                 self.unpin(&locs);
                 return;
@@ -1199,8 +1471,12 @@ impl SegmentStore {
                 .map_err(Arc::new)
         };
         self.unpin(&locs);
+        if outcome.as_ref().is_err_and(|err| err.memory_abandoned()) {
+            self.replace_headers();
+        }
+        let mut refused = Vec::new();
         for ((i, loc), head) in found.iter().zip(&heads) {
-            let (key, page) = &items[*i];
+            let (key, page) = &mut items[*i];
             results[*i] = match &outcome {
                 Err(err) => Err(self.key_error(
                     "loading",
@@ -1215,13 +1491,54 @@ impl SegmentStore {
                             file = %self.files[loc.seg as usize].path.display(),
                             offset = loc.offset,
                             %reason,
-                            "segment entry refused; treated as a miss"
+                            "segment entry refused; treated as a miss, and dropped"
                         );
+                        refused.push(((*key).clone(), *loc));
                         Ok(false)
                     }
                 },
             };
+            if !matches!(results[*i], Ok(true)) {
+                page.set_len(0);
+            }
         }
+        drop(heads);
+        if !refused.is_empty() {
+            self.drop_refused(refused);
+        }
+    }
+
+    /// Drops entries that failed verification on load from the index (where the index still
+    /// points at them), so that they no longer count as live nor pin their segment, and erases
+    /// them on disk, best effort (the segment's reuse retires them anyway).
+    fn drop_refused(&self, refused: Vec<(FileKey, Loc)>) {
+        let mut gone = Vec::new();
+        {
+            let mut st = self.lock();
+            for (key, loc) in refused {
+                if st.index.get(&key) != Some(&loc) {
+                    continue;
+                }
+                st.index.remove(&key);
+                let seg = &mut st.segs[loc.seg as usize];
+                seg.live = seg.live.saturating_sub(loc.len);
+                if !self.read_only {
+                    seg.pins += 1;
+                    gone.push(loc);
+                }
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        if let Err(err) = self.erase(&gone) {
+            tracing::warn!(
+                error = %err,
+                entries = gone.len(),
+                "erasing refused entries failed; their segments' reuse retires them"
+            );
+        }
+        self.unpin(&gone);
     }
 
     /// Whether `key` is in the index (its payload checksum is verified when it is loaded).
@@ -1254,13 +1571,17 @@ impl SegmentStore {
             loc
         };
         let erased = self.erase(&[loc]);
-        if erased.is_err() {
-            // Still on disk: keep serving it rather than have it come back after a restart.
-            let mut st = self.lock();
-            if !st.index.contains_key(key) {
-                st.index.insert(key.clone(), loc);
-                st.segs[loc.seg as usize].live += loc.len;
-            }
+        if let Err(err) = &erased {
+            // Gone from the index all the same (the caller treats the key as gone; kept live,
+            // it would pin its segment for ever): the segment's reuse retires the entry, and
+            // until then only a restart may bring it back.
+            tracing::warn!(
+                file = %self.files[loc.seg as usize].path.display(),
+                offset = loc.offset,
+                error = %err,
+                "erasing a deleted entry failed; it is dropped from the index, and a restart \
+                 before its segment is reused may bring it back"
+            );
         }
         self.unpin(&[loc]);
         erased
@@ -1346,6 +1667,47 @@ fn verify(
         ));
     }
     header::verify_payload(payload, checksum).map_err(|r| r.to_string())
+}
+
+/// Refuses, before anything is created, a capacity the folders have no room for: the bytes the
+/// missing or short segment files still need, against what each file system has free.
+fn ensure_room(config: &SegmentConfig, paths: &[PathBuf]) -> Result<()> {
+    let mut needed: HashMap<PathBuf, u64> = HashMap::new();
+    for path in paths {
+        let have = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        *needed.entry(folder).or_default() += config.segment_bytes.saturating_sub(have);
+    }
+    for (folder, bytes) in needed {
+        let free = free_bytes(&folder)?;
+        if bytes > free {
+            return Err(Error::Config(format!(
+                "the segments of max_capacity_gb need {bytes} more bytes in {}, which has {free} \
+                 free; lower max_capacity_gb or free space",
+                folder.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still allocate on the file system holding `folder`.
+fn free_bytes(folder: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(folder.as_os_str().as_bytes())
+        .map_err(|_| Error::Config(format!("{} contains a NUL byte", folder.display())))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `name` is a NUL-terminated path that outlives the call, and `stats` points to
+    // writable memory of the size statvfs fills; it is read only after statvfs succeeded.
+    let rc = unsafe { libc::statvfs(name.as_ptr(), stats.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(Error::io("querying the free space of", folder)(
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: statvfs returned 0, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 fn unique(paths: &[PathBuf]) -> Vec<PathBuf> {
@@ -1446,14 +1808,45 @@ fn open_for_reading(path: &Path, direct_io: bool) -> Result<(File, bool)> {
     Ok((file, false))
 }
 
-/// Zeros the segment header of `path`, so that none of its entries is found again.
-fn write_zero_header(path: &Path) -> Result<()> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(Error::io("opening", path))?;
-    file.write_all_at(&[0u8; HEADER_BYTES], 0)
-        .map_err(Error::io("writing", path))
+/// Refuses a segment file whose own segment header records another segment size than
+/// `segment_bytes` (resizing it would lose its entries). A file without a valid segment header
+/// holds nothing, and a missing one is made later.
+fn check_segment_size(path: &Path, segment_bytes: u64) -> Result<()> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Open {
+                path: path.to_path_buf(),
+                direct_io: false,
+                source,
+            });
+        }
+    };
+    let mut block = vec![0u8; HEADER_BYTES];
+    match file.read_exact_at(&mut block, 0) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(source) => {
+            return Err(Error::Io {
+                operation: "reading the segment header of",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    }
+    match parse_block(&block) {
+        Some((head, key, _, _))
+            if head.kind == Kind::Segment && key.is_empty() && head.len != segment_bytes =>
+        {
+            Err(Error::SegmentSize {
+                path: path.to_path_buf(),
+                bytes: head.len,
+                segment_bytes,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Scans every segment, a few at a time; an unreadable segment is empty, with a warning.
@@ -1490,16 +1883,32 @@ fn scan_all(paths: Vec<PathBuf>, segment_bytes: Option<u64>) -> Vec<Option<Scan>
 
 /// Reads the headers of one segment: `None` when it has no valid segment header.
 fn scan_segment(path: &Path, segment_bytes: Option<u64>) -> io::Result<Option<Scan>> {
-    let (file, _) = open_for_reading(path, true).map_err(io::Error::other)?;
+    let (file, direct) = open_for_reading(path, true).map_err(io::Error::other)?;
     let len = file.metadata()?.len();
     let mut buffer = vec![0u8; 2 * HEADER_BYTES];
     let at = buffer.as_ptr().align_offset(PAGE_ALIGN);
     let block = &mut buffer[at..at + HEADER_BYTES];
-    let read = |block: &mut [u8], offset: u64| -> io::Result<bool> {
-        match file.read_exact_at(block, offset) {
-            Ok(()) => Ok(true),
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-            Err(err) => Err(err),
+    let mut file = Some(file);
+    let mut direct = direct;
+    let mut read = |block: &mut [u8], offset: u64| -> io::Result<bool> {
+        loop {
+            let Some(handle) = file.as_ref() else {
+                return Err(io::Error::other("segment file not open"));
+            };
+            match handle.read_exact_at(block, offset) {
+                Ok(()) => return Ok(true),
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+                // Some file systems accept O_DIRECT at open and refuse it at read time.
+                Err(err) if direct && err.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(
+                        file = %path.display(),
+                        "O_DIRECT read refused; reading the headers buffered"
+                    );
+                    file = Some(File::open(path)?);
+                    direct = false;
+                }
+                Err(err) => return Err(err),
+            }
         }
     };
     if !read(block, 0)? {
@@ -1517,6 +1926,7 @@ fn scan_segment(path: &Path, segment_bytes: Option<u64>) -> io::Result<Option<Sc
         return Ok(None);
     }
     let mut records = Vec::new();
+    let mut max_seq = head.seq;
     let mut offset = BLOCK;
     while offset + BLOCK <= len {
         if !read(block, offset)? {
@@ -1525,6 +1935,9 @@ fn scan_segment(path: &Path, segment_bytes: Option<u64>) -> io::Result<Option<Sc
         let Some(frame) = Frame::of_block(block) else {
             break;
         };
+        if frame.salt == head.salt {
+            max_seq = max_seq.max(frame.seq);
+        }
         if frame.salt != head.salt
             || frame.kind == Kind::Segment
             || frame.len < BLOCK
@@ -1559,6 +1972,7 @@ fn scan_segment(path: &Path, segment_bytes: Option<u64>) -> io::Result<Option<Sc
     Ok(Some(Scan {
         salt: head.salt,
         generation: head.seq,
+        max_seq,
         end: offset,
         records,
     }))
@@ -1568,17 +1982,43 @@ fn scan_segment(path: &Path, segment_bytes: Option<u64>) -> io::Result<Option<Sc
 fn entry(block: &[u8], frame: Frame) -> std::result::Result<(FileKey, u64), String> {
     let (full, key, payload, _) =
         parse_block(block).ok_or("its header checksum does not check out")?;
+    entry_of(frame, full, key, payload)
+}
+
+/// [`entry`] once the header parsed: `full` its frame, `key` its key, `payload` the payload
+/// length it claims (any value: a header can check out and still lie).
+fn entry_of(
+    frame: Frame,
+    full: Frame,
+    key: &[u8],
+    payload: u64,
+) -> std::result::Result<(FileKey, u64), String> {
     if full != frame {
         return Err("its frame and header disagree".to_owned());
     }
-    if entry_len(payload) != frame.len {
-        return Err(format!(
-            "{payload} payload bytes do not fill an entry of {}",
-            frame.len
-        ));
-    }
+    entry_fits(payload, frame.len)?;
     let key = FileKey::from_canonical(key).map_err(|e| e.to_string())?;
     Ok((key, payload))
+}
+
+/// Whether `payload` bytes, padded, exactly fill an entry of `len` bytes (header included),
+/// without overflow whatever the header claims.
+fn entry_fits(payload: u64, len: u64) -> std::result::Result<(), String> {
+    let room = len
+        .checked_sub(BLOCK)
+        .ok_or_else(|| format!("an entry of {len} bytes has no room for its header"))?;
+    if payload > room {
+        return Err(format!(
+            "{payload} payload bytes do not fit an entry of {len}"
+        ));
+    }
+    // `payload <= len - 4096`: rounding it up to 4 KiB cannot overflow.
+    if entry_len(payload) != len {
+        return Err(format!(
+            "{payload} payload bytes do not fill an entry of {len}"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1645,9 +2085,47 @@ mod tests {
                 let at = (state as usize) % (FRAME_AT + FRAME_BYTES + 16);
                 block[at] = (state >> 32) as u8;
             }
+            if round % 3 == 0 {
+                // A payload length anywhere, up to u64::MAX.
+                let claimed = state.rotate_left(round as u32 % 64) | (u64::MAX << (round % 61));
+                block[16..24].copy_from_slice(&claimed.to_le_bytes());
+            }
+            if round % 2 == 0 {
+                // Recompute the frame's checksum, so that damage past it reaches the parsing.
+                let at = FRAME_AT;
+                let checksum = fnv1a(&block[at..at + 40]);
+                block[at + 40..at + 48].copy_from_slice(&checksum.to_le_bytes());
+            }
             if let Some(frame) = Frame::of_block(&block) {
                 let _ = entry(&block, frame);
+                // As if the header checksum had been recomputed too (nixl-core's xxh3 is not
+                // at hand here): the fields as they stand, through the same checks.
+                let key_len = (u32::from_le_bytes(block[12..16].try_into().unwrap()) as usize)
+                    .min(MAX_KEY_BYTES);
+                let field = &block[FRAME_AT..FRAME_AT + key_len];
+                if let Some(full) = Frame::decode(field) {
+                    let payload = u64_at(&block, 16).unwrap();
+                    let _ = entry_of(frame, full, &field[FRAME_BYTES..], payload);
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_payload_is_refused_not_wrapped() {
+        let frame = Frame {
+            kind: Kind::Data,
+            salt: 1,
+            seq: 2,
+            len: 8192,
+        };
+        for payload in [u64::MAX, u64::MAX - 4095, u64::MAX - 8191, 4097, 8192] {
+            let refused = entry_of(frame, frame, b"m\x001\x000\x00ab\x00", payload);
+            assert!(refused.is_err(), "{payload}");
+        }
+        assert!(entry_fits(4096, 8192).is_ok());
+        assert!(entry_fits(0, 4096).is_ok());
+        assert!(entry_fits(0, 0).is_err());
+        assert!(entry_fits(u64::MAX, u64::MAX).is_err());
     }
 }
