@@ -89,7 +89,9 @@ impl AdapterSpec {
         let mut backend_params = Map::new();
         backend_params.insert("file_path".into(), folder.display().to_string().into());
         backend_params.insert("use_direct_io".into(), "true".into());
-        let capacity_gb = (bytes + (64 << 20)) as f64 / (1u64 << 30) as f64;
+        // Two default segments of slack: the last one a run fills is partly used.
+        let capacity_gb =
+            (bytes + 2 * nixl_file::DEFAULT_SEGMENT_BYTES) as f64 / (1u64 << 30) as f64;
         backend_params.insert("max_capacity_gb".into(), capacity_gb.to_string().into());
         backend_params.extend(self.params.clone());
         serde_json::json!({
