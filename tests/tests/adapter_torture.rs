@@ -13,7 +13,7 @@ const OBJECT_OPERATIONS: u64 = 2_000;
 
 fn tortured(kind: &'static str, storage: Storage, engine: Engine) {
     let operations = match storage {
-        Storage::Files => OPERATIONS,
+        Storage::Files | Storage::Segments => OPERATIONS,
         Storage::S3 => OBJECT_OPERATIONS,
     };
     let plan = Plan {
@@ -74,4 +74,14 @@ fn static_s3_objects_serve_only_their_own_bytes() {
 #[test]
 fn dynamic_s3_objects_serve_only_their_own_bytes() {
     tortured("nixl_store_dynamic", Storage::S3, Engine::Nixl);
+}
+
+#[test]
+fn dynamic_segments_native_serve_only_their_own_bytes() {
+    tortured("nixl_store_dynamic", Storage::Segments, Engine::Native);
+}
+
+#[test]
+fn dynamic_segments_nixl_posix_serve_only_their_own_bytes() {
+    tortured("nixl_store_dynamic", Storage::Segments, Engine::Nixl);
 }

@@ -389,9 +389,14 @@ fn torture_rows(operations: u64, summary: &mut Summary) -> Result<()> {
         (Storage::Files, Engine::Native),
         (Storage::Files, Engine::Nixl),
         (Storage::S3, Engine::Nixl),
+        (Storage::Segments, Engine::Native),
+        (Storage::Segments, Engine::Nixl),
     ];
     for kind in ["nixl_store", "nixl_store_dynamic"] {
         for (storage, engine) in backends {
+            if storage == Storage::Segments && kind == "nixl_store" {
+                continue;
+            }
             let plan = torture::Plan {
                 kind,
                 storage,
@@ -401,7 +406,7 @@ fn torture_rows(operations: u64, summary: &mut Summary) -> Result<()> {
                 // A tenth over S3: the loopback server answers each request in about a
                 // millisecond.
                 operations: match storage {
-                    Storage::Files => operations,
+                    Storage::Files | Storage::Segments => operations,
                     Storage::S3 => operations / 10,
                 },
             };

@@ -32,6 +32,8 @@ pub(crate) enum Storage {
     Files,
     /// Objects in a fresh bucket of a real S3 server on loopback, through NIXL OBJ.
     S3,
+    /// Segment files in a fresh folder (`layout: segments`; dynamic adapters only).
+    Segments,
 }
 
 /// One torture run's shape.
@@ -59,6 +61,8 @@ impl Plan {
             (Storage::Files, Engine::Native) => "native io_uring",
             (Storage::Files, Engine::Nixl) => "NIXL POSIX",
             (Storage::Files, _) => "auto",
+            (Storage::Segments, Engine::Nixl) => "segments, NIXL POSIX",
+            (Storage::Segments, _) => "segments, native io_uring",
         };
         format!("{} {engine}", self.kind)
     }
@@ -116,6 +120,16 @@ fn json(plan: &Plan, dir: &Path) -> String {
     }
 }
 
+/// The `--l2-adapter` JSON of a dynamic adapter over segments in `dir`: two segments of the
+/// smallest size (1 MiB), so that keys come and go and segments are reused.
+fn segments_json(dir: &Path) -> String {
+    let gb = 2.0 / 1024.0;
+    format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","use_direct_io":"true","max_capacity_gb":"{gb}","layout":"segments","segment_size_mb":"1"}}}}"#,
+        dir.display()
+    )
+}
+
 /// Pages each thread keeps: one filled page per key it may store, two to load into.
 fn pages_per_thread() -> usize {
     (KEYS + PAGE_KEYS) as usize + 2
@@ -133,11 +147,12 @@ pub(crate) fn run(plan: &Plan) -> Result<Tally> {
     let context = AdapterContext::new(Arc::clone(&memory)).with_engine(plan.engine);
     let server = match plan.storage {
         Storage::S3 => Some(S3Server::try_start().map_err(anyhow::Error::msg)?),
-        Storage::Files => None,
+        Storage::Files | Storage::Segments => None,
     };
-    let config = match &server {
-        Some(server) => s3_json(plan, server),
-        None => json(plan, dir.path()),
+    let config = match (&server, plan.storage) {
+        (Some(server), _) => s3_json(plan, server),
+        (None, Storage::Segments) => segments_json(dir.path()),
+        (None, _) => json(plan, dir.path()),
     };
     let adapter = AdapterFactory::new()
         .build(&[config], &context)?
