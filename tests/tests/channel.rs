@@ -1,24 +1,16 @@
 //! The KV transfer channel: two processes on 127.0.0.1 through NIXL's UCX plugin, and the
 //! in-process mock.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kv_integration_tests::fill_chunk;
+use kv_integration_tests::services::free_port;
 use nixl_core::{ChannelConfig, ChannelType, Role, create_channel};
 use pinned_alloc::PoolConfig;
 
 const PEER: &str = env!("CARGO_BIN_EXE_kv_channel_peer");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn peer(mode: &str, port: u16, chunk: usize, batches: usize, batch: usize) -> Child {
     Command::new(PEER)

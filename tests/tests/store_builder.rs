@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kv_config::{ConfigLoader, Deployment, EngineConfig, HiCacheConfig};
+use kv_integration_tests::services::free_port;
 use kv_l2_adapter::test_utils::{fill, key};
 use kv_l2_adapter::{Engine, L2Adapter, Store, StoreBuilder, nixl_config_for};
 
@@ -355,11 +356,7 @@ fn pd_keys_open_a_channel_that_moves_kv() {
     if !in_a_child_without_ib("pd_keys_open_a_channel_that_moves_kv") {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let chunk = 64 << 10;
     let spec = |role| {
         lmcache(&pd_yaml(role, "nixl", port, ""))
@@ -731,11 +728,7 @@ fn transfer_channel_picks_the_implementation() {
     if !in_a_child_without_ib("transfer_channel_picks_the_implementation") {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let error_of = |channel: &str| {
         let spec = lmcache(&pd_yaml("sender", channel, port, ""))
             .channel_spec()

@@ -613,22 +613,18 @@ mod tests {
     /// Memory slots whose reads wait, once `entered` is set, for a word on `release`.
     #[derive(Debug, Default)]
     struct Gated {
-        memory: Memory,
+        memory: Arc<Memory>,
         entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
         release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     }
 
     impl SlotStorage for Arc<Gated> {
         fn slots(&self) -> usize {
-            2
+            self.memory.slots()
         }
 
         fn write(&self, items: &[(&[u8], &Page, u32)]) -> Result<()> {
-            let mut slots = self.memory.slots.lock().unwrap();
-            for (key, page, slot) in items {
-                slots.insert(*slot, (key.to_vec(), page.as_slice().to_vec()));
-            }
-            Ok(())
+            self.memory.write(items)
         }
 
         fn read(&self, items: &mut [(&[u8], &mut Page, u32)]) -> Result<Vec<bool>> {
@@ -637,17 +633,7 @@ mod tests {
                 let release = self.release.lock().unwrap().take().unwrap();
                 release.recv().unwrap();
             }
-            let slots = self.memory.slots.lock().unwrap();
-            Ok(items
-                .iter_mut()
-                .map(|(key, page, slot)| match slots.get(slot) {
-                    Some((stored, bytes)) if stored == key && bytes.len() == page.len() => {
-                        page.as_mut_slice().copy_from_slice(bytes);
-                        true
-                    }
-                    _ => false,
-                })
-                .collect())
+            self.memory.read(items)
         }
     }
 

@@ -306,24 +306,29 @@ fn reopen_restores_keys_deletes_and_overwrites_nixl_posix() {
 
 /// Two valid versions of one key, as a crash between an overwrite and the erase of the old
 /// version leaves them: the newest wins, and the open erases the other.
-#[test]
-fn an_interrupted_overwrite_resolves_to_the_newest() {
-    let fixture = Fixture::new(uring(), 8);
-    let dir = tempfile::tempdir().unwrap();
-    let store = fixture.open(config(dir.path(), 4));
+/// Key 0 written twice in a store of 4 segments under `dir`, then the first version put back
+/// on disk, as if the erase that the overwrite made had never happened.
+fn leave_a_stale_duplicate(fixture: &Fixture, dir: &Path) {
+    let store = fixture.open(config(dir, 4));
     fixture.put(&store, &[0], 1).remove(0).unwrap();
-    let files = segment_files(&[dir.path()]);
+    let files = segment_files(&[dir]);
     let first = entry_offsets(&files[0])[0];
     let saved = fs::read(&files[0]).unwrap()[first as usize..(first + ENTRY) as usize].to_vec();
     fixture.put(&store, &[0], 2).remove(0).unwrap();
     drop(store);
-    // Put the first version back, as if its erase never happened.
     OpenOptions::new()
         .write(true)
         .open(&files[0])
         .unwrap()
         .write_all_at(&saved, first)
         .unwrap();
+}
+
+#[test]
+fn an_interrupted_overwrite_resolves_to_the_newest() {
+    let fixture = Fixture::new(uring(), 8);
+    let dir = tempfile::tempdir().unwrap();
+    leave_a_stale_duplicate(&fixture, dir.path());
     let store = fixture.open(config(dir.path(), 4));
     fixture.all_exact(&store, &[0], 2);
     store.delete(&key(0)).unwrap();
@@ -1176,19 +1181,7 @@ fn opening_with_another_layout_refuses_and_keeps_every_key() {
 fn a_failed_erase_of_a_stale_duplicate_does_not_abort_the_open() {
     let (faulty, fixture) = faulty_fixture(8);
     let dir = tempfile::tempdir().unwrap();
-    let store = fixture.open(config(dir.path(), 4));
-    fixture.put(&store, &[0], 1).remove(0).unwrap();
-    let files = segment_files(&[dir.path()]);
-    let first = entry_offsets(&files[0])[0];
-    let saved = fs::read(&files[0]).unwrap()[first as usize..(first + ENTRY) as usize].to_vec();
-    fixture.put(&store, &[0], 2).remove(0).unwrap();
-    drop(store);
-    OpenOptions::new()
-        .write(true)
-        .open(&files[0])
-        .unwrap()
-        .write_all_at(&saved, first)
-        .unwrap();
+    leave_a_stale_duplicate(&fixture, dir.path());
     faulty.set(|batch| {
         (kind_of(batch[0].0) == Some(2)).then(|| nixl_core::Error::Failed("EIO".to_owned()))
     });
