@@ -33,7 +33,7 @@ fn file_json(kind: &str, dir: &std::path::Path, extra: &str) -> String {
             dir.display()
         ),
         _ => format!(
-            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","use_direct_io":"true","max_capacity_gb":"1"}}{extra}}}"#,
+            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","use_direct_io":"true","max_capacity_gb":"1"}}{extra}}}"#,
             dir.display()
         ),
     }
@@ -112,7 +112,7 @@ fn capacity_refusal_mid_batch() {
     let pool = memory();
     let gb = CHUNK as f64 / (1u64 << 30) as f64;
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{gb}"}}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"{gb}"}}}}"#,
         dir.path().display()
     );
     let adapter = build(&json, Engine::Native, &pool);
@@ -192,7 +192,7 @@ fn watermark_eviction_brings_usage_under_the_mark() {
     let pool = memory();
     let gb = (10 * CHUNK) as f64 / (1u64 << 30) as f64;
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{gb}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5,"eviction_ratio":0.3}}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"{gb}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5,"eviction_ratio":0.3}}}}"#,
         dir.path().display()
     );
     let context = AdapterContext::new(Arc::clone(&pool)).with_engine(Engine::Native);

@@ -24,7 +24,7 @@ fn store_batches(dir: &Path) {
         .build()
         .unwrap();
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"1","durable":"true"}}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"1","durable":"true"}}}}"#,
         dir.display()
     );
     let context = AdapterContext::new(Arc::clone(&memory)).with_engine(Engine::Native);

@@ -1,4 +1,5 @@
-//! The file-backend suite against NIXL POSIX and the native io_uring engine.
+//! The file-backend suite against NIXL POSIX and the native io_uring engine: per-key files,
+//! the static pool, and segment stores (`layout: segments`).
 
 use kv_integration_tests::{file_suite, nixl_posix, uring};
 
@@ -50,6 +51,36 @@ macro_rules! file_backends {
             #[test]
             fn static_pool_o_direct() {
                 file_suite::static_pool($engine(), true);
+            }
+
+            #[test]
+            fn segments_round_trip_buffered() {
+                file_suite::segment_round_trip($engine(), false);
+            }
+
+            #[test]
+            fn segments_round_trip_o_direct() {
+                file_suite::segment_round_trip($engine(), true);
+            }
+
+            #[test]
+            fn segments_restart_finds_the_data_and_the_deletes_again() {
+                file_suite::segment_restart_recovery(&$engine);
+            }
+
+            #[test]
+            fn segments_damaged_foreign_and_torn_data_read_as_misses() {
+                file_suite::segment_corruption_reads_as_miss($engine());
+            }
+
+            #[test]
+            fn segments_refuse_hostile_keys() {
+                file_suite::segment_hostile_keys_rejected($engine());
+            }
+
+            #[test]
+            fn segments_full_store_refuses_then_reuses_freed_segments() {
+                file_suite::segment_space_is_reused($engine());
             }
         }
     };

@@ -594,7 +594,8 @@ fn use_direct_io_reaches_the_open_flags() {
 #[test]
 fn presence_cache_only_answers_from_what_this_process_knows() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = dynamic_yaml(dir.path(), "");
+    // Per-key files: a segment store rebuilds its index at open, so it knows every key.
+    let plain = dynamic_yaml(dir.path(), "  nixl_layout: files\n");
     {
         let store = built(StoreBuilder::from_lmcache(lmcache(&plain)));
         let mut page = store.pool().allocate().unwrap();
@@ -603,7 +604,7 @@ fn presence_cache_only_answers_from_what_this_process_knows() {
     }
     let only = dynamic_yaml(
         dir.path(),
-        "  nixl_presence_cache: true\n  nixl_presence_cache_only: true\n",
+        "  nixl_layout: files\n  nixl_presence_cache: true\n  nixl_presence_cache_only: true\n",
     );
     let store = built(StoreBuilder::from_lmcache(lmcache(&only)));
     assert_eq!(store.adapter().lookup_and_pin(&[key(5, None)]), vec![false]);
@@ -618,7 +619,7 @@ fn presence_cache_only_answers_from_what_this_process_knows() {
 fn left_per_salt(eviction: &str) -> (usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{}"}},"eviction":{eviction}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"{}"}},"eviction":{eviction}}}"#,
         dir.path().display(),
         EIGHT_CHUNKS_GB * 2.0
     );
@@ -705,7 +706,7 @@ fn shard_dirs_put_chunks_in_hex_subfolders() {
     for shard in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let json = format!(
-            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"1","shard_dirs":"{shard}"}}}}"#,
+            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"1","shard_dirs":"{shard}"}}}}"#,
             dir.path().display()
         );
         let store = built(StoreBuilder::from_l2_adapters([json]));
@@ -756,7 +757,7 @@ fn transfer_channel_picks_the_implementation() {
 fn opening_a_full_store_evicts_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{EIGHT_CHUNKS_GB}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5}}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"{EIGHT_CHUNKS_GB}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.5}}}}"#,
         dir.path().display()
     );
     {
@@ -1021,4 +1022,356 @@ fn segments_json_auto(dir: &Path, capacity_gb: f64) -> String {
         r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{capacity_gb}","layout":"segments"}}}}"#,
         dir.display()
     )
+}
+
+/// Keys `0, 3, 6, …` that are still stored, marked most recently used: with three chunks to a
+/// segment and one key per store, one key in every segment.
+fn touch_every_third(adapter: &dyn L2Adapter, below: u32) {
+    let hot: Vec<_> = (0..below).step_by(3).map(|i| key(i, None)).collect();
+    let found = adapter.lookup_and_pin(&hot);
+    let pinned: Vec<_> = hot
+        .into_iter()
+        .zip(found)
+        .filter(|(_, found)| *found)
+        .map(|(key, _)| key)
+        .collect();
+    adapter.unlock(&pinned);
+}
+
+/// LRU over segments with a hot key in every segment: eviction frees whole segments (the one
+/// holding the oldest key, hot key and all), so a store that needs room evicts about one
+/// segment's worth, where evicting the oldest keys one by one would take every cold key in the
+/// store before any segment came free.
+#[test]
+fn a_hot_key_in_every_segment_does_not_stop_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity_gb = 16.0 / 1024.0; // 16 segments of 1 MiB, 3 chunks each.
+    let json = segments_json(
+        dir.path(),
+        capacity_gb,
+        r#","eviction":{"eviction_policy":"LRU","trigger_watermark":0.95,"eviction_ratio":0.1}"#,
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    let capacity = (capacity_gb * (1u64 << 30) as f64) as u64;
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    let mut refused = Vec::new();
+    let mut fewest = usize::MAX;
+    for i in 0..200u32 {
+        fill(i, &mut page);
+        let report = adapter.store(&[key(i, None)], &[&page]);
+        if !report.keys[0].is_stored() {
+            refused.push((i, format!("{:?}", report.keys[0])));
+        }
+        touch_every_third(adapter.as_ref(), i + 1);
+        if i >= 48 {
+            fewest = fewest.min(adapter.usage().keys);
+        }
+        assert!(
+            bytes_on_disk(dir.path()) <= capacity + 64 * 1024,
+            "store {i}: over capacity on disk"
+        );
+    }
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    assert!(
+        fewest >= 36,
+        "once full, at most a quarter of the 48 chunks is ever evicted at once: {fewest} left"
+    );
+    let newest = kv_l2_adapter::test_utils::load(adapter.as_ref(), store.pool(), &[197, 198, 199]);
+    assert_eq!(newest, vec![true, true, true]);
+}
+
+/// Segment files are made as segments fill: a store whose capacity is far beyond the disk
+/// opens at once, takes one segment's file for its first chunk, and none more on a reopen.
+#[test]
+fn segments_take_disk_space_as_they_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment_files = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".kvseg")
+            })
+            .count()
+    };
+    // 1 PiB of capacity in 1 MiB segments would be 10^9 files: refused by name; 512 GiB is not.
+    let json = segments_json(dir.path(), 512.0, "");
+    {
+        let store = built(StoreBuilder::from_l2_adapters([json.clone()]));
+        assert_eq!(segment_files(), 0, "opening makes no segment file");
+        kv_l2_adapter::test_utils::store(store.adapter().as_ref(), store.pool(), &[1]);
+        assert_eq!(segment_files(), 1, "the first chunk makes one");
+        kv_l2_adapter::test_utils::store(store.adapter().as_ref(), store.pool(), &[2, 3, 4]);
+        assert_eq!(segment_files(), 2, "three chunks to a segment");
+        assert!(bytes_on_disk(dir.path()) <= 2 * (1 << 20) + 64 * 1024);
+    }
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    assert_eq!(segment_files(), 2, "a reopen makes none");
+    let found =
+        kv_l2_adapter::test_utils::load(store.adapter().as_ref(), store.pool(), &[1, 2, 3, 4]);
+    assert_eq!(found, vec![true; 4]);
+}
+
+/// Runs `test` again in a child whose `KV_SMALL_DISK` folder is a 6 MiB tmpfs, in its own user
+/// and mount namespaces (`unshare -rm`); true when this is the child.
+fn on_a_small_disk(test: &str) -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("KV_SMALL_DISK") {
+        return Some(dir.into());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=6m tmpfs '{}' && exec '{}' --exact {test} --test-threads=1 --nocapture",
+        dir.path().display(),
+        std::env::current_exe().unwrap().display()
+    );
+    let output = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .env("KV_SMALL_DISK", dir.path())
+        .output()
+        .unwrap_or_else(|err| panic!("{test} needs unshare(1) (util-linux): {err}"));
+    assert!(
+        output.status.success(),
+        "{test} on a 6 MiB tmpfs in a child (it needs user and mount namespaces, `unshare -rm`, \
+         to make a small file system): {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    None
+}
+
+/// A capacity beyond what the disk holds: on a 6 MiB file system and 64 MiB of capacity, LRU
+/// eviction keeps every store accepted once the disk is full (it reuses the segments it made),
+/// and without eviction the refusal names the full file system.
+#[test]
+fn a_full_disk_below_capacity_evicts_or_refuses_by_name() {
+    let Some(dir) = on_a_small_disk("a_full_disk_below_capacity_evicts_or_refuses_by_name") else {
+        return;
+    };
+    let evicting = dir.join("evicting");
+    std::fs::create_dir(&evicting).unwrap();
+    let json = segments_json(
+        &evicting,
+        64.0 / 1024.0,
+        r#","eviction":{"eviction_policy":"LRU","trigger_watermark":0.8,"eviction_ratio":0.2}"#,
+    );
+    {
+        let store = built(StoreBuilder::from_l2_adapters([json]));
+        let adapter = store.adapter();
+        let mut page = store.pool().allocate().unwrap();
+        for i in 0..40u32 {
+            fill(i, &mut page);
+            let report = adapter.store(&[key(i, None)], &[&page]);
+            assert!(report.keys[0].is_stored(), "store {i}: {report:?}");
+        }
+        let found = kv_l2_adapter::test_utils::load(adapter.as_ref(), store.pool(), &[38, 39]);
+        assert_eq!(found, vec![true, true]);
+    }
+    std::fs::remove_dir_all(&evicting).unwrap();
+
+    let refusing = dir.join("refusing");
+    std::fs::create_dir(&refusing).unwrap();
+    let store = built(StoreBuilder::from_l2_adapters([segments_json(
+        &refusing,
+        64.0 / 1024.0,
+        "",
+    )]));
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    let refusal = (0..40u32).find_map(|i| {
+        fill(i, &mut page);
+        let report = adapter.store(&[key(i, None)], &[&page]);
+        (!report.keys[0].is_stored()).then(|| format!("{:?}", report.keys[0]))
+    });
+    let refusal = refusal.expect("a 6 MiB disk cannot take 40 chunks of 256 KiB");
+    assert!(refusal.contains("DiskFull"), "{refusal}");
+    assert!(
+        refusal.contains(&refusing.display().to_string()),
+        "{refusal}"
+    );
+}
+
+/// Bytes the file system holds for `dir` and everything below it (files renamed or removed
+/// during the walk are skipped).
+fn bytes_below(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            Some(if meta.is_dir() {
+                bytes_below(&entry.path())
+            } else {
+                meta.blocks() * 512
+            })
+        })
+        .sum()
+}
+
+/// Per-key files under churn: the deleted files kept for reuse count against
+/// `max_capacity_gb`, so chunk files and spares together stay within it (each chunk file also
+/// has its 4 KiB header, which LMCache does not count either), and evicting everything gives
+/// the disk back but for a sixteenth of the capacity kept as spares.
+#[test]
+fn per_key_files_and_their_spares_stay_within_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = 32;
+    let capacity = (chunks * CHUNK) as u64;
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","max_capacity_gb":"{}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.8,"eviction_ratio":0.25}}}}"#,
+        dir.path().display(),
+        capacity as f64 / (1u64 << 30) as f64
+    );
+    let store = built(StoreBuilder::from_l2_adapters([json]));
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    let headers = chunks as u64 * 4096;
+    for i in 0..200u32 {
+        fill(i, &mut page);
+        let report = adapter.store(&[key(i, None)], &[&page]);
+        assert!(report.keys[0].is_stored(), "store {i}: {report:?}");
+        let on_disk = bytes_below(dir.path());
+        assert!(
+            on_disk <= capacity + headers,
+            "store {i}: {on_disk} bytes on disk, capacity {capacity}"
+        );
+    }
+    adapter.evict(1.0, None);
+    assert_eq!(adapter.usage().keys, 0);
+    let left = bytes_below(dir.path());
+    assert!(
+        left <= capacity / 16 + 2 * 4096,
+        "{left} bytes left on disk once everything is evicted, capacity {capacity}"
+    );
+}
+
+/// Waits up to ten seconds for `keys` to be visible (a queued put is once it is written).
+fn visible_soon(adapter: &dyn L2Adapter, keys: &[kv_l2_adapter::ChunkKey]) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if adapter.batched_contains(keys) == keys.len() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// `nixl_async_put` on segments with eviction: a queued put that finds every segment holding
+/// live data (usage under the watermark, so no pass runs) evicts the oldest segment and is
+/// written, where it would otherwise be dropped with only a log line.
+#[test]
+fn a_queued_put_refused_for_room_evicts_and_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dynamic_yaml(
+        dir.path(),
+        "  nixl_async_put: true\n  nixl_layout: segments\n  nixl_segment_size_mb: 1\n  nixl_max_capacity_gb: 0.00390625\n  nixl_eviction:\n    eviction_policy: LRU\n    trigger_watermark: 0.95\n    eviction_ratio: 0.1\n",
+    );
+    let store = built(StoreBuilder::from_lmcache(lmcache(&yaml)));
+    let adapter = store.adapter();
+    let mut page = store.pool().allocate().unwrap();
+    let keys: Vec<_> = (0..13u32).map(|i| key(i, None)).collect();
+    let mut put = |i: usize| {
+        fill(i as u32, &mut page);
+        let report = adapter.store(&keys[i..=i], &[&page]);
+        assert!(
+            matches!(report.keys[0], kv_l2_adapter::KeyOutcome::Queued { .. }),
+            "written in the background: {report:?}"
+        );
+        visible_soon(adapter.as_ref(), &keys[i..=i])
+    };
+    // Four segments of three chunks: 0-2, 3-5, 6-8, then 9, 10; usage stays under the mark.
+    for i in 0..11 {
+        assert!(put(i), "key {i} written");
+    }
+    assert_eq!(
+        adapter.delete(&[key(0, None), key(3, None), key(6, None)]),
+        3
+    );
+    assert!(put(11), "the last segment's last chunk");
+    // Every segment holds live data now: the next chunk needs a segment freed.
+    assert!(put(12), "the queued put was written");
+    let loaded = kv_l2_adapter::test_utils::load(adapter.as_ref(), store.pool(), &[12, 11]);
+    assert_eq!(
+        loaded,
+        vec![true, true],
+        "the newest stay; the oldest segment went"
+    );
+}
+
+/// The ranks of one instance share one `nixl_path` (LMCache's dynamic mode has no path per
+/// worker): on segments, worker 0 writes the folder and worker `N` its `worker-N/`, so both
+/// open at once, each serving its own keys, and each finds them again after a reopen.
+#[test]
+fn workers_sharing_one_nixl_path_get_their_own_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dynamic_yaml(dir.path(), "  nixl_max_capacity_gb: 0.0625\n");
+    let open = |worker: u32| {
+        let store = built(
+            StoreBuilder::from_lmcache(lmcache(&yaml))
+                .with_deployment(Deployment::new().with_worker(worker, worker)),
+        );
+        assert_eq!(
+            store.tiers()[0].spec().unwrap().layout,
+            kv_config::Layout::Segments,
+            "segments are the default"
+        );
+        store
+    };
+    {
+        let (zero, one) = (open(0), open(1));
+        kv_l2_adapter::test_utils::store(zero.adapter().as_ref(), zero.pool(), &[1, 2]);
+        kv_l2_adapter::test_utils::store(one.adapter().as_ref(), one.pool(), &[3]);
+    }
+    let has_segments = |folder: &Path| {
+        std::fs::read_dir(folder)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".kvseg"))
+    };
+    assert!(has_segments(dir.path()) && has_segments(&dir.path().join("worker-1")));
+    let (zero, one) = (open(0), open(1));
+    let found = |store: &Store, keys: &[u32]| {
+        kv_l2_adapter::test_utils::load(store.adapter().as_ref(), store.pool(), keys)
+    };
+    assert_eq!(found(&zero, &[1, 2, 3]), vec![true, true, false]);
+    assert_eq!(found(&one, &[3, 1]), vec![true, false]);
+}
+
+/// A folder of per-key files written before segments were the default opens as files when
+/// the configuration names no layout: what it holds is still served, and new chunks join it.
+#[test]
+fn a_folder_of_per_key_files_stays_files_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = |layout: &str| {
+        format!(
+            r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"0.0625"{layout}}}}}"#,
+            dir.path().display()
+        )
+    };
+    {
+        let store = built(StoreBuilder::from_l2_adapters([json(
+            r#","layout":"files""#,
+        )]));
+        kv_l2_adapter::test_utils::store(store.adapter().as_ref(), store.pool(), &[1, 2]);
+    }
+    let store = built(StoreBuilder::from_l2_adapters([json("")]));
+    let found = kv_l2_adapter::test_utils::load(store.adapter().as_ref(), store.pool(), &[1, 2]);
+    assert_eq!(found, vec![true, true]);
+    kv_l2_adapter::test_utils::store(store.adapter().as_ref(), store.pool(), &[3]);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".kvseg")), "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".bin")).count(),
+        3,
+        "{names:?}"
+    );
 }

@@ -270,20 +270,32 @@ pub(crate) fn parse_eviction(
     })
 }
 
-/// The layout of a dynamic store over files, and its segment size; `fail` gets each problem
-/// with the key (`layout`, `segment_size_mb`, `shard_dirs`). Segments serve POSIX, GDS and
-/// GDS_MT; HF3FS is a shared file system, where one file per key is the layout.
+/// The layout of a dynamic store over files, its segment size, and whether the configuration
+/// named the layout; `fail` gets each problem with the key (`layout`, `segment_size_mb`,
+/// `shard_dirs`). Segments serve POSIX, GDS and GDS_MT, and are their default; HF3FS is a
+/// shared file system, and a store `shared` between instances has several writers per folder:
+/// there one file per key is the layout.
 pub(crate) fn layout_rules(
     backend: Option<Backend>,
     mode: Mode,
     layout: Option<Layout>,
     segment_mb: Option<f64>,
     shard_dirs: bool,
+    shared: bool,
     fail: &mut dyn FnMut(&str, String),
-) -> Option<(Layout, Option<u64>)> {
+) -> Option<(Layout, Option<u64>, bool)> {
     let backend = backend?;
     let dynamic_files = mode == Mode::Dynamic && backend.kind() == StorageKind::File;
-    let chosen = layout.unwrap_or(Layout::Files);
+    // Segments where one process writes a folder (POSIX, GDS, GDS_MT); one file per key on
+    // HF3FS, a shared file system, for a store `shared` between instances, and where
+    // `shard_dirs` asks for the files layout's folders.
+    let chosen = layout.unwrap_or(
+        if dynamic_files && backend != Backend::Hf3fs && !shard_dirs && !shared {
+            Layout::Segments
+        } else {
+            Layout::Files
+        },
+    );
     if layout.is_some() && !dynamic_files {
         fail("layout", "applies to dynamic stores over files".to_owned());
     }
@@ -291,6 +303,14 @@ pub(crate) fn layout_rules(
         fail(
             "layout",
             "HF3FS is a shared file system: segments take one writer per folder; use files"
+                .to_owned(),
+        );
+    }
+    if chosen == Layout::Segments && shared {
+        fail(
+            "layout",
+            "segments take one writer per folder; a store shared between instances (shared: \
+             true) uses files"
                 .to_owned(),
         );
     }
@@ -315,7 +335,7 @@ pub(crate) fn layout_rules(
             None
         }
     };
-    Some((chosen, segment_bytes))
+    Some((chosen, segment_bytes, layout.is_some()))
 }
 
 /// Watermark eviction needs a capacity to measure usage against: without one, LRU would never
@@ -343,7 +363,12 @@ fn check_serde(ctx: &mut Ctx<'_>, obj: &Map<String, Value>) {
     }
 }
 
-fn nixl_storage(ctx: &mut Ctx<'_>, obj: &Map<String, Value>, dynamic: bool) -> Option<StorageSpec> {
+fn nixl_storage(
+    ctx: &mut Ctx<'_>,
+    obj: &Map<String, Value>,
+    dynamic: bool,
+    shared: bool,
+) -> Option<StorageSpec> {
     let backend = match obj.get("backend") {
         Some(Value::String(name)) => match name.parse::<Backend>() {
             Ok(b) if L2_BACKENDS.contains(&b) && name != "3FS" => Some(b),
@@ -539,21 +564,23 @@ fn nixl_storage(ctx: &mut Ctx<'_>, obj: &Map<String, Value>, dynamic: bool) -> O
         }
     };
     let segment_mb = number_param(ctx, params, "segment_size_mb");
-    let (layout, segment_bytes) = match layout_rules(
+    let (layout, segment_bytes, layout_given) = match layout_rules(
         backend,
         mode,
         layout,
         segment_mb,
         shard_dirs,
+        shared,
         &mut |key, message| ctx.fail(&format!("backend_params.{key}"), message),
     ) {
         Some(chosen) => chosen,
-        None => (Layout::Files, None),
+        None => (Layout::Files, None, false),
     };
 
     let backend = backend?;
     let mut spec = StorageSpec::new(backend, mode);
     spec.layout = layout;
+    spec.layout_given = layout_given;
     spec.segment_bytes = segment_bytes;
     spec.path = file_path.clone();
     spec.all_paths = file_path.into_iter().collect();
@@ -668,7 +695,7 @@ impl AdapterRegistry {
                         "not supported: chunks are stored as their raw bytes under a checked header",
                     );
                 }
-                let storage = nixl_storage(&mut ctx, &obj, dynamic).map(|mut spec| {
+                let storage = nixl_storage(&mut ctx, &obj, dynamic, shared).map(|mut spec| {
                     spec.persist = persist_enabled;
                     spec.eviction = eviction;
                     spec.shared = shared;

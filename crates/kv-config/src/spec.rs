@@ -214,6 +214,9 @@ pub struct StorageSpec {
     pub durable: bool,
     /// How a dynamic store over files lays chunks out (`layout` / `nixl_layout`).
     pub layout: Layout,
+    /// Whether the configuration named the layout. A default one yields to what the folder
+    /// holds: a folder of per-key files from before segments were the default stays files.
+    pub layout_given: bool,
     /// Bytes per segment file when [`Layout::Segments`] (`segment_size_mb` /
     /// `nixl_segment_size_mb`); `None` for the store's default.
     pub segment_bytes: Option<u64>,
@@ -250,6 +253,7 @@ impl StorageSpec {
             shard_dirs: false,
             durable: false,
             layout: Layout::Files,
+            layout_given: false,
             segment_bytes: None,
             file_size: None,
             persist: true,
@@ -621,6 +625,7 @@ impl EngineConfig {
             layout,
             extra.nixl_segment_size_mb,
             false,
+            false,
             &mut |key, message| {
                 errors.push(Error::InvalidSetting {
                     key: format!("extra_config.nixl_{key}"),
@@ -663,8 +668,9 @@ impl EngineConfig {
         spec.cache_policy = self.cache_policy.clone();
         spec.capacity_bytes = capacity_bytes;
         spec.eviction = eviction;
-        if let Some((layout, segment_bytes)) = layout {
+        if let Some((layout, segment_bytes, layout_given)) = layout {
             spec.layout = layout;
+            spec.layout_given = layout_given;
             spec.segment_bytes = segment_bytes;
         }
         if let Some(message) = crate::l2::eviction_without_capacity(&spec) {

@@ -401,8 +401,9 @@ fn eviction_without_a_capacity_is_refused_for_objects() {
     parse(&[r#"{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{"bucket":"b"},"eviction":{"eviction_policy":"noop"}}"#]).unwrap();
 }
 
-/// `layout` picks per-key files (the default) or segments for a dynamic store over files, with
-/// `segment_size_mb`; anywhere else, or with a value it does not know, it is refused by name.
+/// `layout` picks segments (the default over POSIX, GDS, GDS_MT) or per-key files (the default
+/// over HF3FS and with `shard_dirs`) for a dynamic store over files, with `segment_size_mb`;
+/// anywhere else, or with a value it does not know, it is refused by name.
 #[test]
 fn layout_and_segment_size_apply_to_dynamic_files() {
     let dynamic = |params: &str| {
@@ -411,7 +412,26 @@ fn layout_and_segment_size_apply_to_dynamic_files() {
         )
     };
     let spec = |json: &str| parse(&[json]).unwrap().value.remove(0).storage.unwrap();
-    assert_eq!(spec(&dynamic("")).layout, kv_config::Layout::Files);
+    assert_eq!(spec(&dynamic("")).layout, kv_config::Layout::Segments);
+    assert_eq!(
+        spec(&dynamic(r#","layout":"files""#)).layout,
+        kv_config::Layout::Files
+    );
+    assert_eq!(
+        spec(&dynamic(r#","shard_dirs":"true""#)).layout,
+        kv_config::Layout::Files,
+        "shard_dirs are folders of the files layout"
+    );
+    let hf3fs = r#"{"type":"nixl_store_dynamic","backend":"HF3FS","backend_params":{"file_path":"/x","max_capacity_gb":"1"}}"#;
+    assert_eq!(spec(hf3fs).layout, kv_config::Layout::Files);
+    let shared = r#"{"type":"nixl_store_dynamic","backend":"POSIX","shared":true,"backend_params":{"file_path":"/x","max_capacity_gb":"1"}}"#;
+    assert_eq!(
+        spec(shared).layout,
+        kv_config::Layout::Files,
+        "shared folders have several writers"
+    );
+    assert!(!spec(&dynamic("")).layout_given);
+    assert!(spec(&dynamic(r#","layout":"segments""#)).layout_given);
     let segments = spec(&dynamic(r#","layout":"segments","segment_size_mb":"64""#));
     assert_eq!(segments.layout, kv_config::Layout::Segments);
     assert_eq!(segments.segment_bytes, Some(64 << 20));
@@ -421,7 +441,10 @@ fn layout_and_segment_size_apply_to_dynamic_files() {
     );
     for (json, key) in [
         (dynamic(r#","layout":"blocks""#), "backend_params.layout"),
-        (dynamic(r#","segment_size_mb":"64""#), "backend_params.segment_size_mb"),
+        (
+            dynamic(r#","layout":"files","segment_size_mb":"64""#),
+            "backend_params.segment_size_mb",
+        ),
         (dynamic(r#","layout":"segments","shard_dirs":"true""#), "backend_params.shard_dirs"),
         (
             r#"{"type":"nixl_store","backend":"POSIX","pool_size":2,"backend_params":{"file_path":"/x","use_direct_io":"false","layout":"segments"}}"#.to_owned(),
@@ -429,6 +452,10 @@ fn layout_and_segment_size_apply_to_dynamic_files() {
         ),
         (
             r#"{"type":"nixl_store_dynamic","backend":"HF3FS","backend_params":{"file_path":"/x","max_capacity_gb":"1","layout":"segments"}}"#.to_owned(),
+            "backend_params.layout",
+        ),
+        (
+            r#"{"type":"nixl_store_dynamic","backend":"POSIX","shared":true,"backend_params":{"file_path":"/x","max_capacity_gb":"1","layout":"segments"}}"#.to_owned(),
             "backend_params.layout",
         ),
     ] {

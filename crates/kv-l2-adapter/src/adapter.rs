@@ -35,6 +35,21 @@ impl KeyOutcome {
     pub fn is_stored(&self) -> bool {
         !matches!(self, KeyOutcome::Failed(_))
     }
+
+    /// Whether the key was refused for want of room: the adapter's capacity, a full static
+    /// pool, no free segment, or a full disk. Eviction can make room for it.
+    pub fn is_refused_for_room(&self) -> bool {
+        matches!(
+            self,
+            KeyOutcome::Failed(
+                crate::error::Error::CapacityExceeded { .. }
+                    | crate::error::Error::PoolFull { .. }
+                    | crate::error::Error::File(
+                        nixl_file::Error::NoSpace { .. } | nixl_file::Error::DiskFull { .. }
+                    )
+            )
+        )
+    }
 }
 
 /// The page of key `i` of a store, or the outcome of a key that has none (more keys than

@@ -203,7 +203,9 @@ impl StoreBuilder {
                 let pool = self.pool(chunk, None, false)?;
                 let context = AdapterContext::new(Arc::clone(&pool))
                     .with_engine(self.engine)
-                    .with_read_only(self.read_only);
+                    .with_read_only(self.read_only)
+                    .with_eviction(self.evicting)
+                    .with_worker(deployment.worker_id);
                 let (built, parsed_warnings) = self.factory.build_loaded(values, &context)?;
                 warnings.extend(parsed_warnings);
                 let tiers = built
@@ -224,7 +226,9 @@ impl StoreBuilder {
         };
         let context = AdapterContext::new(Arc::clone(&pool))
             .with_engine(self.engine)
-            .with_read_only(self.read_only);
+            .with_read_only(self.read_only)
+            .with_eviction(self.evicting)
+            .with_worker(deployment.worker_id);
         let mut tiers = Vec::new();
         for (name, spec) in specs {
             let adapter = build_storage(&spec, &context)?;
@@ -410,19 +414,6 @@ impl Store {
 /// Eviction passes a store runs in the caller before it reports a key refused for room.
 const MAX_EVICTION_RETRIES: usize = 8;
 
-/// Whether a key was refused for want of room: the adapter's capacity, a full static pool, or
-/// no free segment.
-fn refused_for_room(outcome: &KeyOutcome) -> bool {
-    matches!(
-        outcome,
-        KeyOutcome::Failed(
-            Error::CapacityExceeded { .. }
-                | Error::PoolFull { .. }
-                | Error::File(nixl_file::Error::NoSpace { .. })
-        )
-    )
-}
-
 /// An adapter with watermark eviction: a store that leaves it at or over the watermark wakes
 /// the controller, and keys refused for want of room are retried once after an eviction pass
 /// run in the caller, so a full store keeps accepting instead of refusing until the next tick.
@@ -459,7 +450,7 @@ impl Evicting {
             .keys
             .iter()
             .enumerate()
-            .filter(|(i, outcome)| *i < pages.len() && refused_for_room(outcome))
+            .filter(|(i, outcome)| *i < pages.len() && outcome.is_refused_for_room())
             .map(|(i, _)| i)
             .collect();
         if refused.is_empty() {
@@ -471,7 +462,7 @@ impl Evicting {
         for (&i, outcome) in refused.iter().zip(retried.keys) {
             report.keys[i] = outcome;
         }
-        report.keys.iter().any(refused_for_room)
+        report.keys.iter().any(KeyOutcome::is_refused_for_room)
     }
 }
 
@@ -479,7 +470,7 @@ impl Evicting {
 impl L2Adapter for Evicting {
     fn store(&self, keys: &[ChunkKey], pages: &[&Page]) -> StoreReport {
         let mut report = self.inner.store(keys, pages);
-        if report.keys.iter().any(refused_for_room) {
+        if report.keys.iter().any(KeyOutcome::is_refused_for_room) {
             // Under the pass lock: first retry (another thread's pass may have made room), then
             // evict and retry, a few passes at most (segments free space a segment at a time).
             let _one_at_a_time = self.passes.lock().unwrap_or_else(|p| p.into_inner());

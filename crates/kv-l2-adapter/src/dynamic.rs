@@ -1,7 +1,7 @@
 //! `nixl_store_dynamic`: one file or object per key, capacity reserved before writing, lazy
 //! recovery after a restart, presence cache, optional background puts.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -39,6 +39,11 @@ pub struct DynamicOptions {
     /// Queued batches hold at most a quarter of its pages (at least one) at a time: past that,
     /// `store` writes in the caller, so the engine keeps the rest of its pool.
     pub staging: Option<Arc<PagePool>>,
+    /// Evict the oldest keys (a whole unit of space, see [`ChunkStorage::space_units`]) and
+    /// write again when storage refuses a queued put for want of room, by this policy: a
+    /// background put has no caller to retry it. Under IsolatedLRU only keys of the refused
+    /// key's salt go. `None` (or noop): the refusal is logged and the key is not stored.
+    pub evict_when_full: Option<kv_config::EvictionPolicy>,
 }
 
 impl DynamicOptions {
@@ -51,7 +56,15 @@ impl DynamicOptions {
             persist: true,
             async_queue: 0,
             staging: None,
+            evict_when_full: None,
         }
+    }
+
+    /// Evicts by `policy` to make room for background puts that storage refused (see
+    /// [`evict_when_full`](DynamicOptions::evict_when_full)).
+    pub fn with_evict_when_full(mut self, policy: Option<kv_config::EvictionPolicy>) -> Self {
+        self.evict_when_full = policy.filter(|p| *p != kv_config::EvictionPolicy::Noop);
+        self
     }
 
     /// Sets the capacity.
@@ -84,6 +97,9 @@ impl DynamicOptions {
         self
     }
 }
+
+/// Eviction passes a background put runs before it gives up on a key storage refused for room.
+const BACKGROUND_ROOM_PASSES: usize = 8;
 
 /// Keys the presence cache remembers at most. Past that the oldest insertions are forgotten
 /// first: a forgotten key costs one storage query (or, presence-cache-only, reads as a miss),
@@ -141,8 +157,9 @@ struct State {
     /// alone, and stores of it wait (a store racing the delete would otherwise have its fresh
     /// file deleted, and a recovery could index a file a delete is removing).
     busy: HashSet<ChunkKey>,
-    /// Bytes reserved by stores from `reserve` to the end of their write, queued ones
-    /// included: the capacity counts them, so batches in flight together never overcommit it.
+    /// Bytes reserved by stores from `reserve` to the end of their write, queued ones included,
+    /// and by deletes until storage has dropped them: the capacity counts them, so batches in
+    /// flight together never overcommit it.
     reserved: u64,
     closed: bool,
 }
@@ -167,6 +184,8 @@ struct Shared {
     settled: Condvar,
     /// Staging pages held by queued or writing batches, and at most how many may be.
     staging: Arc<StagingBudget>,
+    /// Held for an eviction pass.
+    evicting: Mutex<()>,
 }
 
 /// How many staging pages queued batches hold, against a cap: a quarter of the L1 pool, so
@@ -251,6 +270,155 @@ impl Shared {
 
     fn capacity(&self) -> u64 {
         self.options.capacity_bytes.unwrap_or(0)
+    }
+
+    /// Removes unpinned `keys` from the index and from storage; how many went.
+    fn delete(&self, keys: &[ChunkKey]) -> usize {
+        // The keys leave the index and stay busy until their storage is gone: a store of one
+        // waits, so its fresh file is never the one deleted, and no recovery re-indexes it.
+        // Their bytes stay reserved until then too: the disk still holds them.
+        let (removed, deleting) = {
+            let mut state = self.state();
+            let free: Vec<ChunkKey> = keys
+                .iter()
+                .filter(|k| !state.busy.contains(*k))
+                .cloned()
+                .collect();
+            let removed = state.index.remove_unpinned(&free);
+            for (key, _) in &removed {
+                state.present.remove(key);
+                state.busy.insert(key.clone());
+            }
+            let deleting: u64 = removed.iter().map(|(_, entry)| entry.size).sum();
+            state.reserved += deleting;
+            (removed, deleting)
+        };
+        for (key, _) in &removed {
+            if let Err(err) = self.storage.delete(key) {
+                tracing::warn!(key = ?key, error = %err, "deleting from storage failed");
+            }
+        }
+        let mut state = self.state();
+        state.reserved = state.reserved.saturating_sub(deleting);
+        self.settle(&mut state, removed.iter().map(|(key, _)| key));
+        removed.len()
+    }
+
+    /// An LRU pass over `ratio` of the keys (of `salt` when given), in whole units of space;
+    /// one pass at a time (the controller's and a background put's never interleave).
+    fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
+        let _one_pass = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
+        let (candidates, skipped_pinned) = {
+            let state = self.state();
+            let (candidates, skipped) = state.index.eviction_candidates(ratio, salt);
+            (self.whole_units(&state.index, candidates, salt), skipped)
+        };
+        let before = self.state().index.used();
+        let evicted = self.delete(&candidates);
+        EvictionReport {
+            evicted,
+            freed_bytes: before.saturating_sub(self.state().index.used()),
+            skipped_pinned,
+        }
+    }
+
+    /// [`write`](Shared::write), and where storage refused keys for want of room and
+    /// [`DynamicOptions::evict_when_full`] is set, the oldest unit of space evicted and the
+    /// refused keys written again, a few times at most.
+    fn write_making_room(&self, items: &[(&ChunkKey, &Page)]) -> Vec<KeyOutcome> {
+        let mut outcomes = self.write(items);
+        let Some(policy) = self.options.evict_when_full else {
+            return outcomes;
+        };
+        for _ in 0..BACKGROUND_ROOM_PASSES {
+            let refused: Vec<usize> = (0..outcomes.len())
+                .filter(|&i| outcomes[i].is_refused_for_room())
+                .collect();
+            let Some(&first) = refused.first() else {
+                break;
+            };
+            let salt = (policy == kv_config::EvictionPolicy::IsolatedLru)
+                .then(|| items[first].0.cache_salt().unwrap_or_default());
+            if self.evict(f64::MIN_POSITIVE, salt).evicted == 0 {
+                break;
+            }
+            let keys: Vec<ChunkKey> = refused.iter().map(|&i| items[i].0.clone()).collect();
+            let pages: Vec<&Page> = refused.iter().map(|&i| items[i].1).collect();
+            let (settled, reserved) = self.reserve(&keys, &pages);
+            let again: Vec<(&ChunkKey, &Page)> =
+                reserved.iter().map(|&j| (&keys[j], pages[j])).collect();
+            let written = self.write(&again);
+            for (j, outcome) in settled.into_iter().enumerate() {
+                if let Some(outcome) = outcome {
+                    outcomes[refused[j]] = outcome;
+                }
+            }
+            for (&j, outcome) in reserved.iter().zip(written) {
+                outcomes[refused[j]] = outcome;
+            }
+        }
+        outcomes
+    }
+
+    /// LRU `candidates` (oldest first) grown to whole units of space where the storage frees
+    /// space by unit (segments): the units of the oldest candidates, each with every key in
+    /// it, until they hold at least the candidates' bytes. Otherwise one hot key in every
+    /// segment would keep any segment from coming free however many cold keys LRU evicted. A
+    /// unit holding a key this pass may not take (pinned, or of another salt under IsolatedLRU)
+    /// could not come free: there only the candidate itself goes, as plain LRU.
+    fn whole_units(
+        &self,
+        index: &Index,
+        candidates: Vec<ChunkKey>,
+        salt: Option<&str>,
+    ) -> Vec<ChunkKey> {
+        if candidates.is_empty() || self.storage.space_units(&[]).is_none() {
+            return candidates;
+        }
+        let keys = index.oldest(None);
+        let refs: Vec<&ChunkKey> = keys.iter().collect();
+        let Some(units) = self.storage.space_units(&refs) else {
+            return candidates;
+        };
+        let bytes = |key: &ChunkKey| index.get(key).map_or(0, |e| e.size);
+        let mut members: HashMap<u32, Vec<&ChunkKey>> = HashMap::new();
+        let mut held: HashSet<u32> = HashSet::new();
+        let mut unit_of: HashMap<&ChunkKey, u32> = HashMap::new();
+        for (key, unit) in refs.iter().zip(units) {
+            let Some(unit) = unit else { continue };
+            unit_of.insert(key, unit);
+            let takeable = index.get(key).is_some_and(|e| e.pins == 0)
+                && salt.is_none_or(|s| key.cache_salt().unwrap_or_default() == s);
+            if takeable {
+                members.entry(unit).or_default().push(key);
+            } else {
+                held.insert(unit);
+            }
+        }
+        let target: u64 = candidates.iter().map(&bytes).sum();
+        let mut chosen = HashSet::new();
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        for key in &candidates {
+            if freed >= target {
+                break;
+            }
+            match unit_of.get(key) {
+                Some(unit) if chosen.contains(unit) => {}
+                Some(unit) if !held.contains(unit) => {
+                    chosen.insert(*unit);
+                    for member in members.get(unit).into_iter().flatten() {
+                        freed += bytes(member);
+                        victims.push((*member).clone());
+                    }
+                }
+                _ => {
+                    freed += bytes(key);
+                    victims.push(key.clone());
+                }
+            }
+        }
+        victims
     }
 
     /// Ends the delete or recovery of `keys`: stores waiting on them go on.
@@ -419,7 +587,7 @@ fn spawn_async(
         .spawn(move || {
             for job in rx {
                 let items = job.items();
-                for ((key, _), outcome) in items.iter().zip(shared.write(&items)) {
+                for ((key, _), outcome) in items.iter().zip(shared.write_making_room(&items)) {
                     if let KeyOutcome::Failed(err) = outcome {
                         tracing::warn!(key = ?key, error = %err, "background put failed");
                     }
@@ -507,6 +675,7 @@ impl DynamicAdapter {
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
             staging: Arc::new(StagingBudget::for_pool(staging_pages)),
+            evicting: Mutex::new(()),
         });
         let queue = if depth > 0 {
             spawn_async(Arc::clone(&shared), depth)
@@ -730,31 +899,7 @@ impl L2Adapter for DynamicAdapter {
     }
 
     fn delete(&self, keys: &[ChunkKey]) -> usize {
-        // The keys leave the index and stay busy until their storage is gone: a store of one
-        // waits, so its fresh file is never the one deleted, and no recovery re-indexes it.
-        let removed = {
-            let mut state = self.shared.state();
-            let free: Vec<ChunkKey> = keys
-                .iter()
-                .filter(|k| !state.busy.contains(*k))
-                .cloned()
-                .collect();
-            let removed = state.index.remove_unpinned(&free);
-            for (key, _) in &removed {
-                state.present.remove(key);
-                state.busy.insert(key.clone());
-            }
-            removed
-        };
-        for (key, _) in &removed {
-            if let Err(err) = self.shared.storage.delete(key) {
-                tracing::warn!(key = ?key, error = %err, "deleting from storage failed");
-            }
-        }
-        let mut state = self.shared.state();
-        self.shared
-            .settle(&mut state, removed.iter().map(|(key, _)| key));
-        removed.len()
+        self.shared.delete(keys)
     }
 
     fn batched_contains(&self, keys: &[ChunkKey]) -> usize {
@@ -827,15 +972,7 @@ impl L2Adapter for DynamicAdapter {
     }
 
     fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
-        let (candidates, skipped_pinned) =
-            self.shared.state().index.eviction_candidates(ratio, salt);
-        let before = self.shared.state().index.used();
-        let evicted = self.delete(&candidates);
-        EvictionReport {
-            evicted,
-            freed_bytes: before.saturating_sub(self.shared.state().index.used()),
-            skipped_pinned,
-        }
+        self.shared.evict(ratio, salt)
     }
 
     fn status(&self) -> Status {

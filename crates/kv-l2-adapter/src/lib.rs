@@ -47,7 +47,7 @@ pub use hicache::HiCache;
 pub use keys::{CacheEngineKey, ChunkKey, ObjectKey, PageKey};
 pub use registry::{
     AdapterConstructor, AdapterContext, AdapterFactory, BuiltAdapter, Engine, build_storage,
-    nixl_config_for, transport_for,
+    layout_in_use, nixl_config_for, segment_folders, transport_for,
 };
 pub use static_adapter::{SlotStorage, StaticAdapter};
 pub use storage::{ChunkStorage, Objects};

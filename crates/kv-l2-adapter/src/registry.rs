@@ -46,6 +46,15 @@ pub struct AdapterContext {
     /// Open storage to read only: a segment store opens beside a live writer, takes no lock
     /// and creates nothing; stores and deletes are refused.
     pub read_only: bool,
+    /// Whether configured eviction runs: the builder sets it (see
+    /// [`with_eviction`](crate::StoreBuilder::with_eviction)), which also runs the eviction
+    /// controller. Off (the default here), a dynamic store never evicts to make room for a
+    /// background put either.
+    pub evicting: bool,
+    /// The global worker id: the ranks of one instance share one `nixl_path`, and a segment
+    /// store takes one writer per folder, so worker `N > 0` keeps its segments in
+    /// `worker-N/` under it (see [`segment_folders`]).
+    pub worker_id: u32,
 }
 
 impl AdapterContext {
@@ -55,6 +64,8 @@ impl AdapterContext {
             memory,
             engine: Engine::Auto,
             read_only: false,
+            evicting: false,
+            worker_id: 0,
         }
     }
 
@@ -67,6 +78,18 @@ impl AdapterContext {
     /// Opens storage to read only.
     pub fn with_read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
+        self
+    }
+
+    /// Lets configured eviction run, or not.
+    pub fn with_eviction(mut self, evicting: bool) -> Self {
+        self.evicting = evicting;
+        self
+    }
+
+    /// Sets the global worker id.
+    pub fn with_worker(mut self, worker_id: u32) -> Self {
+        self.worker_id = worker_id;
         self
     }
 }
@@ -232,8 +255,9 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
     };
     let adapter: Box<dyn L2Adapter> = match (spec.mode, spec.kind) {
         (Mode::Dynamic, kind) => {
-            let segments = (kind == StorageKind::File && spec.layout == Layout::Segments)
-                .then(|| open_segments(spec, &transport, page_bytes, context.read_only))
+            let segments = (kind == StorageKind::File
+                && layout_in_use(spec, context.worker_id) == Layout::Segments)
+                .then(|| open_segments(spec, &transport, page_bytes, context))
                 .transpose()?;
             // A segment holds whole entries (a header block and the padded payload) after its
             // own header block: the payload it can take is what the adapter counts against.
@@ -251,6 +275,15 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                     .map(|chunk| (ChunkKey::from_file_key(chunk.key), chunk.payload_len))
                     .collect::<Vec<_>>()
             });
+            // Per-key files keep deleted files for reuse; under a capacity, those spares take
+            // a sixteenth of it (whole files) and the chunks the rest (their payload bytes, as
+            // LMCache counts them; each file also has its 4 KiB header).
+            let file_bytes = nixl_core::header::HEADER_BYTES as u64
+                + (page_bytes as u64).next_multiple_of(nixl_core::header::HEADER_BYTES as u64);
+            let spare_bytes = (kind == StorageKind::File && segments.is_none())
+                .then_some(spec.capacity_bytes)
+                .flatten()
+                .map(|capacity| capacity / 16 / file_bytes * file_bytes);
             let storage: Box<dyn crate::storage::ChunkStorage> = match (kind, segments) {
                 (StorageKind::File, Some(store)) => Box::new(store),
                 (StorageKind::File, None) => Box::new(DynamicFileStore::open(
@@ -258,7 +291,10 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                     DynamicConfig::new(path()?)
                         .with_direct_io(spec.use_direct_io)
                         .with_shard_dirs(spec.shard_dirs)
-                        .with_durable(spec.durable),
+                        .with_durable(spec.durable)
+                        .with_recycle_bytes(
+                            spare_bytes.unwrap_or(nixl_file::DEFAULT_RECYCLE_BYTES),
+                        ),
                 )?),
                 (StorageKind::Object, _) => Box::new(Objects {
                     store: ObjectStore::open(
@@ -269,8 +305,17 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                 }),
             };
             let mut options = DynamicOptions::new(label)
-                .with_capacity(segment_capacity.or(spec.capacity_bytes))
+                .with_capacity(segment_capacity.or_else(|| {
+                    let spares = spare_bytes.unwrap_or(0);
+                    spec.capacity_bytes.map(|capacity| capacity - spares)
+                }))
                 .with_presence_cache(spec.presence_cache)
+                .with_evict_when_full(
+                    spec.eviction
+                        .as_ref()
+                        .filter(|_| context.evicting && !context.read_only)
+                        .map(|e| e.policy),
+                )
                 // A reader never deletes what it did not write.
                 .with_persist(spec.persist || context.read_only);
             if spec.async_put {
@@ -333,23 +378,82 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
     }))
 }
 
-/// The segment store of a dynamic spec over files with `layout: segments`, over every
-/// configured folder, sized by its capacity.
-fn open_segments(
-    spec: &StorageSpec,
-    transport: &Arc<dyn Transport>,
-    page_bytes: usize,
-    read_only: bool,
-) -> Result<SegmentStore> {
-    let folders: Vec<std::path::PathBuf> = if spec.all_paths.is_empty() {
+/// The folders a dynamic segment store of `worker_id` writes: the configured ones for worker
+/// 0, `worker-N/` under each for worker `N`, so that the ranks of one instance, which share
+/// one `nixl_path`, each have their own (a segment store takes one writer per folder).
+pub fn segment_folders(spec: &StorageSpec, worker_id: u32) -> Vec<std::path::PathBuf> {
+    let folders = if spec.all_paths.is_empty() {
         spec.path.iter().cloned().collect()
     } else {
         spec.all_paths.clone()
     };
-    let capacity = spec.capacity_bytes.ok_or_else(|| Error::Setting {
-        key: "max_capacity_gb".to_owned(),
-        message: "layout: segments preallocates its capacity, so it needs one".to_owned(),
-    })?;
+    if worker_id == 0 {
+        return folders;
+    }
+    folders
+        .into_iter()
+        .map(|folder| folder.join(format!("worker-{worker_id}")))
+        .collect()
+}
+
+/// The layout a dynamic store over files of `worker_id` opens with: the spec's, except that a
+/// default of segments yields to a folder of per-key chunk files holding no segments (a
+/// store written before segments were the default stays files, so what it holds is still
+/// served and counted).
+pub fn layout_in_use(spec: &StorageSpec, worker_id: u32) -> Layout {
+    if spec.layout_given || spec.layout == Layout::Files {
+        return spec.layout;
+    }
+    let has = |folder: &std::path::Path, suffix: &str| {
+        std::fs::read_dir(folder).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(suffix))
+        })
+    };
+    let chunk_files = spec
+        .path
+        .as_deref()
+        .is_some_and(|folder| has(folder, ".bin"));
+    let found = chunk_files
+        && !segment_folders(spec, worker_id)
+            .iter()
+            .any(|folder| has(folder, ".kvseg"));
+    if !found {
+        return Layout::Segments;
+    }
+    tracing::info!(
+        folder = ?spec.path,
+        "the folder holds per-key chunk files: opening it with layout files (set layout to \
+         segments, after emptying it, for segments)"
+    );
+    Layout::Files
+}
+
+/// The segment store of a dynamic spec over files with `layout: segments`, over its
+/// [`segment_folders`], sized by its capacity (or, without one, by the disk's free space).
+fn open_segments(
+    spec: &StorageSpec,
+    transport: &Arc<dyn Transport>,
+    page_bytes: usize,
+    context: &AdapterContext,
+) -> Result<SegmentStore> {
+    let read_only = context.read_only;
+    let folders = segment_folders(spec, context.worker_id);
+    // Without a capacity, what the disk holds: segment files are made as they fill, so the
+    // store takes space only as it grows (LMCache's per-key files are unbounded the same way).
+    let capacity = match spec.capacity_bytes {
+        Some(bytes) => bytes,
+        None => {
+            let room = nixl_file::segment_room(&folders)?;
+            tracing::info!(
+                capacity = room,
+                folders = ?folders,
+                "no max_capacity_gb: segments may fill what the disk has free"
+            );
+            room
+        }
+    };
     let mut config = SegmentConfig::new(folders.clone())
         .with_capacity_bytes(capacity)
         .with_direct_io(spec.use_direct_io)
@@ -391,7 +495,10 @@ fn existing_segment_bytes(folders: &[std::path::PathBuf]) -> Option<u64> {
         std::fs::read_dir(folder).ok()?.find_map(|entry| {
             let entry = entry.ok()?;
             let is_segment = entry.file_name().to_string_lossy().ends_with(".kvseg");
-            is_segment.then(|| entry.metadata().ok().map(|m| m.len()))?
+            // A file cut short outside the store (segment files are made whole) says nothing.
+            is_segment
+                .then(|| entry.metadata().ok().map(|m| m.len()))?
+                .filter(|&len| len > 0)
         })
     })
 }

@@ -33,6 +33,15 @@ pub trait ChunkStorage: Send + Sync + Debug + 'static {
 
     /// Removes a key; `false` when there was nothing to remove (or the backend cannot delete).
     fn delete(&self, key: &ChunkKey) -> Result<bool>;
+
+    /// Where keys give their space back together, the unit of each key (`None` for a key not
+    /// stored): a segment store reuses a segment only once every key in it is gone, so
+    /// eviction takes whole units. `None` (the default) for storage where each key's space
+    /// comes back on its own delete.
+    fn space_units(&self, keys: &[&ChunkKey]) -> Option<Vec<Option<u32>>> {
+        let _ = keys;
+        None
+    }
 }
 
 /// A file store's call on `(ChunkKey, page)` items, made on their file keys.
@@ -116,6 +125,11 @@ impl ChunkStorage for SegmentStore {
 
     fn delete(&self, key: &ChunkKey) -> Result<bool> {
         Ok(SegmentStore::delete(self, key.file_key())?)
+    }
+
+    fn space_units(&self, keys: &[&ChunkKey]) -> Option<Vec<Option<u32>>> {
+        let keys: Vec<&nixl_file::FileKey> = keys.iter().map(|k| k.file_key()).collect();
+        Some(self.segments_of(&keys))
     }
 }
 

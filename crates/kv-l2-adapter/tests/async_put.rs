@@ -13,7 +13,8 @@ use pinned_alloc::{LockMode, Page, PagePool, PoolConfig};
 
 const PAGE: usize = 64 << 10;
 
-/// A dynamic POSIX store in `dir`, `nixl_async_put` as given, over `pool`.
+/// A dynamic POSIX store of per-key files in `dir` (so that what reached the disk can be
+/// counted file by file), `nixl_async_put` as given, over `pool`.
 fn open(dir: &Path, async_put: bool, pool: &Arc<PagePool>) -> Arc<dyn L2Adapter> {
     let data = dir.join("kv");
     let yaml = format!(
@@ -28,6 +29,7 @@ extra_config:
   nixl_pool_size: 0
   nixl_path: {}
   nixl_async_put: {async_put}
+  nixl_layout: files
 ",
         data.display()
     );

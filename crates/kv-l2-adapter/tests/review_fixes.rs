@@ -27,11 +27,11 @@ fn fill(i: u32, page: &mut Page) {
     }
 }
 
-/// A dynamic POSIX store in `dir` with room for `chunks` chunks, no eviction.
+/// A dynamic POSIX store of per-key files in `dir` with room for `chunks` chunks, no eviction.
 fn dynamic(dir: &Path, chunks: usize) -> Store {
     let gb = (chunks * CHUNK) as f64 / (1u64 << 30) as f64;
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{gb}"}}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{gb}","layout":"files"}}}}"#,
         dir.display()
     );
     StoreBuilder::from_l2_adapters([json])

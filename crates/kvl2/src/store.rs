@@ -64,15 +64,24 @@ fn engine(name: &str) -> CliResult<Engine> {
     }
 }
 
-/// The `--l2-adapter` JSON of the embedded default store in `dir`.
-pub(crate) fn default_adapter_json(dir: &std::path::Path) -> String {
+/// The `--l2-adapter` JSON of the embedded default store in `dir`: segments (the default
+/// layout) holding at most what the disk has room for now, beside the segments `worker_id`
+/// already has there (not rounded to whole GiB, which could fall below them).
+pub(crate) fn default_adapter_json(dir: &std::path::Path, worker_id: u32) -> String {
+    let folder = if worker_id == 0 {
+        dir.to_path_buf()
+    } else {
+        dir.join(format!("worker-{worker_id}"))
+    };
+    let room_gb =
+        nixl_file::segment_room(&[folder]).map_or(1.0, |bytes| bytes as f64 / (1u64 << 30) as f64);
     serde_json::json!({
         "type": "nixl_store_dynamic",
         "backend": "POSIX",
         "backend_params": {
             "file_path": dir.display().to_string(),
             "use_direct_io": "true",
-            "max_capacity_gb": "1024",
+            "max_capacity_gb": room_gb.to_string(),
         },
     })
     .to_string()
@@ -124,7 +133,7 @@ impl StoreArgs {
             StoreBuilder::from_lmcache(config)
         } else {
             let values = match &self.dir {
-                Some(dir) => vec![default_adapter_json(dir)],
+                Some(dir) => vec![default_adapter_json(dir, self.worker_id)],
                 None => self.l2_adapter.clone(),
             };
             StoreBuilder::from_l2_adapters(values)
@@ -142,11 +151,13 @@ impl StoreArgs {
         let dynamic_files = store.tiers()[0]
             .spec()
             .filter(|spec| spec.mode == kv_config::Mode::Dynamic && spec.kind == StorageKind::File);
+        let in_use =
+            |spec: &&kv_config::StorageSpec| kv_l2_adapter::layout_in_use(spec, self.worker_id);
         let segments = dynamic_files
-            .filter(|spec| spec.layout == Layout::Segments)
-            .map(|spec| spec.all_paths.clone());
+            .filter(|spec| in_use(spec) == Layout::Segments)
+            .map(|spec| kv_l2_adapter::segment_folders(spec, self.worker_id));
         let folder = dynamic_files
-            .filter(|spec| spec.layout == Layout::Files)
+            .filter(|spec| in_use(spec) == Layout::Files)
             .and_then(|spec| spec.path.clone());
         Ok(Opened {
             adapter: Arc::clone(store.adapter()),

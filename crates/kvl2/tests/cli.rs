@@ -306,16 +306,23 @@ fn worker_id_and_gpu_pick_the_by_gpu_folder() {
 }
 
 /// `kvl2 put` in a loop, one process per put, against a store with room for 4 chunks and LRU
-/// eviction: every put is accepted, and the folder never holds more than the capacity, since
-/// each process counts what the earlier ones stored.
+/// eviction, per-key files and segments: every put is accepted, and the folder never holds
+/// more than the capacity, since each process counts what the earlier ones stored.
 #[test]
 fn put_in_a_loop_keeps_accepting_past_capacity_and_stays_within_it() {
+    for layout in ["files", "segments"] {
+        put_in_a_loop(layout);
+    }
+}
+
+fn put_in_a_loop(layout: &str) {
     let store = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let chunk = 65536;
-    let capacity_gb = (4 * chunk) as f64 / (1u64 << 30) as f64;
+    let capacity = 4 * chunk as u64;
+    let capacity_gb = capacity as f64 / (1u64 << 30) as f64;
     let json = format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{capacity_gb}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.75,"eviction_ratio":0.5}}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","max_capacity_gb":"{capacity_gb}","layout":"{layout}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.75,"eviction_ratio":0.5}}}}"#,
         store.path().display()
     );
     let input = work.path().join("chunk.bin");
@@ -333,21 +340,38 @@ fn put_in_a_loop_keeps_accepting_past_capacity_and_stays_within_it() {
             &key,
             input.to_str().unwrap(),
         ]);
-        assert_eq!(code(&put), 0, "put {i}: {}", stderr(&put));
+        assert_eq!(code(&put), 0, "{layout}: put {i}: {}", stderr(&put));
         // Counted on disk, not through the store (opening one to list must not be what keeps
         // the folder within capacity).
-        let stored = std::fs::read_dir(store.path())
+        let files: Vec<(String, u64)> = std::fs::read_dir(store.path())
             .unwrap()
-            .filter(|e| {
-                let entry = e.as_ref().unwrap();
-                entry.file_type().unwrap().is_file()
-                    && !entry.file_name().to_string_lossy().contains(".tmp.")
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, e.metadata().unwrap().len())
             })
-            .count();
-        assert!(
-            stored <= 4,
-            "after put {i}: {stored} chunks stored in room for 4"
-        );
+            .collect();
+        if layout == "files" {
+            let stored = files
+                .iter()
+                .filter(|(name, _)| name.ends_with(".bin"))
+                .count();
+            assert!(
+                stored <= 4,
+                "after put {i}: {stored} chunks stored in room for 4"
+            );
+        } else {
+            let bytes: u64 = files
+                .iter()
+                .filter(|(name, _)| name.ends_with(".kvseg"))
+                .map(|(_, len)| len)
+                .sum();
+            assert!(
+                bytes > 0 && bytes <= capacity,
+                "after put {i}: {bytes} bytes of segments"
+            );
+        }
     }
     let get = kvl2(&[
         "get",

@@ -37,8 +37,9 @@ const TEMP_MARKER: &str = ".tmp.";
 /// Deleted chunk files wait here to be reused as the next temporaries: creating a file costs an
 /// inode allocation, which ext4 makes slow under create/delete churn (eviction), and a fallocate.
 const RECYCLE_DIR: &str = ".recycle";
-/// Most files kept for reuse; deletes beyond this unlink.
-const MAX_RECYCLED: usize = 4096;
+/// Bytes of spare files kept for reuse unless [`DynamicConfig::recycle_bytes`] says otherwise;
+/// deletes beyond it unlink.
+pub const DEFAULT_RECYCLE_BYTES: u64 = 1 << 30;
 const HEADER_WAIT: Duration = Duration::from_secs(30);
 
 /// Configuration of a [`DynamicFileStore`].
@@ -58,10 +59,14 @@ pub struct DynamicConfig {
     /// as in LMCache, whose stores never sync: a cache may lose entries in a crash, and the
     /// header check keeps what a crash tears from being served either way.
     pub durable: bool,
+    /// Most bytes of deleted files kept in the recycle folder to become later files (0: every
+    /// delete unlinks). They are disk space the store holds beyond its chunks, so a layer that
+    /// bounds the disk counts them against its capacity.
+    pub recycle_bytes: u64,
 }
 
 impl DynamicConfig {
-    /// Buffered, flat, at most 64 open files, not durable.
+    /// Buffered, flat, at most 64 open files, not durable, [`DEFAULT_RECYCLE_BYTES`] of spares.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
             root: root.into(),
@@ -69,7 +74,14 @@ impl DynamicConfig {
             shard_dirs: false,
             max_open_files: 64,
             durable: false,
+            recycle_bytes: DEFAULT_RECYCLE_BYTES,
         }
+    }
+
+    /// Bounds the spare files kept for reuse (see [`recycle_bytes`](DynamicConfig::recycle_bytes)).
+    pub fn with_recycle_bytes(mut self, bytes: u64) -> Self {
+        self.recycle_bytes = bytes;
+        self
     }
 
     /// Asks for `O_DIRECT`.
@@ -127,7 +139,15 @@ pub struct DynamicFileStore {
     nonce: u64,
     temp_seq: AtomicU64,
     /// Files in the recycle folder, ready to become temporaries.
-    recycled: Mutex<Vec<PathBuf>>,
+    recycled: Mutex<Recycled>,
+    recycle_bytes: u64,
+}
+
+/// The spare files of the recycle folder, with their sizes.
+#[derive(Debug, Default)]
+struct Recycled {
+    files: Vec<(PathBuf, u64)>,
+    bytes: u64,
 }
 
 /// One file of a batch in progress.
@@ -167,7 +187,8 @@ impl DynamicFileStore {
             made_dirs: Mutex::new(HashSet::new()),
             nonce: store_nonce(),
             temp_seq: AtomicU64::new(0),
-            recycled: Mutex::new(Vec::new()),
+            recycled: Mutex::new(Recycled::default()),
+            recycle_bytes: config.recycle_bytes,
         };
         store.adopt_recycled()?;
         let removed = store.remove_temporaries()?;
@@ -242,10 +263,17 @@ impl DynamicFileStore {
                 });
             }
         };
-        for extra in found.drain(MAX_RECYCLED.min(found.len())..) {
-            let _ = fs::remove_file(extra);
+        let mut kept = Recycled::default();
+        for path in found.drain(..) {
+            let len = fs::metadata(&path).map_or(0, |m| m.len());
+            if kept.bytes + len <= self.recycle_bytes {
+                kept.bytes += len;
+                kept.files.push((path, len));
+            } else {
+                let _ = fs::remove_file(path);
+            }
         }
-        *self.recycled.lock().unwrap_or_else(|p| p.into_inner()) = found;
+        *self.recycled.lock().unwrap_or_else(|p| p.into_inner()) = kept;
         Ok(())
     }
 
@@ -255,11 +283,12 @@ impl DynamicFileStore {
     /// takes the lock renames it; the other moves on.
     fn reuse_recycled(&self, temp: &Path) -> Option<File> {
         loop {
-            let spare = self
-                .recycled
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop()?;
+            let spare = {
+                let mut recycled = self.recycled.lock().unwrap_or_else(|p| p.into_inner());
+                let (spare, len) = recycled.files.pop()?;
+                recycled.bytes = recycled.bytes.saturating_sub(len);
+                spare
+            };
             // Never create: a spare already taken must not come back as an empty file.
             let Ok(file) = self.open_options(true).create(false).open(&spare) else {
                 continue;
@@ -666,7 +695,8 @@ impl DynamicFileStore {
     }
 
     /// Removes `key`'s file; `false` if there was none. The file is kept for reuse (renamed into
-    /// the recycle folder, where no key reaches it) while fewer than a few thousand wait there.
+    /// the recycle folder, where no key reaches it) while the spares stay within
+    /// [`DynamicConfig::recycle_bytes`].
     pub fn delete(&self, key: &FileKey) -> Result<bool> {
         self.delete_file(key)
             .map_err(|err| self.keyed("deleting", key, err))
@@ -675,8 +705,9 @@ impl DynamicFileStore {
     fn delete_file(&self, key: &FileKey) -> Result<bool> {
         let path = self.path_of(key)?;
         {
+            let len = fs::metadata(&path).map_or(u64::MAX, |m| m.len());
             let mut recycled = self.recycled.lock().unwrap_or_else(|p| p.into_inner());
-            if recycled.len() < MAX_RECYCLED {
+            if recycled.bytes.saturating_add(len) <= self.recycle_bytes {
                 let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
                 let spare = self.root.join(RECYCLE_DIR).join(format!(
                     "{}-{:016x}-{seq}.bin",
@@ -686,7 +717,8 @@ impl DynamicFileStore {
                 self.ensure_parent(&spare)?;
                 match fs::rename(&path, &spare) {
                     Ok(()) => {
-                        recycled.push(spare);
+                        recycled.bytes += len;
+                        recycled.files.push((spare, len));
                         return Ok(true);
                     }
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -769,10 +801,11 @@ impl DynamicFileStore {
 impl Drop for DynamicFileStore {
     /// Spare files are space, not data: give it back when the store closes.
     fn drop(&mut self) {
-        for file in self
+        for (file, _) in self
             .recycled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .files
             .drain(..)
         {
             let _ = fs::remove_file(file);

@@ -95,6 +95,24 @@ pub enum Error {
         capacity: u64,
     },
 
+    /// The file system had no room to make a segment file: the disk holds less than the
+    /// configured capacity.
+    #[error(
+        "no space for {key}: the file system of {} is full, so segment file {} ({needed} bytes) \
+         cannot be made; evict keys to reuse a segment, or lower max_capacity_gb to what the disk \
+         holds",
+        path.parent().unwrap_or(path).display(),
+        path.display()
+    )]
+    DiskFull {
+        /// The key that did not fit (boxed, as in [`Error::Key`]).
+        key: Box<FileKey>,
+        /// The segment file that could not be made.
+        path: PathBuf,
+        /// Bytes the segment file needs.
+        needed: u64,
+    },
+
     /// A chunk larger than a segment can hold.
     #[error("{key} is {bytes} bytes: more than a segment of {segment_bytes} bytes holds")]
     EntryTooLarge {

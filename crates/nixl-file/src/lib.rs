@@ -33,13 +33,13 @@ mod static_pool;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub use dynamic::{DynamicConfig, DynamicFileStore, StoredChunk, list_dir};
+pub use dynamic::{DEFAULT_RECYCLE_BYTES, DynamicConfig, DynamicFileStore, StoredChunk, list_dir};
 pub use error::{Error, Result};
 pub use key::FileKey;
 pub use open::{FileOptions, open_storage_file};
 pub use segment::{
     DEFAULT_CAPACITY_BYTES, DEFAULT_SEGMENT_BYTES, SegmentChunk, SegmentConfig, SegmentStore,
-    SegmentUsage,
+    SegmentUsage, segment_room,
 };
 pub use static_pool::{SlotId, StaticConfig, StaticFilePool};
 #[cfg(target_os = "linux")]

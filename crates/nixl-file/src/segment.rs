@@ -58,10 +58,13 @@
 //!
 //! # Space
 //!
-//! The segment count is `capacity_bytes / segment_bytes`; all segments are preallocated at
-//! open. Appends go to one open segment; a full one is sealed. When no segment is free, a
-//! sealed segment without live bytes, loads or erases in flight is reused; when there is none,
-//! `put` fails with [`Error::NoSpace`]: the layer above evicts by its policy
+//! The segment count is `capacity_bytes / segment_bytes`. A segment's file is made (created,
+//! preallocated, registered) when the segment first takes entries, so a store takes disk space
+//! as it fills and never more than its capacity; opening one opens only the files already
+//! there. Appends go to one open segment; a full one is sealed. The next segment is a sealed
+//! one without live bytes, loads or erases in flight if there is one, else a new file; when
+//! there is none, `put` fails with [`Error::NoSpace`] (or [`Error::DiskFull`] when the file
+//! system had no room for a new file): the layer above evicts by its policy
 //! ([`delete`](SegmentStore::delete), with [`list`](SegmentStore::list) giving each key's write
 //! order and segment) and tries again. Segments found at open are sealed, never appended to.
 //!
@@ -81,7 +84,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
@@ -349,6 +352,9 @@ pub struct SegmentUsage {
     pub dead_bytes: u64,
     /// Keys stored.
     pub keys: usize,
+    /// Bytes the segment files made so far take: files are made as segments first take
+    /// entries, up to `capacity_bytes`.
+    pub file_bytes: u64,
 }
 
 /// Where an entry is.
@@ -441,11 +447,38 @@ struct State {
     next_seq: u64,
 }
 
+/// One segment's file: its path always, the file itself once made.
 #[derive(Debug)]
 struct SegFile {
     path: PathBuf,
+    /// `O_DIRECT` for this file (its folder's answer).
+    direct_io: bool,
+    /// Set when the segment is first opened for appends (or found at open), never unset: only
+    /// segments that take entries take disk space.
+    made: OnceLock<MadeFile>,
+}
+
+#[derive(Debug)]
+struct MadeFile {
     file: Arc<File>,
     registration: Registration,
+}
+
+/// The device id of a segment whose file is not made yet. Registrations of files carry their
+/// descriptor (never this), so a transfer naming it is refused as unregistered storage instead
+/// of reaching another file. No entry can be in such a segment: entries are reserved only in
+/// segments whose file is made.
+const NO_FILE: u64 = u64::MAX;
+
+impl SegFile {
+    fn dev_id(&self) -> u64 {
+        self.made.get().map_or(NO_FILE, |m| m.registration.dev_id())
+    }
+
+    /// `fdatasync`; nothing to do for a file not made.
+    fn sync_data(&self) -> io::Result<()> {
+        self.made.get().map_or(Ok(()), |m| m.file.sync_data())
+    }
 }
 
 /// A reservation: where one entry of a `put` goes.
@@ -556,9 +589,9 @@ struct Scan {
 
 impl SegmentStore {
     /// Opens the store as its folders' one writer: takes each folder's lock (refusing, with
-    /// [`Error::FolderLocked`], a folder another store holds), creates and preallocates every
-    /// segment file, registers each with the transport once, and rebuilds the index from the
-    /// headers on disk.
+    /// [`Error::FolderLocked`], a folder another store holds), opens and registers the segment
+    /// files already there (the others are made as segments first take entries), and rebuilds
+    /// the index from the headers on disk.
     pub fn open(transport: Arc<dyn Transport>, config: SegmentConfig) -> Result<Self> {
         let count = config.segments()?;
         let folders = unique(&config.paths);
@@ -567,6 +600,7 @@ impl SegmentStore {
         for folder in &folders {
             fs::create_dir_all(folder).map_err(Error::io("creating", folder))?;
             locks.push(lock_folder(folder)?);
+            remove_half_made(folder);
             let supported = config.direct_io
                 && nixl_core::direct_io_supported(folder).map_err(Error::Transport)?;
             direct.insert(folder.clone(), supported);
@@ -605,40 +639,30 @@ impl SegmentStore {
         for path in &paths {
             check_segment_size(path, config.segment_bytes)?;
         }
-        ensure_room(&config, &paths)?;
+        warn_if_short_of_room(&config, &paths)?;
         let folder_direct = |path: &Path| {
             path.parent()
                 .and_then(|folder| direct.get(folder))
                 .copied()
                 .unwrap_or(false)
         };
+        // Only the segment files already there are opened now; the others are made when their
+        // segment first takes entries.
         let mut files = Vec::with_capacity(count);
-        let mut created = Vec::new();
-        let opened = paths.iter().try_for_each(|path| {
+        let mut all_direct = true;
+        for path in paths {
+            let direct_io = folder_direct(&path);
+            all_direct &= direct_io;
             if !path.exists() {
-                created.push(path.clone());
+                files.push((path, direct_io, None));
+                continue;
             }
             let file = open_storage_file(
-                path,
+                &path,
                 FileOptions::new()
-                    .with_direct_io(folder_direct(path))
+                    .with_direct_io(direct_io)
                     .with_preallocate(config.segment_bytes),
             )?;
-            files.push((path.clone(), file));
-            Ok::<(), Error>(())
-        });
-        if let Err(err) = opened {
-            // Nothing half-made stays behind: the files this open created go again.
-            drop(files);
-            for path in &created {
-                let _ = fs::remove_file(path);
-            }
-            return Err(err);
-        }
-        let mut all_direct = true;
-        let mut checked = Vec::with_capacity(count);
-        for (path, file) in files {
-            all_direct &= folder_direct(&path);
             let len = file
                 .metadata()
                 .map_err(Error::io("reading the size of", &path))?
@@ -656,13 +680,17 @@ impl SegmentStore {
                 file.set_len(config.segment_bytes)
                     .map_err(Error::io("resizing", &path))?;
             }
-            checked.push((path, Arc::new(file)));
+            files.push((path, direct_io, Some(Arc::new(file))));
         }
-        let files = checked;
-        let scans = scan_all(
-            files.iter().map(|(path, _)| path.clone()).collect(),
+        let present: Vec<usize> = (0..files.len()).filter(|&i| files[i].2.is_some()).collect();
+        let found_scans = scan_all(
+            present.iter().map(|&i| files[i].0.clone()).collect(),
             Some(config.segment_bytes),
         );
+        let mut scans: Vec<Option<Scan>> = (0..files.len()).map(|_| None).collect();
+        for (id, scan) in present.into_iter().zip(found_scans) {
+            scans[id] = scan;
+        }
         let store = Self::assemble(transport, files, scans, &config, false, all_direct, locks)?;
         Ok(store)
     }
@@ -686,9 +714,9 @@ impl SegmentStore {
         for (_, path) in found {
             let (file, direct_io) = open_for_reading(&path, config.direct_io)?;
             all_direct &= direct_io;
-            files.push((path, Arc::new(file)));
+            files.push((path, direct_io, Some(Arc::new(file))));
         }
-        let scans = scan_all(files.iter().map(|(path, _)| path.clone()).collect(), None);
+        let scans = scan_all(files.iter().map(|(path, ..)| path.clone()).collect(), None);
         Self::assemble(
             transport,
             files,
@@ -702,7 +730,7 @@ impl SegmentStore {
 
     fn assemble(
         transport: Arc<dyn Transport>,
-        files: Vec<(PathBuf, Arc<File>)>,
+        files: Vec<(PathBuf, bool, Option<Arc<File>>)>,
         scans: Vec<Option<Scan>>,
         config: &SegmentConfig,
         read_only: bool,
@@ -714,12 +742,16 @@ impl SegmentStore {
             .allocate()
             .ok_or_else(|| Error::Config("header buffers: no page".to_owned()))?;
         let mut registered = Vec::with_capacity(files.len());
-        for (path, file) in files {
-            let registration = transport.register_file(Arc::clone(&file))?;
+        for (path, direct_io, file) in files {
+            let made = OnceLock::new();
+            if let Some(file) = file {
+                let registration = transport.register_file(Arc::clone(&file))?;
+                let _ = made.set(MadeFile { file, registration });
+            }
             registered.push(SegFile {
                 path,
-                file,
-                registration,
+                direct_io,
+                made,
             });
         }
         let mut segs: Vec<Seg> = (0..registered.len()).map(|_| Seg::free()).collect();
@@ -807,7 +839,7 @@ impl SegmentStore {
     }
 
     fn extent(&self, seg: u32, offset: u64) -> StorageExtent {
-        StorageExtent::new(self.files[seg as usize].registration.dev_id(), offset)
+        StorageExtent::new(self.files[seg as usize].dev_id(), offset)
     }
 
     fn key_error(
@@ -818,7 +850,10 @@ impl SegmentStore {
         err: Error,
     ) -> Error {
         match err {
-            Error::InvalidKey { .. } | Error::NoSpace { .. } | Error::ReadOnly { .. } => err,
+            Error::InvalidKey { .. }
+            | Error::NoSpace { .. }
+            | Error::DiskFull { .. }
+            | Error::ReadOnly { .. } => err,
             source => Error::Key {
                 operation,
                 key: Box::new(key.clone()),
@@ -1068,7 +1103,7 @@ impl SegmentStore {
             let segs: HashSet<u32> = done.iter().map(|(_, r)| r.seg).collect();
             for seg in segs {
                 let file = &self.files[seg as usize];
-                if let Err(source) = file.file.sync_data() {
+                if let Err(source) = file.sync_data() {
                     let code = source.raw_os_error();
                     for (i, r) in &done {
                         if r.seg == seg {
@@ -1170,7 +1205,14 @@ impl SegmentStore {
                 st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let Some(id) = st.segs.iter().position(Seg::reusable) else {
+            // A segment whose file is made before one that would take new disk space.
+            let reusable = st
+                .segs
+                .iter()
+                .enumerate()
+                .filter(|(_, seg)| seg.reusable())
+                .min_by_key(|(id, _)| (self.files[*id].made.get().is_none(), *id));
+            let Some((id, _)) = reusable else {
                 return Err(Error::NoSpace {
                     key: Box::new(key.clone()),
                     needed: len,
@@ -1183,11 +1225,19 @@ impl SegmentStore {
             st.opening = true;
             st.segs[id].phase = Phase::Opening;
             drop(st);
-            let written = self.write_segment_header(id as u32, salt, generation);
+            let made = self.make_file(id, key, len);
+            let written = made
+                .is_ok()
+                .then(|| self.write_segment_header(id as u32, salt, generation));
             st = self.lock();
             st.opening = false;
             self.changed.notify_all();
-            match written {
+            if let Err(err) = made {
+                // Nothing was written: the segment stays free, to be made when there is room.
+                st.segs[id].phase = Phase::Free;
+                return Err(err);
+            }
+            match written.unwrap_or(Ok(())) {
                 Ok(()) => {
                     let seg = &mut st.segs[id];
                     *seg = Seg::free();
@@ -1209,6 +1259,65 @@ impl SegmentStore {
                     st.segs[id].poisoned = true;
                     return Err(err);
                 }
+            }
+        }
+    }
+
+    /// Creates, preallocates and registers segment `id`'s file the first time the segment
+    /// opens. The file is made whole under a temporary name, then renamed into place, so a crash
+    /// never leaves a short segment file. A file system without room for it and its reserve
+    /// ([`disk_reserve`]) is [`Error::DiskFull`] for `key`, and leaves no file behind.
+    fn make_file(&self, id: usize, key: &FileKey, needed: u64) -> Result<()> {
+        let seg = &self.files[id];
+        if seg.made.get().is_some() {
+            return Ok(());
+        }
+        let folder = seg.path.parent().unwrap_or(Path::new("."));
+        let full = || Error::DiskFull {
+            key: Box::new(key.clone()),
+            path: seg.path.clone(),
+            needed: self.segment_bytes.max(needed),
+        };
+        let (free, reserve) = disk_room(folder)?;
+        if free < self.segment_bytes.saturating_add(reserve) {
+            return Err(full());
+        }
+        let temporary = making_path(&seg.path);
+        let made = open_storage_file(
+            &temporary,
+            FileOptions::new()
+                .with_direct_io(seg.direct_io)
+                .with_preallocate(self.segment_bytes),
+        )
+        .and_then(|file| {
+            fs::rename(&temporary, &seg.path).map_err(Error::io("renaming", &temporary))?;
+            let file = Arc::new(file);
+            let registration = self.transport.register_file(Arc::clone(&file))?;
+            Ok(MadeFile { file, registration })
+        });
+        match made {
+            Ok(made) => {
+                // Only one segment opens at a time (`State::opening`), so nothing raced this.
+                let _ = seg.made.set(made);
+                Ok(())
+            }
+            Err(err) => {
+                // Neither name existed (every file found at open is made): both go again.
+                for path in [&temporary, &seg.path] {
+                    if let Err(remove) = fs::remove_file(path) {
+                        if remove.kind() != io::ErrorKind::NotFound {
+                            tracing::warn!(
+                                file = %path.display(),
+                                error = %remove,
+                                "removing a segment file that could not be made failed"
+                            );
+                        }
+                    }
+                }
+                if disk_full(&err) {
+                    return Err(full());
+                }
+                Err(err)
             }
         }
     }
@@ -1243,9 +1352,7 @@ impl SegmentStore {
             })?;
         if self.durable {
             let file = &self.files[seg as usize];
-            file.file
-                .sync_data()
-                .map_err(Error::io("syncing", &file.path))?;
+            file.sync_data().map_err(Error::io("syncing", &file.path))?;
         }
         Ok(())
     }
@@ -1321,9 +1428,7 @@ impl SegmentStore {
             let segs: HashSet<u32> = locs.iter().map(|l| l.seg).collect();
             for seg in segs {
                 let file = &self.files[seg as usize];
-                file.file
-                    .sync_data()
-                    .map_err(Error::io("syncing", &file.path))?;
+                file.sync_data().map_err(Error::io("syncing", &file.path))?;
             }
         }
         Ok(())
@@ -1546,6 +1651,15 @@ impl SegmentStore {
         self.lock().index.contains_key(key)
     }
 
+    /// The segment holding each key, `None` for a key not stored: keys that share a segment
+    /// give its space back together (see [`SegmentChunk::segment`]).
+    pub fn segments_of(&self, keys: &[&FileKey]) -> Vec<Option<u32>> {
+        let st = self.lock();
+        keys.iter()
+            .map(|key| st.index.get(*key).map(|loc| loc.seg))
+            .collect()
+    }
+
     /// The payload size stored for `key`, if any.
     pub fn stored_size(&self, key: &FileKey) -> Option<u64> {
         self.lock().index.get(key).map(|loc| loc.payload)
@@ -1628,7 +1742,9 @@ impl SegmentStore {
                 }
             }
         }
+        let made = self.files.iter().filter(|f| f.made.get().is_some()).count() as u64;
         SegmentUsage {
+            file_bytes: made * self.segment_bytes,
             capacity_bytes: st.segs.len() as u64 * self.segment_bytes,
             segment_bytes: self.segment_bytes,
             segments: st.segs.len(),
@@ -1669,9 +1785,10 @@ fn verify(
     header::verify_payload(payload, checksum).map_err(|r| r.to_string())
 }
 
-/// Refuses, before anything is created, a capacity the folders have no room for: the bytes the
-/// missing or short segment files still need, against what each file system has free.
-fn ensure_room(config: &SegmentConfig, paths: &[PathBuf]) -> Result<()> {
+/// Warns when the folders have no room for the whole capacity: segment files are made as
+/// they are needed, so the store works until the disk is full, then refuses puts with
+/// [`Error::DiskFull`] (the layer above evicts and reuses the segments it has).
+fn warn_if_short_of_room(config: &SegmentConfig, paths: &[PathBuf]) -> Result<()> {
     let mut needed: HashMap<PathBuf, u64> = HashMap::new();
     for path in paths {
         let have = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -1681,18 +1798,98 @@ fn ensure_room(config: &SegmentConfig, paths: &[PathBuf]) -> Result<()> {
     for (folder, bytes) in needed {
         let free = free_bytes(&folder)?;
         if bytes > free {
-            return Err(Error::Config(format!(
-                "the segments of max_capacity_gb need {bytes} more bytes in {}, which has {free} \
-                 free; lower max_capacity_gb or free space",
-                folder.display()
-            )));
+            tracing::warn!(
+                folder = %folder.display(),
+                needed = bytes,
+                free,
+                capacity = config.capacity_bytes,
+                "the capacity is more than this folder has free: once the disk is full, puts \
+                 evict or are refused; lower max_capacity_gb to what the disk holds"
+            );
         }
     }
     Ok(())
 }
 
+/// Where a segment file is made before it is renamed into place: a name
+/// [`segment_files`] does not list.
+fn making_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".making");
+    PathBuf::from(name)
+}
+
+/// Removes the half-made segment files of a crash in `folder` (see [`making_path`]).
+fn remove_half_made(folder: &Path) {
+    let Ok(entries) = fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("seg-") && name.ends_with(".kvseg.making") {
+            tracing::warn!(file = %entry.path().display(), "removing a half-made segment file");
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Free bytes on the file system of `folder`, and what a new segment file must leave free
+/// there: a twentieth of the file system, at most 1 GiB, so that a capacity beyond the disk
+/// never fills it to the last byte.
+fn disk_room(folder: &Path) -> Result<(u64, u64)> {
+    let (free, total) = space_of(folder)?;
+    Ok((free, (total / 20).min(1 << 30)))
+}
+
+/// Whether making a file failed for want of space on its file system.
+fn disk_full(err: &Error) -> bool {
+    let source = match err {
+        Error::Open { source, .. } | Error::Preallocate { source, .. } => source,
+        _ => return false,
+    };
+    matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// What a segment store may hold in `paths`: the segment files already there, and the free
+/// space of each file system under them (counted once), less a twentieth of it left to others.
+/// A store opened without a capacity gets this.
+pub fn segment_room(paths: &[PathBuf]) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut existing = 0;
+    let mut devices = HashSet::new();
+    let mut free = 0u64;
+    for folder in unique(paths) {
+        for (_, path) in segment_files(&folder)? {
+            existing += fs::metadata(&path).map_or(0, |m| m.len());
+        }
+        let probe = if folder.exists() {
+            folder.clone()
+        } else {
+            folder
+                .ancestors()
+                .find(|a| a.exists())
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        };
+        let device = fs::metadata(&probe)
+            .map_err(Error::io("reading", &probe))?
+            .dev();
+        if devices.insert(device) {
+            free = free.saturating_add(free_bytes(&probe)?);
+        }
+    }
+    Ok(existing.saturating_add(free - free / 20))
+}
+
 /// Bytes an unprivileged writer may still allocate on the file system holding `folder`.
 fn free_bytes(folder: &Path) -> Result<u64> {
+    space_of(folder).map(|(free, _)| free)
+}
+
+/// Bytes an unprivileged writer may still allocate on the file system holding `folder`, and
+/// the size of that file system.
+fn space_of(folder: &Path) -> Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let name = std::ffi::CString::new(folder.as_os_str().as_bytes())
         .map_err(|_| Error::Config(format!("{} contains a NUL byte", folder.display())))?;
@@ -1707,7 +1904,10 @@ fn free_bytes(folder: &Path) -> Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled `stats`.
     let stats = unsafe { stats.assume_init() };
-    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+    Ok((
+        stats.f_bavail.saturating_mul(stats.f_frsize),
+        stats.f_blocks.saturating_mul(stats.f_frsize),
+    ))
 }
 
 fn unique(paths: &[PathBuf]) -> Vec<PathBuf> {

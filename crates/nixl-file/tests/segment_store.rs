@@ -1268,3 +1268,28 @@ fn failed_batches_mark_their_space_with_their_own_header_pages() {
     assert!(fixture.put(&store, &[3], 1)[0].is_ok());
     fixture.all_exact(&store, &[3], 1);
 }
+
+/// Segment files are made whole under a temporary name and renamed into place: what a crash
+/// leaves half-made is removed when the store opens, never taken for a segment, and segments
+/// are made only as they take entries.
+#[test]
+fn half_made_segment_files_are_removed_at_open() {
+    let fixture = Fixture::new(uring(), 8);
+    let dir = tempfile::tempdir().unwrap();
+    let half = dir.path().join("seg-000000.kvseg.making");
+    std::fs::write(&half, b"torn").unwrap();
+    let store = fixture.open(config(dir.path(), 8));
+    assert!(!half.exists(), "the half-made file is gone");
+    assert!(
+        segment_files(&[dir.path()]).is_empty(),
+        "no segment made yet"
+    );
+    assert_eq!(store.usage().file_bytes, 0);
+    for result in fixture.put(&store, &[1, 2], 1) {
+        result.unwrap();
+    }
+    let made = segment_files(&[dir.path()]);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(std::fs::metadata(&made[0]).unwrap().len(), SEGMENT);
+    assert_eq!(store.usage().file_bytes, SEGMENT);
+}

@@ -59,7 +59,7 @@ fn pool(chunk: usize, pages: usize) -> Result<Arc<PagePool>> {
 
 fn adapter_json(dir: &Path, extra: &str) -> String {
     format!(
-        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","use_direct_io":"true","max_capacity_gb":"64"}}{extra}}}"#,
+        r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","use_direct_io":"true","max_capacity_gb":"64"}}{extra}}}"#,
         dir.display()
     )
 }

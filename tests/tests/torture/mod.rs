@@ -113,7 +113,7 @@ fn json(plan: &Plan, dir: &Path) -> String {
         _ => {
             let gb = (u64::from(plan.slots) * plan.chunk as u64) as f64 / (1u64 << 30) as f64;
             format!(
-                r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","use_direct_io":"true","max_capacity_gb":"{gb}"}}}}"#,
+                r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","layout":"files","use_direct_io":"true","max_capacity_gb":"{gb}"}}}}"#,
                 dir.display()
             )
         }
