@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use kv_integration_tests::services::S3Server;
 use kv_l2_adapter::{ChunkKey, ChunkStorage, DynamicAdapter, DynamicOptions, L2Adapter, ObjectKey};
+use kv_test_services::S3Server;
 use nixl_core::{NixlTransport, PageView, StorageExtent, Transport, TransportExt};
 use nixl_obj::{ObjectConfig, ObjectStore};
 use pinned_alloc::{Page, PoolConfig};

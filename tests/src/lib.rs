@@ -6,8 +6,10 @@ use std::sync::Arc;
 use nixl_core::{NixlConfig, NixlTransport, Transport};
 use nixl_file::{UringConfig, UringTransport};
 
+/// The test servers, shared with the benchmark.
+pub use kv_test_services as services;
+
 pub mod file_suite;
-pub mod services;
 pub mod suite;
 
 /// Deterministic, chunk-specific content: every byte depends on the chunk index and its position,

@@ -4,7 +4,10 @@
 //!   NIXL runtime from the PyPI wheel `nixl-cu12`, strace for the durability test, moto's S3
 //!   server and Azurite for the object store tests); idempotent.
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
-//! - `ci`: setup, `cargo fmt --check`, clippy with `-D warnings`, the whole test suite.
+//! - `ci`: setup, `cargo fmt --check`, the tidy rule that the default features of kvl2,
+//!   nixl-file, kv-l2-adapter and kv-config need no NIXL (no nixl-sys, bindgen or cc), clippy
+//!   with `-D warnings` with and without the NIXL features, the whole test suite.
+//! - `tidy`: the rule above, alone.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers, the chunk header parser and the chunk
 //!   file-name parser, each for SECONDS (default ten minutes).
 //! - `bench [ARGS]`: the macro benchmarks (release build; `--quick`, `--chunk-kib 256`,
@@ -49,9 +52,20 @@ fn setup(root: &Path) -> Result<()> {
 fn ci(root: &Path) -> Result<()> {
     setup(root)?;
     system::cargo(root, &["fmt", "--all", "--check"])?;
+    tidy::default_features_need_no_nixl(root)?;
     for features in [
         &["--workspace"][..],
         &["--package", "pinned-alloc", "--features", "cuda"],
+        // Without NIXL, and with NIXL but no channel: the code behind each feature gate.
+        &[
+            "--package",
+            "kvl2",
+            "--package",
+            "kv-l2-adapter",
+            "--package",
+            "nixl-core",
+        ],
+        &["--package", "kv-l2-adapter", "--features", "nixl"],
     ] {
         let mut args = vec!["clippy", "--all-targets", "--locked"];
         args.extend_from_slice(features);
@@ -112,6 +126,7 @@ fn main() -> Result<()> {
             test_run::run_suite(&root, &args[1..]).map(drop)
         }
         Some("ci") => ci(&root),
+        Some("tidy") => tidy::default_features_need_no_nixl(&root),
         Some("fuzz") => {
             let seconds = args.get(1).map_or("600", String::as_str);
             for (package, example) in [
@@ -169,6 +184,6 @@ fn main() -> Result<()> {
                 "unknown command `{other}`; commands: setup, test, ci, bench, stress, fuzz, memcheck, hw-test"
             )
         }
-        None => bail!("usage: cargo xtask <setup|test|ci|bench|stress|fuzz|memcheck|hw-test>"),
+        None => bail!("usage: cargo xtask <setup|test|ci|tidy|bench|stress|fuzz|memcheck|hw-test>"),
     }
 }

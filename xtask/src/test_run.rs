@@ -50,10 +50,24 @@ impl Counts {
     }
 }
 
-/// The whole workspace with default features, then the feature-gated code that builds without
-/// its hardware (pinned-alloc's `cuda`, whose tests check the typed "not available" errors).
+/// The whole workspace (NIXL features included, as the integration tests ask for them), then
+/// the NIXL-free default build of the crates that gate NIXL, then the feature-gated code that
+/// builds without its hardware (pinned-alloc's `cuda`, whose tests check the typed "not
+/// available" errors).
 const SUITES: &[&[&str]] = &[
     &["test", "--workspace", "--locked"],
+    // The workspace build has NIXL (the integration tests ask for it); these run as a machine
+    // with only Rust builds them, on the native engine.
+    &[
+        "test",
+        "--locked",
+        "--package",
+        "kvl2",
+        "--package",
+        "kv-l2-adapter",
+        "--package",
+        "nixl-core",
+    ],
     &[
         "test",
         "--locked",

@@ -1,16 +1,17 @@
 //! The one way from configuration to a running store: an LMCache engine configuration, a list
 //! of `--l2-adapter` JSON values or SGLang's HiCache settings, plus the deployment, become the
 //! page pool sized and backed as configured, the adapters, and the eviction controller running
-//! for them. [`open_channel`] does the same for the transfer channel.
+//! for them. [`open_channel`](crate::open_channel) (feature `channel`) does the same for the
+//! transfer channel.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kv_config::{
-    ChannelKind, ChannelSpec, Deployment, EngineConfig, EvictionPolicy, EvictionSpec,
-    HiCacheConfig, PdRole, StorageSpec, Warning,
+    Deployment, EngineConfig, EvictionPolicy, EvictionSpec, HiCacheConfig, StorageSpec, Warning,
 };
-use nixl_core::{Channel, ChannelConfig, ChannelType, NixlTransport, Role};
+#[cfg(feature = "nixl")]
+use nixl_core::NixlTransport;
 use pinned_alloc::{KvShape, Page, PagePool, PoolConfig};
 
 use crate::adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
@@ -241,6 +242,7 @@ impl StoreBuilder {
 /// SGLang's choice of plugin: the one named, or the first of its priority list NIXL has. With
 /// NIXL absent and the native engine allowed, POSIX on the native engine.
 fn hicache_backend(config: &HiCacheConfig, engine: Engine) -> Result<kv_config::Backend> {
+    #[cfg(feature = "nixl")]
     let available = match (engine, NixlTransport::available_plugins()) {
         (Engine::Native, _) => vec!["POSIX".to_owned()],
         (_, Ok(plugins)) => plugins,
@@ -249,6 +251,13 @@ fn hicache_backend(config: &HiCacheConfig, engine: Engine) -> Result<kv_config::
             vec!["POSIX".to_owned()]
         }
         (_, Err(err)) => return Err(err.into()),
+    };
+    // Without NIXL, POSIX on the native engine is all there is (`Engine::Nixl` is refused when
+    // the storage opens).
+    #[cfg(not(feature = "nixl"))]
+    let available = {
+        let _ = engine;
+        vec!["POSIX".to_owned()]
     };
     let backend = config.select_backend(&available)?;
     if backend.kind() == kv_config::StorageKind::Object {
@@ -527,78 +536,4 @@ impl L2Adapter for Evicting {
     fn close(&self) -> Result<()> {
         self.inner.close()
     }
-}
-
-/// One end of the transfer channel a [`ChannelSpec`] describes, with the pool of
-/// `pd_buffer_size` bytes in chunks of `chunk_bytes` that it sends from or receives into.
-pub fn open_channel(
-    spec: &ChannelSpec,
-    chunk_bytes: usize,
-    deployment: &Deployment,
-) -> Result<(Box<dyn Channel>, Arc<PagePool>)> {
-    if !spec.backends.is_empty() && spec.backends != ["UCX"] {
-        return Err(Error::Setting {
-            key: "nixl_backends".to_owned(),
-            message: format!(
-                "{:?}: the channel runs on NIXL's UCX plugin only; use [UCX] or leave it unset",
-                spec.backends
-            ),
-        });
-    }
-    if let Some((host, port)) = &spec.proxy {
-        return Err(Error::Setting {
-            key: "pd_proxy_host".to_owned(),
-            message: format!(
-                "{host}:{port}: this channel notifies no PD proxy; remove pd_proxy_host and \
-                 pd_proxy_port"
-            ),
-        });
-    }
-    if spec.buffer_device != "cpu" {
-        return Err(Error::Setting {
-            key: "pd_buffer_device".to_owned(),
-            message: format!(
-                "{:?}: the channel moves host pages; use pd_buffer_device: cpu",
-                spec.buffer_device
-            ),
-        });
-    }
-    if !spec.alloc_ports.is_empty() {
-        return Err(Error::Setting {
-            key: "pd_peer_alloc_port".to_owned(),
-            message: "this channel carries allocations on the init port (pd_peer_init_port); \
-                      remove pd_peer_alloc_port"
-                .to_owned(),
-        });
-    }
-    if chunk_bytes == 0 {
-        return Err(Error::Setting {
-            key: "chunk_bytes".to_owned(),
-            message: "must be positive".to_owned(),
-        });
-    }
-    let port = spec
-        .port_for(deployment.worker_id)
-        .ok_or_else(|| Error::Setting {
-            key: "pd_peer_init_port".to_owned(),
-            message: format!(
-                "worker {} has no port: the list {:?} gives one port per worker",
-                deployment.worker_id, spec.init_ports
-            ),
-        })?;
-    let pool = PoolConfig::new(chunk_bytes, spec.buffer_bytes).build()?;
-    let config = ChannelConfig::new(
-        match spec.kind {
-            ChannelKind::Nixl => ChannelType::Nixl,
-            ChannelKind::MockMemory => ChannelType::MockMemory,
-        },
-        match spec.role {
-            PdRole::Sender => Role::Sender,
-            PdRole::Receiver => Role::Receiver,
-        },
-        spec.peer_host.clone(),
-        port,
-    );
-    let channel = nixl_core::create_channel(config, Arc::clone(&pool))?;
-    Ok((channel, pool))
 }

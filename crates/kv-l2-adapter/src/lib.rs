@@ -13,7 +13,12 @@
 //!   everything is pinned.
 //! - [`EvictionController`]: watermark eviction (LRU, IsolatedLRU, noop) on its own thread.
 //! - [`StoreBuilder`]: the one way from configuration (LMCache YAML, `--l2-adapter` JSON,
-//!   SGLang env) to a running [`Store`]: pool, adapters, eviction; [`open_channel`] for PD/P2P.
+//!   SGLang env) to a running [`Store`]: pool, adapters, eviction; `open_channel` (feature
+//!   `channel`) for PD/P2P.
+//!
+//! Features: `nixl` makes NIXL an engine (every plugin, object stores included); without it,
+//! file storage runs on the native io_uring engine and nothing needs libclang or the NIXL
+//! runtime to build. `channel` adds the transfer channel.
 //! - [`AdapterFactory`]: `--l2-adapter` JSON to adapters, with downstream types registered.
 //! - [`HiCache`]: SGLang's `set` / `get` / `exists` and batch forms.
 //!
@@ -23,6 +28,8 @@
 
 mod adapter;
 mod builder;
+#[cfg(feature = "channel")]
+mod channel;
 mod dynamic;
 mod error;
 mod eviction;
@@ -37,18 +44,23 @@ mod tasks;
 pub mod test_utils;
 
 pub use adapter::{EvictionReport, KeyOutcome, L2Adapter, Status, StoreReport, Usage};
-pub use builder::{
-    DEFAULT_EVICTION_INTERVAL, DEFAULT_POOL_PAGES, Store, StoreBuilder, Tier, open_channel,
-};
+pub use builder::{DEFAULT_EVICTION_INTERVAL, DEFAULT_POOL_PAGES, Store, StoreBuilder, Tier};
+#[cfg(feature = "channel")]
+pub use channel::open_channel;
 pub use dynamic::{DynamicAdapter, DynamicOptions};
 pub use error::{Error, Result};
 pub use eviction::{EvictionController, eviction_pass};
 pub use hicache::HiCache;
 pub use keys::{CacheEngineKey, ChunkKey, ObjectKey, PageKey};
+#[cfg(feature = "nixl")]
+pub use registry::nixl_config_for;
 pub use registry::{
     AdapterConstructor, AdapterContext, AdapterFactory, BuiltAdapter, Engine, build_storage,
-    layout_in_use, nixl_config_for, segment_folders, transport_for,
+    layout_in_use, segment_folders, transport_for,
 };
 pub use static_adapter::{SlotStorage, StaticAdapter};
 pub use storage::{ChunkStorage, Objects};
 pub use tasks::{AsyncAdapter, TaskId};
+
+/// Whether this build has NIXL as an engine (feature `nixl`).
+pub const NIXL_BUILT: bool = cfg!(feature = "nixl");

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use kv_config::{
     AdapterRegistry, AdapterSpec, AdapterValidator, Layout, Mode, StorageKind, StorageSpec,
 };
-use nixl_core::{NixlConfig, NixlTransport, Registration, Transport, TransportExt};
+#[cfg(feature = "nixl")]
+use nixl_core::{NixlConfig, NixlTransport};
+use nixl_core::{Registration, Transport, TransportExt};
 use nixl_file::{
     DynamicConfig, DynamicFileStore, SegmentConfig, SegmentStore, StaticConfig, StaticFilePool,
     UringConfig, UringTransport,
@@ -26,10 +28,11 @@ use crate::storage::Objects;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Engine {
-    /// NIXL when its runtime is installed, else the native io_uring engine (POSIX only).
+    /// NIXL when its runtime is installed (and the crate is built with feature `nixl`), else
+    /// the native io_uring engine (POSIX only).
     #[default]
     Auto,
-    /// NIXL only.
+    /// NIXL only (feature `nixl`; refused without it).
     Nixl,
     /// The native io_uring engine (POSIX file storage only).
     Native,
@@ -95,6 +98,7 @@ impl AdapterContext {
 }
 
 /// The NIXL agent and backend configuration a storage spec asks for.
+#[cfg(feature = "nixl")]
 pub fn nixl_config_for(spec: &StorageSpec) -> NixlConfig {
     let mut config = NixlConfig::new(spec.backend.plugin_name())
         .with_progress_thread(spec.progress_thread)
@@ -111,8 +115,22 @@ pub fn nixl_config_for(spec: &StorageSpec) -> NixlConfig {
     config
 }
 
-fn nixl(spec: &StorageSpec) -> nixl_core::Result<NixlTransport> {
-    NixlTransport::new(nixl_config_for(spec))
+#[cfg(feature = "nixl")]
+fn nixl(spec: &StorageSpec) -> Result<Arc<dyn Transport>> {
+    Ok(Arc::new(NixlTransport::new(nixl_config_for(spec))?))
+}
+
+/// Without feature `nixl`: what a NIXL engine would have been refused with.
+#[cfg(not(feature = "nixl"))]
+fn nixl(spec: &StorageSpec) -> Result<Arc<dyn Transport>> {
+    Err(Error::Setting {
+        key: "engine".to_owned(),
+        message: format!(
+            "{} needs NIXL, and this build has no NIXL: run `cargo xtask setup`, then build \
+             with the `nixl` feature (POSIX files also run on the native io_uring engine)",
+            spec.backend
+        ),
+    })
 }
 
 /// The transport for a spec, and a label saying which engine it is.
@@ -126,19 +144,20 @@ pub fn transport_for(spec: &StorageSpec, engine: Engine) -> Result<(Arc<dyn Tran
     };
     let label = format!("NIXL {}", spec.backend);
     match engine {
-        Engine::Nixl => Ok((Arc::new(nixl(spec)?), label)),
+        Engine::Nixl => Ok((nixl(spec)?, label)),
         Engine::Native if native_ok => native(),
         Engine::Native => Err(Error::Registry(format!(
             "the native engine stores POSIX files only, not {}",
             spec.backend
         ))),
+        Engine::Auto if !cfg!(feature = "nixl") && native_ok => native(),
         Engine::Auto => match nixl(spec) {
-            Ok(transport) => Ok((Arc::new(transport), label)),
-            Err(err @ nixl_core::Error::RuntimeNotFound { .. }) if native_ok => {
+            Ok(transport) => Ok((transport, label)),
+            Err(Error::Transport(err @ nixl_core::Error::RuntimeNotFound { .. })) if native_ok => {
                 tracing::warn!(error = %err, "NIXL is not installed; using the native io_uring engine");
                 native()
             }
-            Err(err) => Err(err.into()),
+            Err(err) => Err(err),
         },
     }
 }

@@ -68,7 +68,8 @@ pub(crate) struct BenchArgs {
     /// Folder of the store (default: a fresh temporary folder, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Engine: auto (NIXL if installed, else native io_uring), nixl, uring.
+    /// Engine: auto (NIXL if built with feature `nixl` and installed, else native io_uring),
+    /// nixl, uring.
     #[arg(long, default_value = "auto")]
     engine: String,
     /// Store layout: segments (preallocated segment files, sized to the run) or files (one
@@ -292,6 +293,7 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
     };
     let result = json!({
         "engine": backend,
+        "nixl_built": kv_l2_adapter::NIXL_BUILT,
         "layout": layout_name,
         "model": args.model,
         "chunk_bytes": chunk_bytes,
@@ -321,6 +323,12 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         dir.display()
     );
     println!("  engine           {backend}");
+    if !kv_l2_adapter::NIXL_BUILT {
+        println!(
+            "                   (built without NIXL: for it, run `cargo xtask setup`, then \
+             `cargo run --release -p kvl2 --features nixl -- bench`)"
+        );
+    }
     println!("  layout           {layout_name}");
     println!(
         "  put              {:>8.2} GB/s   batch p50 {:.1} ms, p99 {:.1} ms",

@@ -203,6 +203,8 @@ fn without_a_nixl_runtime_nixl_fails_clearly_and_bench_falls_back() {
     args.extend(dir_args(store.path()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let nixl = kvl2_env(&refs, &env);
+    // Built with NIXL, its runtime is missing; built without, NIXL is. Either way the message
+    // says how to get it.
     assert_eq!(code(&nixl), 3, "{}", stderr(&nixl));
     assert!(
         stderr(&nixl).contains("cargo xtask setup"),

@@ -33,6 +33,7 @@ impl std::fmt::Display for NixlStatus {
     }
 }
 
+#[cfg(feature = "nixl")]
 impl From<&nixl_sys::NixlError> for NixlStatus {
     fn from(err: &nixl_sys::NixlError) -> Self {
         use nixl_sys::NixlError as E;
@@ -206,6 +207,7 @@ impl Error {
         }
     }
 
+    #[cfg(feature = "nixl")]
     pub(crate) fn nixl(operation: &'static str) -> impl FnOnce(nixl_sys::NixlError) -> Error {
         move |err| Error::Nixl {
             operation,

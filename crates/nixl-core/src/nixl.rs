@@ -23,20 +23,9 @@ const MAX_POLL_PAUSE: Duration = Duration::from_micros(50);
 /// pages, and finishes it later (the caller is not held up).
 const DROP_WAIT: Duration = Duration::from_secs(2);
 
-/// How long a request that NIXL reported failed, and the memory it named, are kept out of use:
-/// NIXL's status says failed while the plugin may go on using the buffers (seen with NIXL OBJ
-/// against a missing bucket: the AWS SDK retried `PutObject`, reading the batch's memory, after
-/// the status came back as an error).
-pub const FAILED_REQUEST_GRACE: Duration = Duration::from_secs(60);
-
 /// Failed requests held for their grace period at most; past this, new transfers are refused
 /// until some expire, rather than memory held without bound.
 const MAX_HELD_FAILURES: usize = 1024;
-
-/// Abandoned requests (each keeps its memory and storage for good) after which the transport
-/// refuses new transfers: a backend that keeps failing that way would otherwise leak without
-/// bound.
-pub const MAX_ABANDONED_REQUESTS: usize = 256;
 
 use crate::error::{Error, NixlStatus, Result};
 use crate::runtime::NixlRuntime;
@@ -44,6 +33,7 @@ use crate::table::{Lease, RegistrationTable, TableEntry};
 use crate::transport::{
     Direction, PageBatch, PendingTransfer, Registration, StorageExtent, StorageName, Transport,
 };
+use crate::transport::{FAILED_REQUEST_GRACE, MAX_ABANDONED_REQUESTS};
 
 /// One local buffer of a batch: address, length, and where it goes in storage.
 #[cfg(feature = "cuda")]

@@ -1,5 +1,4 @@
-//! What this machine can do: which plugins NIXL has, which memory each handles, and whether a
-//! folder accepts `O_DIRECT`. Backends use it to fail early with a clear message, or to fall back.
+//! Whether a folder accepts `O_DIRECT`: backends use it to fall back to buffered I/O.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -8,49 +7,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use nixl_sys::Agent;
 use pinned_alloc::{LockMode, PAGE_ALIGN, PoolConfig};
 
 use crate::error::{Error, Result};
-use crate::nixl::NixlConfig;
-use crate::runtime::NixlRuntime;
-
-/// One NIXL plugin and the memory types it moves data between.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PluginInfo {
-    /// The plugin name (`POSIX`, `OBJ`, …).
-    pub name: String,
-    /// Memory types, as NIXL names them (`DRAM`, `VRAM`, `FILE`, `OBJ`, …).
-    pub memory_types: Vec<String>,
-}
-
-/// Lists every plugin NIXL finds with the memory types it supports. A plugin whose parameters
-/// cannot be read (a missing GPU or driver library) is listed with no memory types.
-pub fn plugins() -> Result<Vec<PluginInfo>> {
-    NixlRuntime::load()?;
-    let agent =
-        Agent::new(&NixlConfig::new("probe").agent_name).map_err(Error::nixl("create agent"))?;
-    let names = agent
-        .get_available_plugins()
-        .map_err(Error::nixl("list plugins"))?;
-    let mut plugins = Vec::new();
-    for name in names.iter() {
-        let name = name.map_err(Error::nixl("list plugins"))?.to_owned();
-        let memory_types = match agent.get_plugin_params(&name) {
-            Ok((mems, _params)) => mems
-                .iter()
-                .filter_map(|m| m.ok().map(|m| m.to_string()))
-                .collect(),
-            Err(err) => {
-                tracing::debug!(plugin = %name, error = %err, "plugin parameters unreadable");
-                Vec::new()
-            }
-        };
-        plugins.push(PluginInfo { name, memory_types });
-    }
-    Ok(plugins)
-}
 
 fn direct_io_cache() -> &'static Mutex<HashMap<PathBuf, bool>> {
     static CACHE: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();

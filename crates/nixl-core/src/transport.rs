@@ -9,6 +9,17 @@ use pinned_alloc::{MemoryRegion, Page, PagePool};
 
 use crate::error::Result;
 
+/// How long a request that NIXL reported failed, and the memory it named, are kept out of use:
+/// NIXL's status says failed while the plugin may go on using the buffers (seen with NIXL OBJ
+/// against a missing bucket: the AWS SDK retried `PutObject`, reading the batch's memory, after
+/// the status came back as an error).
+pub const FAILED_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Abandoned requests (each keeps its memory and storage for good) after which the transport
+/// refuses new transfers: a backend that keeps failing that way would otherwise leak without
+/// bound.
+pub const MAX_ABANDONED_REQUESTS: usize = 256;
+
 /// Where one chunk lives in storage: the registered device id (a file descriptor for file
 /// backends, the object id for object backends) and the byte offset inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,5 +1,7 @@
-//! Test servers on 127.0.0.1, started and stopped by the tests themselves: moto's S3 server and
-//! Azurite's blob service, as installed by `cargo xtask setup` under `target/test-services/`.
+//! Test servers on 127.0.0.1, started and stopped by the tests (and the benchmark) themselves:
+//! moto's S3 server and Azurite's blob service, as installed by `cargo xtask setup` under
+//! `target/test-services/`.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
