@@ -5,8 +5,9 @@ polled every millisecond, everything released and closed afterwards. The host bu
 page-aligned mapping registered once in page-sized pieces.
 
 Every pass stores new keys, as a store of new keys does: its files get names no earlier pass
-used (`pass{P}_chunk_{I}.bin`), are created by the write, read back, and removed before the next
-pass, so no pass overwrites another's files in place. Every chunk carries its own index in its
+used (`pass{P}_chunk_{I}.bin`, P counting on from FIRST_PASS, which kv-bench sets to a number
+no earlier run of this script in the same bench used), are created by the write (O_EXCL), read
+back, and removed before the next pass, so no pass overwrites or reuses another's files. Every chunk carries its own index in its
 first bytes and is verified after its read; stamping, zeroing and verifying are left out of the
 timed figures.
 
@@ -14,7 +15,7 @@ Run by kv-bench (`cargo xtask bench`) with PYTHONPATH pointing at the NIXL runti
 `cargo xtask setup` unpacks. Prints one JSON object: put and get GB/s (median of the passes)
 and every pass's figures.
 
-usage: nixl_lmcache_style.py DIR CHUNK_BYTES CHUNKS BATCH PASSES DIRECT_IO(0|1)
+usage: nixl_lmcache_style.py DIR CHUNK_BYTES CHUNKS BATCH PASSES DIRECT_IO(0|1) [FIRST_PASS]
 """
 
 import json
@@ -34,6 +35,7 @@ def main() -> None:
     batch = int(sys.argv[4])
     passes = int(sys.argv[5])
     direct = sys.argv[6] == "1"
+    first_pass = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 
     agent = nixl_agent("lmcache-style-" + str(os.getpid()), nixl_agent_config(backends=[]))
     agent.create_backend("POSIX", {})
@@ -99,7 +101,7 @@ def main() -> None:
         return chunks * page / (time.perf_counter() - started - untimed) / 1e9
 
     puts, gets = [], []
-    for pass_index in range(passes):
+    for pass_index in range(first_pass, first_pass + passes):
         puts.append(run("WRITE", pass_index))
         gets.append(run("READ", pass_index))
         for i in range(chunks):

@@ -495,6 +495,7 @@ mod tests {
             series.extend(
                 per_key_rounds(
                     &workload.resident_only(),
+                    crate::per_key::DEFAULT_BATCH,
                     dir.path(),
                     2,
                     &AdapterSpec::defaults(),

@@ -5,14 +5,25 @@
 //!
 //! `cargo xtask bench` runs it in release mode and writes the table to `target/bench/latest.md`
 //! and one object per row to `target/bench/latest.json`. Arguments: `[--quick] [--rounds N]
-//! [--only NAME,...] [--chunk-kib KIB,...] [--adapter-params JSON]... [--no-extras] [--dir DIR]
-//! [--out FILE] [--json FILE]`.
+//! [--only NAME,...] [--chunk-kib KIB,...] [--batch N] [--restart-chunks N]
+//! [--adapter-params JSON]... [--no-extras] [--dir DIR] [--out FILE] [--json FILE]`.
+//!
+//! `--only` names, by group (a group's raw fio row runs whenever another of its rows does):
+//! - one file: `fio`, `rawpwrite`, `nixlposix`, `uring`;
+//! - per key (`--batch` chunks per call, default [`per_key::DEFAULT_BATCH`]): `fiofreshfiles`,
+//!   `nixlpython`, `filestore`, `adapter` and `adapter-native` (every layout: per-key files,
+//!   and `[layout=segments]`, selectable alone as `adapter[layout=segments]`), `concurrent`
+//!   and `concurrent-native` ([`per_key::THREADS`] threads through one adapter over segments);
+//! - segment-store scenarios: `churn`, `churn-native` (watermark eviction under sustained
+//!   writes, disk usage sampled against `max_capacity_gb`) at every chunk size, and `restart`
+//!   (reopen against reading everything back) at 256 KiB.
 #![forbid(unsafe_code)]
 
 mod engines;
 mod extras;
 mod fio;
 mod per_key;
+mod scenarios;
 
 use std::path::{Path, PathBuf};
 
@@ -27,16 +38,24 @@ use crate::per_key::AdapterSpec;
 const ROUNDS: usize = 5;
 
 const USAGE: &str = "[--quick] [--rounds N] [--only NAME,...] [--chunk-kib KIB,...] \
-     [--adapter-params JSON]... [--no-extras] [--dir DIR] [--out FILE] [--json FILE]";
+     [--batch N] [--restart-chunks N] [--adapter-params JSON]... [--no-extras] [--dir DIR] \
+     [--out FILE] [--json FILE]\n\
+     --only names: fio rawpwrite nixlposix uring | fiofreshfiles nixlpython filestore adapter \
+     adapter-native concurrent concurrent-native | churn churn-native restart";
 
 struct Args {
     quick: bool,
     rounds: Option<usize>,
     /// Only these rows (by `--only` name: fio, rawpwrite, nixlposix, uring, fiofreshfiles,
-    /// filestore, nixlpython, adapter, adapter-native, ...), when given.
+    /// filestore, nixlpython, adapter, adapter-native, concurrent, concurrent-native, churn,
+    /// churn-native, restart), when given.
     only: Option<Vec<String>>,
     /// Only these chunk sizes, in KiB, when given.
     chunk_kib: Option<Vec<usize>>,
+    /// Chunks per store or load call of the per-key and scenario rows.
+    batch: usize,
+    /// Chunks of the restart row, when given (still at most 40% of the free disk).
+    restart_chunks: Option<usize>,
     /// Extra L2-adapter rows: these backend params, on both engines.
     adapter_params: Vec<serde_json::Map<String, Value>>,
     extras: bool,
@@ -51,6 +70,8 @@ fn parse_args() -> Result<Args> {
         rounds: None,
         only: None,
         chunk_kib: None,
+        batch: per_key::DEFAULT_BATCH,
+        restart_chunks: None,
         adapter_params: Vec::new(),
         extras: true,
         dir: None,
@@ -85,6 +106,23 @@ fn parse_args() -> Result<Args> {
                         .map(|k| k.trim().parse().context("--chunk-kib takes whole KiB"))
                         .collect::<Result<_>>()?,
                 );
+            }
+            "--batch" => {
+                let n: usize = it
+                    .next()
+                    .context("--batch needs a number")?
+                    .parse()
+                    .context("--batch needs a whole number")?;
+                ensure!(n > 0, "--batch must be at least 1");
+                args.batch = n;
+            }
+            "--restart-chunks" => {
+                let n: usize = it
+                    .next()
+                    .context("--restart-chunks needs a number")?
+                    .parse()
+                    .context("--restart-chunks needs a whole number")?;
+                args.restart_chunks = Some(n);
             }
             "--adapter-params" => {
                 let text = it.next().context(
@@ -338,10 +376,14 @@ fn measure(
         ok
     };
     let size = format!("{} x {} KiB", workload.chunks, workload.chunk_bytes >> 10);
-    let one_file: Vec<_> = Engine::ONE_FILE
+    // The raw row runs whenever another row of the group does: the ratios need it.
+    let mut one_file: Vec<_> = Engine::ONE_FILE
         .into_iter()
-        .filter(|&e| wanted(args, e.name()) && available(e))
+        .filter(|&e| e != Engine::Fio && wanted(args, e.name()) && available(e))
         .collect();
+    if (!one_file.is_empty() || wanted(args, Engine::Fio.name())) && available(Engine::Fio) {
+        one_file.insert(0, Engine::Fio);
+    }
     let mut groups = Vec::new();
     if !one_file.is_empty() {
         eprintln!(
@@ -360,12 +402,14 @@ fn measure(
     }
     let per_key = workload.resident_only();
     eprintln!(
-        "bench: {} x {} KiB, {rounds} interleaved rounds of the per-key rows",
+        "bench: {} x {} KiB, {rounds} interleaved rounds of the per-key rows, {} chunks per call",
         per_key.chunks,
-        per_key.chunk_bytes >> 10
+        per_key.chunk_bytes >> 10,
+        args.batch.min(per_key.chunks)
     );
     let series = per_key::per_key_rounds(
         &per_key,
+        args.batch,
         dir,
         rounds,
         adapters,
@@ -409,11 +453,32 @@ fn main() -> Result<()> {
     .collect();
     let mut adapters = AdapterSpec::defaults();
     for params in &args.adapter_params {
-        adapters.extend(AdapterSpec::pair(params));
+        for spec in AdapterSpec::pair(params) {
+            if !adapters.iter().any(|a| a.name == spec.name) {
+                adapters.push(spec);
+            }
+        }
     }
     let mut groups = Vec::new();
+    let mut outcomes = Vec::new();
     for workload in &workloads {
         groups.extend(measure(&args, workload, &dir, &adapters, device.as_ref())?);
+        outcomes.extend(churn_rows(&args, workload.chunk_bytes, &dir)?);
+    }
+    if workloads
+        .iter()
+        .any(|w| w.chunk_bytes == scenarios::RESTART_CHUNK_BYTES)
+        && wanted(&args, "restart")
+    {
+        let chunks = scenarios::restart_chunks(&dir, args.restart_chunks, args.quick)?;
+        let reopens = if args.quick { 2 } else { 3 };
+        outcomes.push(scenarios::restart(
+            &AdapterSpec::segments()[0],
+            chunks,
+            args.batch,
+            reopens,
+            &dir,
+        )?);
     }
     let mut throughput = String::from(
         "| chunks | group | engine | rounds | put GB/s | get GB/s | put vs raw | get vs raw | device share put / get |\n|---|---|---|---|---|---|---|---|---|\n",
@@ -425,6 +490,13 @@ fn main() -> Result<()> {
         overhead.push_str(&adapter_overhead(group));
         rows.extend(group.series.iter().map(|s| row_json(group, s)));
     }
+    let mut scenario_table = String::from(
+        "| chunks | scenario | engine | rounds | figures | put ratio | get ratio | target | verdict |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for outcome in &outcomes {
+        scenario_table.push_str(&outcome.table_row());
+        rows.push(outcome.json());
+    }
     let sweeps = sweep_table(&groups);
     let extras = if args.extras {
         extras_report(&args)?
@@ -435,10 +507,15 @@ fn main() -> Result<()> {
         .as_ref()
         .map_or_else(|| "no block-device counters".to_owned(), Device::name);
     let report = format!(
-        "# kv-bench\n\nO_DIRECT is in effect for every row: fio runs with `--direct=1`, every engine and store opens its files with O_DIRECT, and NIXL's Python API opens its files with O_DIRECT too. One folder ({}, device {device_name}). Each row writes every chunk, then reads it back and verifies it; the \"device share\" column is the bytes the block device counted during the timed put / get over the bytes moved (from /sys/dev/block/…/stat; 1.00 means every byte went to and came from the device, not the page cache or the holes of a preallocated file).\n\nRows are measured in groups of interleaved rounds. The one-file group (fio, pwrite, NIXL POSIX, native io_uring) shares one preallocated file, every engine writing all of it before reading it back; the order rotates from round to round. The per-key group (a file or key per chunk, 8 chunks per call) runs on as many chunks as stay in host memory at once (1 GiB), the order alternating, with fio on one preallocated file of the same bytes as its raw figure, and fio on a fresh file per chunk beside it. Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round of the same group (lowest and highest in brackets): fio (io_uring, O_DIRECT) swept over queue depths {:?}, the best depth per direction, or single-threaded pwrite/pread where fio is missing.\n\n{}\n## fio by queue depth\n\nMedians over rounds; device share write / read.\n\n| chunks | group | fio | QD | write GB/s | read GB/s | device share |\n|---|---|---|---|---|---|---|\n{}\n## Adapter overhead\n\nThe per-key adapter and the file store it runs on, interleaved rounds, per-round ratios: median (lowest–highest).\n\n{}\n{}",
+        "# kv-bench\n\nO_DIRECT is in effect for every row: fio runs with `--direct=1`, every engine and store opens its files with O_DIRECT, and NIXL's Python API opens its files with O_DIRECT too. One folder ({}, device {device_name}). Each row writes every chunk, then reads it back and verifies it; the \"device share\" column is the bytes the block device counted during the timed put / get over the bytes moved (from /sys/dev/block/…/stat; 1.00 means every byte went to and came from the device, not the page cache or the holes of a preallocated file).\n\nRows are measured in groups of interleaved rounds. The one-file group (fio, pwrite, NIXL POSIX, native io_uring) shares one preallocated file, every engine writing all of it before reading it back; the order rotates from round to round. The per-key group (a file or key per chunk, {} chunks per call, or all of a workload's chunks where it has fewer; the concurrent rows: {} threads through one adapter, each with its own keys) runs on as many chunks as stay in host memory at once (1 GiB), the order alternating, with fio on one preallocated file of the same bytes as its raw figure, and fio on a fresh file per chunk beside it. Each GB/s figure is the median over rounds; each ratio is the median of the per-round ratios to the raw figure of the same round of the same group (lowest and highest in brackets): fio (io_uring, O_DIRECT) swept over queue depths {:?}, the best depth per direction, or single-threaded pwrite/pread where fio is missing.\n\n{}\n## Segment store: churn and restart\n\nBuilt from `--l2-adapter` JSON through `StoreBuilder`. Churn: a store of `max_capacity_gb` {} with LRU watermark eviction (`trigger_watermark` 0.8, `eviction_ratio` 0.2), filled to its capacity, then written {}x its capacity more with new keys, every round a fresh store; the put ratio is the churn's GB/s over the first fill's, per round; the folder's bytes (sum of file sizes, and of allocated blocks) are sampled every 5 ms throughout and must never exceed `max_capacity_gb`, every store must succeed, whatever of the newest batch still loads must be intact and the newest chunk must be there; calls are of `--batch` chunks, at most a quarter of the capacity. Restart: a store filled with 256 KiB chunks (at most 40% of the free disk), closed with its data kept, then reopened (recovery reads only headers) and read back whole; the ratio is the median reopen time over the time to read every chunk back.\n\n{}\n## fio by queue depth\n\nMedians over rounds; device share write / read.\n\n| chunks | group | fio | QD | write GB/s | read GB/s | device share |\n|---|---|---|---|---|---|---|\n{}\n## Adapter overhead\n\nThe per-key adapter and the file store it runs on, interleaved rounds, per-round ratios: median (lowest–highest).\n\n{}\n{}",
         dir.display(),
+        args.batch,
+        per_key::THREADS,
         fio::QUEUE_DEPTHS,
         throughput,
+        scenarios::CHURN_CAPACITY_GB,
+        scenarios::CHURN_FILLS,
+        scenario_table,
         sweeps,
         overhead,
         extras,
@@ -453,7 +530,38 @@ fn main() -> Result<()> {
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    let failed: Vec<String> = outcomes
+        .iter()
+        .flat_map(|o| o.failures.iter().map(move |f| format!("{}: {f}", o.name)))
+        .collect();
+    ensure!(failed.is_empty(), "checks failed: {}", failed.join("; "));
     Ok(())
+}
+
+/// The churn rows wanted at `chunk_bytes`.
+fn churn_rows(args: &Args, chunk_bytes: usize, dir: &Path) -> Result<Vec<scenarios::Outcome>> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 3 });
+    let mut outcomes = Vec::new();
+    for (spec, name) in AdapterSpec::segments()
+        .iter()
+        .zip(["churn", "churn-native"])
+    {
+        if wanted(args, name) {
+            eprintln!(
+                "bench: {name}, {} KiB chunks, {rounds} rounds",
+                chunk_bytes >> 10
+            );
+            outcomes.push(scenarios::churn(
+                spec,
+                name,
+                chunk_bytes,
+                args.batch,
+                rounds,
+                dir,
+            )?);
+        }
+    }
+    Ok(outcomes)
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
