@@ -122,6 +122,7 @@ fn parse_args() -> Result<Args> {
                     .context("--restart-chunks needs a number")?
                     .parse()
                     .context("--restart-chunks needs a whole number")?;
+                ensure!(n > 0, "--restart-chunks must be at least 1");
                 args.restart_chunks = Some(n);
             }
             "--adapter-params" => {
@@ -633,7 +634,27 @@ fn extras_report(args: &Args) -> Result<String> {
     ))
 }
 
+/// This run's folder under `base`, after removing what earlier runs that ended early (an error,
+/// a panic, Ctrl-C) left there: `run-PID` folders whose process is gone.
 fn tempfile_in(base: &Path) -> Result<PathBuf> {
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("run-")) else {
+                continue;
+            };
+            let gone = pid.parse::<u32>().is_ok_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            });
+            if gone {
+                eprintln!(
+                    "bench: removing {} left by an earlier run",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let dir = base.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

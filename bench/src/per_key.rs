@@ -30,7 +30,7 @@ use crate::fio::{self, Device};
 /// new tokens in one `batched_put`, and a retrieve loads a request's hit prefix in one call; at
 /// its default `chunk_size` of 256 tokens, requests of 8k to 32k tokens make 32 to 128 chunks
 /// per call, and 64 is a 16k-token request, the middle of that range (and one transfer of the
-/// segment store, whose batches hold at most 64 entries). A workload with fewer chunks stores
+/// segment store, whose batches hold at most 128 entries). A workload with fewer chunks stores
 /// them all in one call (32 MiB chunks: 32).
 pub(crate) const DEFAULT_BATCH: usize = 64;
 

@@ -181,7 +181,7 @@ fn main() -> Result<()> {
         }
         Some(other) => {
             bail!(
-                "unknown command `{other}`; commands: setup, test, ci, bench, stress, fuzz, memcheck, hw-test"
+                "unknown command `{other}`; commands: setup, test, ci, tidy, bench, stress, fuzz, memcheck, hw-test"
             )
         }
         None => bail!("usage: cargo xtask <setup|test|ci|tidy|bench|stress|fuzz|memcheck|hw-test>"),

@@ -259,7 +259,18 @@ fn hicache_backend(config: &HiCacheConfig, engine: Engine) -> Result<kv_config::
         let _ = engine;
         vec!["POSIX".to_owned()]
     };
+    #[cfg(feature = "nixl")]
     let backend = config.select_backend(&available)?;
+    #[cfg(not(feature = "nixl"))]
+    let backend = config
+        .select_backend(&available)
+        .map_err(|err| Error::Setting {
+            key: kv_config::PLUGIN_VAR.to_owned(),
+            message: format!(
+                "{err}: this build has no NIXL, so POSIX on the native engine is the one plugin \
+                 (run `cargo xtask setup`, then build with the `nixl` feature)"
+            ),
+        })?;
     if backend.kind() == kv_config::StorageKind::Object {
         return Err(Error::Setting {
             key: kv_config::PLUGIN_VAR.to_owned(),

@@ -15,12 +15,12 @@
 //! - [`StoreBuilder`]: the one way from configuration (LMCache YAML, `--l2-adapter` JSON,
 //!   SGLang env) to a running [`Store`]: pool, adapters, eviction; `open_channel` (feature
 //!   `channel`) for PD/P2P.
+//! - [`AdapterFactory`]: `--l2-adapter` JSON to adapters, with downstream types registered.
+//! - [`HiCache`]: SGLang's `set` / `get` / `exists` and batch forms.
 //!
 //! Features: `nixl` makes NIXL an engine (every plugin, object stores included); without it,
 //! file storage runs on the native io_uring engine and nothing needs libclang or the NIXL
 //! runtime to build. `channel` adds the transfer channel.
-//! - [`AdapterFactory`]: `--l2-adapter` JSON to adapters, with downstream types registered.
-//! - [`HiCache`]: SGLang's `set` / `get` / `exists` and batch forms.
 //!
 //! Keys are LMCache's [`CacheEngineKey`] and [`ObjectKey`], and SGLang's [`PageKey`]; all become
 //! a [`ChunkKey`]. Unlike LMCache's presence cache (chunk hash only), the whole key counts.

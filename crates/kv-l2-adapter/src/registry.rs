@@ -116,20 +116,31 @@ pub fn nixl_config_for(spec: &StorageSpec) -> NixlConfig {
 }
 
 #[cfg(feature = "nixl")]
-fn nixl(spec: &StorageSpec) -> Result<Arc<dyn Transport>> {
+fn nixl(spec: &StorageSpec, _asked: bool) -> Result<Arc<dyn Transport>> {
     Ok(Arc::new(NixlTransport::new(nixl_config_for(spec))?))
 }
 
-/// Without feature `nixl`: what a NIXL engine would have been refused with.
+/// Without feature `nixl`: the refusal, naming what asked for NIXL (`asked`: the engine was
+/// chosen; otherwise the backend runs only on NIXL).
 #[cfg(not(feature = "nixl"))]
-fn nixl(spec: &StorageSpec) -> Result<Arc<dyn Transport>> {
-    Err(Error::Setting {
-        key: "engine".to_owned(),
-        message: format!(
-            "{} needs NIXL, and this build has no NIXL: run `cargo xtask setup`, then build \
-             with the `nixl` feature (POSIX files also run on the native io_uring engine)",
-            spec.backend
-        ),
+fn nixl(spec: &StorageSpec, asked: bool) -> Result<Arc<dyn Transport>> {
+    const HOW: &str = "run `cargo xtask setup`, then build with the `nixl` feature";
+    Err(if asked {
+        Error::Setting {
+            key: "engine".to_owned(),
+            message: format!(
+                "nixl: this build has no NIXL ({HOW}); POSIX files also run on the native \
+                 io_uring engine"
+            ),
+        }
+    } else {
+        Error::Setting {
+            key: "backend".to_owned(),
+            message: format!(
+                "{} runs only on NIXL, and this build has no NIXL ({HOW})",
+                spec.backend
+            ),
+        }
     })
 }
 
@@ -152,14 +163,14 @@ pub fn transport_for(spec: &StorageSpec, engine: Engine) -> Result<(Arc<dyn Tran
     };
     let label = format!("NIXL {}", spec.backend);
     match engine {
-        Engine::Nixl => Ok((nixl(spec)?, label)),
+        Engine::Nixl => Ok((nixl(spec, true)?, label)),
         Engine::Native if native_ok => native(),
         Engine::Native => Err(Error::Registry(format!(
             "the native engine stores POSIX files only, not {}",
             spec.backend
         ))),
         Engine::Auto if !cfg!(feature = "nixl") && native_ok => native(),
-        Engine::Auto => match nixl(spec) {
+        Engine::Auto => match nixl(spec, false) {
             Ok(transport) => Ok((transport, label)),
             Err(Error::Transport(err @ nixl_core::Error::RuntimeNotFound { .. })) if native_ok => {
                 tracing::warn!(error = %err, "NIXL is not installed; using the native io_uring engine");
@@ -457,7 +468,7 @@ pub fn layout_in_use(spec: &StorageSpec, worker_id: u32) -> Layout {
     Layout::Files
 }
 
-/// Bytes of a segment store's capacity left to its folder's lock file and the file system's
+/// Bytes of a segment store's capacity left, per folder, to its lock file and the file system's
 /// extent blocks of its segment files.
 const FOLDER_OVERHEAD_BYTES: u64 = 64 << 10;
 
@@ -487,7 +498,8 @@ fn open_segments(
     };
     // The folder's lock file and the file system's extent blocks count too: the segment files
     // get the rest, so that the folder as `du` counts it stays within the capacity.
-    let capacity = capacity.saturating_sub(FOLDER_OVERHEAD_BYTES);
+    let capacity =
+        capacity.saturating_sub(FOLDER_OVERHEAD_BYTES.saturating_mul(folders.len() as u64));
     let mut config = SegmentConfig::new(folders.clone())
         .with_capacity_bytes(capacity)
         .with_direct_io(spec.use_direct_io)

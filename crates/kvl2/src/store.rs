@@ -25,7 +25,7 @@ pub(crate) struct StoreArgs {
     /// The embedded default: a dynamic POSIX store in this folder.
     #[arg(long, value_name = "DIR")]
     pub(crate) dir: Option<PathBuf>,
-    /// Engine for file storage: auto (NIXL if installed, else native io_uring), nixl, uring.
+    /// Engine for file storage: auto (NIXL if built with feature `nixl` and installed, else native io_uring), nixl, uring.
     #[arg(long, default_value = "auto")]
     pub(crate) engine: String,
     /// Largest chunk, in bytes (the page size of the staging pool).

@@ -121,9 +121,10 @@ fn json(plan: &Plan, dir: &Path) -> String {
 }
 
 /// The `--l2-adapter` JSON of a dynamic adapter over segments in `dir`: two segments of the
-/// smallest size (1 MiB), so that keys come and go and segments are reused.
+/// smallest size (1 MiB), so that keys come and go and segments are reused, and the 64 KiB the
+/// folder's lock file and extent blocks take beside them.
 fn segments_json(dir: &Path) -> String {
-    let gb = 2.0 / 1024.0;
+    let gb = (2.0 + 1.0 / 16.0) / 1024.0;
     format!(
         r#"{{"type":"nixl_store_dynamic","backend":"POSIX","backend_params":{{"file_path":"{}","use_direct_io":"true","max_capacity_gb":"{gb}","layout":"segments","segment_size_mb":"1"}}}}"#,
         dir.display()
