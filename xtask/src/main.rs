@@ -6,7 +6,8 @@
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, the tidy rule that the default features of kvl2,
 //!   nixl-file, kv-l2-adapter and kv-config need no NIXL (no nixl-sys, bindgen or cc), clippy
-//!   with `-D warnings` with and without the NIXL features, the whole test suite.
+//!   with `-D warnings` with and without the NIXL features, the library docs with warnings
+//!   denied (both ways), the whole test suite.
 //! - `tidy`: the rule above, alone.
 //! - `fuzz [SECONDS]`: fuzzes the configuration parsers, the chunk header parser and the chunk
 //!   file-name parser, each for SECONDS (default ten minutes).
@@ -72,6 +73,7 @@ fn ci(root: &Path) -> Result<()> {
         args.extend_from_slice(&["--", "-D", "warnings"]);
         system::cargo(root, &args)?;
     }
+    docs(root)?;
     let counts = test_run::run_suite(root, &[])?;
     stress(root, true)?;
     for (package, example) in EXAMPLES {
@@ -84,6 +86,32 @@ fn ci(root: &Path) -> Result<()> {
     println!("tests: {counts}");
     Ok(())
 }
+
+/// The library crates' documentation, warnings denied, without and with the NIXL features:
+/// a link to an item behind a feature breaks in the build that lacks it.
+fn docs(root: &Path) -> Result<()> {
+    for features in [&[][..], &["--features", "kv-l2-adapter/channel"]] {
+        let mut command = std::process::Command::new(system::cargo_bin());
+        command
+            .current_dir(root)
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["doc", "--no-deps", "--locked"])
+            .args(DOCUMENTED.iter().flat_map(|package| ["--package", package]))
+            .args(features);
+        system::run(&mut command)?;
+    }
+    Ok(())
+}
+
+/// The library crates whose documentation CI builds.
+const DOCUMENTED: &[&str] = &[
+    "pinned-alloc",
+    "nixl-core",
+    "nixl-file",
+    "nixl-obj",
+    "kv-config",
+    "kv-l2-adapter",
+];
 
 /// Builds the tools the stress run drives (kvl2 is checked for leaked secrets), then runs it.
 fn stress(root: &Path, short: bool) -> Result<()> {

@@ -36,7 +36,7 @@ pub enum Refusal {
     },
     /// The payload is torn or corrupted.
     PayloadChecksum,
-    /// The buffer given to [`write`] is shorter than [`HEADER_BYTES`].
+    /// The buffer given to [`write()`] is shorter than [`HEADER_BYTES`].
     BufferTooShort {
         /// Its length.
         len: usize,

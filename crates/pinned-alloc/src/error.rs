@@ -89,7 +89,7 @@ pub enum Error {
         status: String,
     },
 
-    /// A GPU slot retired because a transfer may still access it ([`DeviceSlot::abandon`]).
+    /// A GPU slot retired because a transfer may still access it (`DeviceSlot::abandon`, feature `cuda`).
     #[error("device slot {index} was retired: a transfer that failed may still access it")]
     Retired {
         /// The slot's index in its pool.
