@@ -1,5 +1,5 @@
 //! The parts of the benchmark that are not one-file throughput: the adapter's lookup rate, and
-//! object stores (moto's S3 server on 127.0.0.1) next to the raw NIXL OBJ plugin.
+//! object stores (SeaweedFS's S3 gateway on 127.0.0.1) next to the raw NIXL OBJ plugin.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

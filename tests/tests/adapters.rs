@@ -63,13 +63,13 @@ fn s3_json(server: &S3Server, kind: &str) -> String {
         ""
     };
     format!(
-        r#"{{"type":"{kind}","backend":"OBJ","backend_params":{{"bucket":"{}","endpoint_override":"{}","scheme":"http","region":"us-east-1","access_key":"testing","secret_key":"testing"}}{pool}}}"#,
-        server.bucket, server.endpoint
+        r#"{{"type":"{kind}","backend":"OBJ","backend_params":{{"bucket":"{}","endpoint_override":"{}","scheme":"http","region":"us-east-1","access_key":"{}","secret_key":"{}"}}{pool}}}"#,
+        server.bucket, server.endpoint, server.access_key, server.secret_key
     )
 }
 
 #[test]
-fn dynamic_on_moto() {
+fn dynamic_on_seaweedfs() {
     let server = S3Server::start();
     let pool = memory();
     let adapter = build(&s3_json(&server, "nixl_store_dynamic"), Engine::Nixl, &pool);
@@ -84,7 +84,7 @@ fn dynamic_on_moto() {
 }
 
 #[test]
-fn static_on_moto() {
+fn static_on_seaweedfs() {
     let server = S3Server::start();
     let pool = memory();
     let adapter = build(&s3_json(&server, "nixl_store"), Engine::Nixl, &pool);

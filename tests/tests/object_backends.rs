@@ -1,4 +1,5 @@
-//! Object stores through NIXL OBJ (moto) and AZURE_BLOB (Azurite), servers started by the tests.
+//! Object stores through NIXL OBJ (SeaweedFS) and AZURE_BLOB (Azurite), servers started by the
+//! tests.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +69,8 @@ impl Rig {
         self.store.put(&items)
     }
 
-    fn get(&self, indices: &[usize]) -> Vec<bool> {
+    /// Loads `indices`: a hit must carry its key's bytes.
+    fn try_get(&self, indices: &[usize]) -> Vec<Result<bool, nixl_obj::Error>> {
         let keys: Vec<Vec<u8>> = indices.iter().map(|&i| key(i)).collect();
         let mut pages: Vec<Page> = indices
             .iter()
@@ -86,16 +88,23 @@ impl Rig {
             .zip(indices)
             .zip(&pages)
             .map(|((r, &i), page)| {
-                let hit = r.unwrap_or_else(|e| panic!("get {i}: {e}"));
-                if hit {
+                if r.as_ref().is_ok_and(|&hit| hit) {
                     fill_chunk(i, &mut expected);
                     assert!(
                         page.as_slice() == &expected[..],
                         "object {i} loaded wrong bytes"
                     );
                 }
-                hit
+                r
             })
+            .collect()
+    }
+
+    fn get(&self, indices: &[usize]) -> Vec<bool> {
+        self.try_get(indices)
+            .into_iter()
+            .zip(indices)
+            .map(|(r, i)| r.unwrap_or_else(|e| panic!("get {i}: {e}")))
             .collect()
     }
 }
@@ -197,15 +206,78 @@ fn azure_static_pool() {
     static_pool(azure(&server));
 }
 
+/// A bucket that does not exist (the server creates none on upload): every write fails typed
+/// in bounded time, and nothing is found in it.
 #[test]
-fn missing_bucket_fails_per_batch_in_bounded_time() {
+fn missing_bucket_fails_typed_in_bounded_time() {
     let server = S3Server::start();
-    let rig = rig(s3(&server).with_param("bucket", "no-such-bucket"));
+    let rig = rig(s3(&server)
+        .with_param("bucket", "kv-no-such-bucket")
+        .with_timeout(Duration::from_secs(30)));
     let started = Instant::now();
     for result in rig.put(&[0, 1]) {
-        assert!(result.is_err(), "nothing may be stored in a missing bucket");
+        assert!(
+            matches!(result, Err(nixl_obj::Error::Batch(_))),
+            "nothing may be stored in a missing bucket: {result:?}"
+        );
     }
-    assert!(started.elapsed() < Duration::from_secs(60));
+    let found = rig.store.contains(&[key(0).as_slice(), key(1).as_slice()]);
+    assert!(
+        found.is_err() || found.as_ref().is_ok_and(|f| f == &vec![false, false]),
+        "a missing bucket holds nothing: {found:?}"
+    );
+    for result in rig.try_get(&[0, 1]) {
+        assert!(!matches!(result, Ok(true)), "a hit in a missing bucket");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Requests are signed and the server checks them: a store with a wrong secret key stores
+/// nothing and loads nothing, not even what the right key stored, each refused with a typed
+/// error (not a miss) in bounded time.
+#[test]
+fn wrong_s3_secret_fails_typed() {
+    let server = S3Server::start();
+    let good = rig(s3(&server));
+    for result in good.put(&[0]) {
+        result.unwrap();
+    }
+    let bad = rig(s3(&server)
+        .with_param("secret_key", format!("{}-wrong", server.secret_key))
+        .with_timeout(Duration::from_secs(30)));
+    let started = Instant::now();
+    for result in bad.put(&[1]) {
+        assert!(
+            matches!(result, Err(nixl_obj::Error::Batch(_))),
+            "a write with a wrong secret key must be refused: {result:?}"
+        );
+    }
+    // Refused, not absent: the key stored with the right secret is not reported missing.
+    let found = bad.store.contains(&[key(0).as_slice()]);
+    assert!(
+        matches!(found, Err(nixl_obj::Error::Transport(_))),
+        "a lookup with a wrong secret key must fail: {found:?}"
+    );
+    for result in bad.try_get(&[0]) {
+        assert!(
+            matches!(result, Err(nixl_obj::Error::Batch(_))),
+            "a load with a wrong secret key must fail: {result:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        good.get(&[0, 1]),
+        vec![true, false],
+        "the refused write left nothing"
+    );
 }
 
 #[test]
@@ -256,16 +328,15 @@ fn wrong_azure_key_fails_typed() {
 fn endpoint_list_picks_the_endpoint_of_the_local_worker() {
     let servers = [S3Server::start(), S3Server::start()];
     let bucket = &servers[0].bucket;
-    assert_eq!(
-        crate_bucket_on(&servers[1], bucket),
-        200,
-        "the second server needs the same bucket"
-    );
+    // The second server needs the same bucket (both take the same keys).
+    servers[1].create_bucket(bucket);
     // Three endpoints over two servers: worker 4 takes the second (4 % 3), worker 3 the first.
     let yaml = format!(
-        "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.01\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 0\n  nixl_endpoint_list: [{a}, {b}, {a}]\n  nixl_backend_params:\n    bucket: {bucket}\n    scheme: http\n    region: us-east-1\n    access_key: testing\n    secret_key: testing\n",
+        "nixl_buffer_device: cpu\nmax_local_cpu_size: 0.01\nextra_config:\n  enable_nixl_storage: true\n  nixl_backend: OBJ\n  nixl_pool_size: 0\n  nixl_endpoint_list: [{a}, {b}, {a}]\n  nixl_backend_params:\n    bucket: {bucket}\n    scheme: http\n    region: us-east-1\n    access_key: {access}\n    secret_key: {secret}\n",
         a = servers[0].endpoint,
-        b = servers[1].endpoint
+        b = servers[1].endpoint,
+        access = servers[0].access_key,
+        secret = servers[0].secret_key,
     );
     let engine = ConfigLoader::new()
         .with_yaml("endpoints.yaml", yaml)
@@ -302,13 +373,9 @@ fn endpoint_list_picks_the_endpoint_of_the_local_worker() {
     );
 }
 
-fn crate_bucket_on(server: &S3Server, bucket: &str) -> u16 {
-    let host = server.endpoint.trim_start_matches("http://");
-    kv_integration_tests::services::http_status(host, "PUT", &format!("/{bucket}")).unwrap()
-}
-
-/// The server restarts mid-run (losing everything, as moto keeps it in memory): writes fail
-/// typed until the bucket is back, nothing lost is reported present, then service resumes.
+/// The server is killed mid-run and started again on the same ports and data: writes in between
+/// fail typed, then what it acknowledged before is served again (a real store persists) and
+/// nothing unwritten is reported present.
 #[test]
 fn server_restart_mid_run() {
     let mut server = S3Server::start();
@@ -316,22 +383,22 @@ fn server_restart_mid_run() {
     for result in rig.put(&[0]) {
         result.unwrap();
     }
-    server.restart();
+    server.stop();
     for result in rig.put(&[1]) {
-        assert!(result.is_err(), "the bucket is gone: the write must fail");
+        assert!(result.is_err(), "the server is down: the write must fail");
     }
+    server.restart();
     let found = rig
         .store
         .contains(&[key(0).as_slice(), key(1).as_slice()])
         .unwrap();
     assert_eq!(
         found,
-        vec![false, false],
-        "nothing lost or unwritten is reported present"
+        vec![true, false],
+        "the acknowledged key is back, the refused one is not"
     );
-    assert_eq!(server.create_bucket(), 200);
     for result in rig.put(&[2]) {
         result.unwrap();
     }
-    assert_eq!(rig.get(&[2, 0]), vec![true, false]);
+    assert_eq!(rig.get(&[2, 0, 1]), vec![true, true, false]);
 }

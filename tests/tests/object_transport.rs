@@ -1,4 +1,4 @@
-//! NIXL's OBJ and AZURE_BLOB plugins against moto and Azurite, started by the tests.
+//! NIXL's OBJ and AZURE_BLOB plugins against SeaweedFS and Azurite, started by the tests.
 
 use std::sync::Arc;
 
@@ -76,7 +76,7 @@ fn object_round_trip(transport: Arc<dyn Transport>) {
 }
 
 #[test]
-fn s3_objects_round_trip_through_moto() {
+fn s3_objects_round_trip_through_seaweedfs() {
     let server = S3Server::start();
     object_round_trip(s3_transport(&server));
 }

