@@ -557,18 +557,21 @@ pub fn segment_round_trip(transport: Arc<dyn Transport>, direct_io: bool) {
 /// twice, on O_DIRECT.
 pub fn segment_restart_recovery(make: &dyn Fn() -> Arc<dyn Transport>) {
     let dir = tempfile::tempdir().unwrap();
-    {
+    // A fresh transport, memory and store over the folder: a restart.
+    let reopen = || {
         let transport = make();
         let memory = Memory::new(&transport, 16);
         let store = segments(&transport, dir.path(), true, 4);
+        (memory, store)
+    };
+    {
+        let (memory, store) = reopen();
         put_all(&store, &memory, &[5, 6, 7, 8, 9]);
         put_as(&store, &memory, &[(6, 1006)]);
         assert!(store.delete(&key(7)).unwrap());
     }
     {
-        let transport = make();
-        let memory = Memory::new(&transport, 16);
-        let store = segments(&transport, dir.path(), true, 4);
+        let (memory, store) = reopen();
         assert_eq!(
             get_as(
                 &store,
@@ -582,9 +585,7 @@ pub fn segment_restart_recovery(make: &dyn Fn() -> Arc<dyn Transport>) {
         assert!(store.delete(&key(8)).unwrap());
         put_all(&store, &memory, &[11]);
     }
-    let transport = make();
-    let memory = Memory::new(&transport, 16);
-    let store = segments(&transport, dir.path(), true, 4);
+    let (memory, store) = reopen();
     assert_eq!(
         get_as(
             &store,
