@@ -58,14 +58,7 @@ fn ci(root: &Path) -> Result<()> {
         &["--workspace"][..],
         &["--package", "pinned-alloc", "--features", "cuda"],
         // Without NIXL, and with NIXL but no channel: the code behind each feature gate.
-        &[
-            "--package",
-            "kvl2",
-            "--package",
-            "kv-l2-adapter",
-            "--package",
-            "nixl-core",
-        ],
+        test_run::NIXL_GATED,
         &["--package", "kv-l2-adapter", "--features", "nixl"],
     ] {
         let mut args = vec!["clippy", "--all-targets", "--locked"];

@@ -50,41 +50,43 @@ impl Counts {
     }
 }
 
-/// The whole workspace (NIXL features included, as the integration tests ask for them), then
-/// the NIXL-free default build of the crates that gate NIXL, then the feature-gated code that
-/// builds without its hardware (pinned-alloc's `cuda`, whose tests check the typed "not
-/// available" errors).
-const SUITES: &[&[&str]] = &[
-    &["test", "--workspace", "--locked"],
-    // The workspace build has NIXL (the integration tests ask for it); these run as a machine
-    // with only Rust builds them, on the native engine.
-    &[
-        "test",
-        "--locked",
-        "--package",
-        "kvl2",
-        "--package",
-        "kv-l2-adapter",
-        "--package",
-        "nixl-core",
-    ],
-    &[
-        "test",
-        "--locked",
-        "--package",
-        "pinned-alloc",
-        "--features",
-        "cuda",
-        "--lib",
-    ],
+/// The packages that gate NIXL behind features, as `cargo` arguments: their default build is
+/// what a machine with only Rust builds.
+pub(crate) const NIXL_GATED: &[&str] = &[
+    "--package",
+    "kvl2",
+    "--package",
+    "kv-l2-adapter",
+    "--package",
+    "nixl-core",
 ];
+
+/// The whole workspace (NIXL features included, as the integration tests ask for them), then
+/// the NIXL-free default build of [`NIXL_GATED`] (the workspace build has NIXL through the
+/// integration tests), then the feature-gated code that builds without its hardware
+/// (pinned-alloc's `cuda`, whose tests check the typed "not available" errors).
+fn suites() -> Vec<Vec<&'static str>> {
+    vec![
+        vec!["test", "--workspace", "--locked"],
+        [&["test", "--locked"][..], NIXL_GATED].concat(),
+        vec![
+            "test",
+            "--locked",
+            "--package",
+            "pinned-alloc",
+            "--features",
+            "cuda",
+            "--lib",
+        ],
+    ]
+}
 
 /// Every suite, streaming its output, then one closing line with the totals.
 pub(crate) fn run_suite(root: &Path, test_args: &[String]) -> Result<Counts> {
     let mut counts = Counts::default();
     let mut failures = Vec::new();
-    for suite in SUITES {
-        if let Err(err) = run_one(root, suite, test_args, &mut counts) {
+    for suite in suites() {
+        if let Err(err) = run_one(root, &suite, test_args, &mut counts) {
             failures.push(err.to_string());
         }
     }
