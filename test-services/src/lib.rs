@@ -284,43 +284,55 @@ impl Weed {
 
     /// Runs one `weed shell` command, killed after 30 s (the shell waits for a missing master).
     fn shell(&self, line: &str) -> Result<(), String> {
-        let output = self.path(&format!("shell-{}.log", fresh_name("out")));
-        let log = std::fs::File::create(&output).map_err(|e| e.to_string())?;
-        let mut child = self
-            .command()
-            .args(["shell", &format!("-master=127.0.0.1:{}", self.master)])
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting weed shell: {e}"))?;
-        let written = child
-            .stdin
-            .take()
-            .map(|mut stdin| writeln!(stdin, "{line}"));
-        let started = Instant::now();
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if started.elapsed() < Duration::from_secs(30) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
+        weed_shell(self.root.path(), self.master, line)
+    }
+}
+
+/// `weed` run in `root` (its working folder) with `root/tmp` as its `TMPDIR`.
+fn weed_command(root: &Path) -> Command {
+    let mut command = Command::new(weed_binary());
+    command.env("TMPDIR", root.join("tmp")).current_dir(root);
+    command
+}
+
+/// Runs one `weed shell` command against the master on `master`, from `root`, killed after 30 s
+/// (the shell waits for a missing master).
+fn weed_shell(root: &Path, master: u16, line: &str) -> Result<(), String> {
+    let output = root.join(format!("shell-{}.log", fresh_name("out")));
+    let log = std::fs::File::create(&output).map_err(|e| e.to_string())?;
+    let mut child = weed_command(root)
+        .args(["shell", &format!("-master=127.0.0.1:{master}")])
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting weed shell: {e}"))?;
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| writeln!(stdin, "{line}"));
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if started.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(20));
             }
-        };
-        let said = std::fs::read_to_string(&output).unwrap_or_default();
-        let _ = std::fs::remove_file(&output);
-        match (status, written) {
-            (Some(status), Some(Ok(()))) if status.success() => Ok(()),
-            (None, _) => Err(format!(
-                "weed shell did not finish `{line}` within 30 s: {said}"
-            )),
-            (status, _) => Err(format!("weed shell `{line}` ended with {status:?}: {said}")),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
         }
+    };
+    let said = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&output);
+    match (status, written) {
+        (Some(status), Some(Ok(()))) if status.success() => Ok(()),
+        (None, _) => Err(format!(
+            "weed shell did not finish `{line}` within 30 s: {said}"
+        )),
+        (status, _) => Err(format!("weed shell `{line}` ended with {status:?}: {said}")),
     }
 }
 
@@ -538,5 +550,346 @@ impl Drop for AzuriteServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Volume servers of an [`S3Cluster`].
+const CLUSTER_VOLUMES: usize = 3;
+/// S3 gateways of an [`S3Cluster`].
+const CLUSTER_GATEWAYS: usize = 2;
+
+/// One part of an [`S3Cluster`]: its name (for its log and its `/tmp` socket), its HTTP port,
+/// and its process while it runs.
+#[derive(Debug)]
+struct Part {
+    name: String,
+    /// `master`, `volume`, `filer` or `s3`: how `weed` names its gRPC socket in `/tmp`.
+    kind: &'static str,
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A SeaweedFS cluster on loopback ports, each part its own process: one `weed master`, three
+/// `weed volume` servers (each with its own folder), one `weed filer` and two `weed s3`
+/// gateways over that filer with the same identity. One fresh bucket; parts can be killed and
+/// restarted on the same folders and ports.
+#[derive(Debug)]
+pub struct S3Cluster {
+    root: tempfile::TempDir,
+    master: Part,
+    volumes: Vec<Part>,
+    filer: Part,
+    gateways: Vec<Part>,
+    /// `http://127.0.0.1:PORT` of each gateway.
+    pub endpoints: Vec<String>,
+    /// The bucket of this test.
+    pub bucket: String,
+    /// Access key (the same on both gateways).
+    pub access_key: String,
+    /// Secret key.
+    pub secret_key: String,
+}
+
+impl S3Cluster {
+    /// Starts every part, waits until both gateways answer and the master lists three volume
+    /// servers, and creates a fresh bucket.
+    pub fn start() -> Self {
+        assert!(
+            weed_binary().exists(),
+            "SeaweedFS is not installed at {}: run `cargo xtask setup`",
+            weed_binary().display()
+        );
+        let (access_key, secret_key) = test_keys();
+        let root = tempfile::tempdir().expect("a folder for the SeaweedFS cluster");
+        let mut dirs = vec!["tmp".to_owned(), "master".to_owned(), "filer".to_owned()];
+        dirs.extend((0..CLUSTER_VOLUMES).map(|i| format!("volume-{i}")));
+        for dir in &dirs {
+            std::fs::create_dir(root.path().join(dir)).expect("creating the cluster's folders");
+        }
+        let identities = format!(
+            r#"{{"identities":[{{"name":"kv-test","credentials":[{{"accessKey":"{access_key}","secretKey":"{secret_key}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+        );
+        std::fs::write(root.path().join("s3.json"), identities).expect("writing s3.json");
+        let ports = free_port_pairs(2 + CLUSTER_VOLUMES + CLUSTER_GATEWAYS);
+        let part = |name: String, kind, port| Part {
+            name,
+            kind,
+            port,
+            child: None,
+        };
+        let volumes = (0..CLUSTER_VOLUMES)
+            .map(|i| part(format!("volume-{i}"), "volume", ports[2 + i]))
+            .collect();
+        let gateways: Vec<Part> = (0..CLUSTER_GATEWAYS)
+            .map(|i| part(format!("s3-{i}"), "s3", ports[2 + CLUSTER_VOLUMES + i]))
+            .collect();
+        let mut cluster = Self {
+            root,
+            master: part("master".to_owned(), "master", ports[0]),
+            volumes,
+            filer: part("filer".to_owned(), "filer", ports[1]),
+            endpoints: gateways
+                .iter()
+                .map(|g| format!("http://127.0.0.1:{}", g.port))
+                .collect(),
+            gateways,
+            bucket: fresh_name("kv"),
+            access_key,
+            secret_key,
+        };
+        cluster.start_all();
+        let created = (|| {
+            let started = Instant::now();
+            loop {
+                let line = format!("s3.bucket.create -name {}", cluster.bucket);
+                let error = match weed_shell(cluster.root.path(), cluster.master.port, &line) {
+                    Ok(()) => return Ok(()),
+                    Err(error) => error,
+                };
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("creating bucket {}: {error}", cluster.bucket));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })();
+        if let Err(error) = created {
+            let tails = cluster.log_tails();
+            panic!("{error}\n{tails}");
+        }
+        cluster
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn log_path(&self, part: &Part) -> PathBuf {
+        self.path(&format!("{}.log", part.name))
+    }
+
+    /// The tail of every part's log, for a panic message.
+    fn log_tails(&self) -> String {
+        let parts = std::iter::once(&self.master)
+            .chain(&self.volumes)
+            .chain(std::iter::once(&self.filer))
+            .chain(&self.gateways);
+        parts
+            .map(|part| format!("--- {}:\n{}", part.name, log_tail(&self.log_path(part))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The command line of a part (after `weed`), by its name.
+    fn args(&self, part: &Part) -> Vec<String> {
+        let loopback = ["-ip=127.0.0.1".to_owned(), "-ip.bind=127.0.0.1".to_owned()];
+        let ports = [
+            format!("-port={}", part.port),
+            format!("-port.grpc={}", part.port + GRPC_OFFSET),
+        ];
+        let dir = |name: &str| self.path(name).display().to_string();
+        let mut args: Vec<String> = vec![part.kind.to_owned()];
+        args.extend(loopback);
+        args.extend(ports);
+        let master = format!("127.0.0.1:{}", self.master.port);
+        match part.kind {
+            "master" => args.extend([
+                format!("-mdir={}", dir("master")),
+                "-volumeSizeLimitMB=64".to_owned(),
+                "-defaultReplication=000".to_owned(),
+                "-telemetry=false".to_owned(),
+            ]),
+            "volume" => args.extend([
+                format!("-dir={}", dir(&part.name)),
+                format!("-master={master}"),
+                "-max=8".to_owned(),
+            ]),
+            "filer" => args.extend([
+                format!("-master={master}"),
+                format!("-defaultStoreDir={}", dir("filer")),
+                format!("-localSocket={}", dir("filer.sock")),
+            ]),
+            _ => args.extend([
+                format!("-filer=127.0.0.1:{}", self.filer.port),
+                format!("-config={}", dir("s3.json")),
+                format!("-localSocket={}", dir(&format!("{}.sock", part.name))),
+                // Only buckets the test made exist: a missing one is refused, not created.
+                "-autoCreateBucket=false".to_owned(),
+                "-port.iceberg=0".to_owned(),
+                "-port.lance=0".to_owned(),
+            ]),
+        }
+        args
+    }
+
+    fn spawn(&self, part: &Part) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(part))
+            .expect("opening a SeaweedFS log");
+        weed_command(self.root.path())
+            .args(self.args(part))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("a SeaweedFS log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting weed {}: {e}", part.name))
+    }
+
+    /// Whether every running part is still alive (a panic naming the first that exited).
+    fn check_alive(&mut self) {
+        let mut exited = None;
+        let parts = std::iter::once(&mut self.master)
+            .chain(&mut self.volumes)
+            .chain(std::iter::once(&mut self.filer))
+            .chain(&mut self.gateways);
+        for part in parts {
+            if let Some(child) = &mut part.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                part.child = None;
+                exited = Some(format!("weed {} exited at start with {status}", part.name));
+                break;
+            }
+        }
+        if let Some(exited) = exited {
+            let tails = self.log_tails();
+            self.stop_all();
+            panic!("{exited}:\n{tails}");
+        }
+    }
+
+    /// Polls `ready` every 50 ms for 60 s; on a timeout or an exited part, stops everything
+    /// and panics with the logs.
+    fn wait_for(&mut self, what: &str, ready: impl Fn(&Self) -> bool) {
+        let started = Instant::now();
+        loop {
+            self.check_alive();
+            if ready(self) {
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let tails = self.log_tails();
+                self.stop_all();
+                panic!("the SeaweedFS cluster: {what} not within 60 s:\n{tails}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the master lists the volume servers `indices`.
+    fn volumes_listed(&self, indices: &[usize]) -> bool {
+        let master = format!("127.0.0.1:{}", self.master.port);
+        http_get(&master, "/dir/status").is_ok_and(|(_, body)| {
+            indices
+                .iter()
+                .all(|&i| body.contains(&format!("\"127.0.0.1:{}\"", self.volumes[i].port)))
+        })
+    }
+
+    fn gateways_up(&self) -> bool {
+        self.gateways.iter().all(|g| {
+            http_get(&format!("127.0.0.1:{}", g.port), "/healthz")
+                .is_ok_and(|(status, _)| status == 200)
+        })
+    }
+
+    /// How many volumes the master places on each volume server (0 for one it does not list),
+    /// to pick the server whose loss matters most.
+    pub fn volume_counts(&self) -> Vec<usize> {
+        let master = format!("127.0.0.1:{}", self.master.port);
+        let body = http_get(&master, "/dir/status").map_or_else(|_| String::new(), |(_, b)| b);
+        self.volumes
+            .iter()
+            .map(|v| {
+                let node = format!("\"Url\":\"127.0.0.1:{}\"", v.port);
+                body.split_once(&node)
+                    .and_then(|(_, rest)| rest.split_once("\"Volumes\":"))
+                    .and_then(|(_, rest)| {
+                        let digits: String =
+                            rest.chars().take_while(char::is_ascii_digit).collect();
+                        digits.parse().ok()
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Kills volume server `i` (its data stays).
+    pub fn stop_volume(&mut self, i: usize) {
+        kill_part(&mut self.volumes[i]);
+    }
+
+    /// Starts volume server `i` again on its folder and port, and waits until the master lists
+    /// it.
+    pub fn start_volume(&mut self, i: usize) {
+        if self.volumes[i].child.is_none() {
+            let child = self.spawn(&self.volumes[i]);
+            self.volumes[i].child = Some(child);
+        }
+        self.wait_for(&format!("volume server {i} listed"), |c| {
+            c.volumes_listed(&[i])
+        });
+    }
+
+    /// Kills every part (gateways first, master last); folders and ports stay.
+    pub fn stop_all(&mut self) {
+        for part in self.gateways.iter_mut() {
+            kill_part(part);
+        }
+        kill_part(&mut self.filer);
+        for part in self.volumes.iter_mut() {
+            kill_part(part);
+        }
+        kill_part(&mut self.master);
+    }
+
+    /// Starts every part that is not running, on the same folders and ports, and waits until
+    /// both gateways answer and the master lists all volume servers.
+    pub fn start_all(&mut self) {
+        if self.master.child.is_none() {
+            self.master.child = Some(self.spawn(&self.master));
+        }
+        let master = format!("127.0.0.1:{}", self.master.port);
+        self.wait_for("the master answering", |_| {
+            http_get(&master, "/cluster/status").is_ok_and(|(status, _)| status == 200)
+        });
+        for i in 0..self.volumes.len() {
+            if self.volumes[i].child.is_none() {
+                let child = self.spawn(&self.volumes[i]);
+                self.volumes[i].child = Some(child);
+            }
+        }
+        if self.filer.child.is_none() {
+            self.filer.child = Some(self.spawn(&self.filer));
+        }
+        for i in 0..self.gateways.len() {
+            if self.gateways[i].child.is_none() {
+                let child = self.spawn(&self.gateways[i]);
+                self.gateways[i].child = Some(child);
+            }
+        }
+        let all: Vec<usize> = (0..self.volumes.len()).collect();
+        self.wait_for("gateways answering, all volume servers listed", |c| {
+            c.gateways_up() && c.volumes_listed(&all)
+        });
+    }
+}
+
+/// Kills and reaps a part's process, and removes the gRPC socket `weed` leaves in `/tmp` for
+/// its port.
+fn kill_part(part: &mut Part) {
+    if let Some(mut child) = part.child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let grpc = part.port + GRPC_OFFSET;
+    let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{}-grpc-{grpc}.sock", part.kind));
+}
+
+impl Drop for S3Cluster {
+    fn drop(&mut self) {
+        // The processes first, then their folder (data, identities, sockets, logs).
+        self.stop_all();
     }
 }
