@@ -111,80 +111,188 @@ fn fill(i: usize, page: &mut Page) {
     }
 }
 
-/// Raw NIXL OBJ and the object store, `chunks` objects of `chunk_bytes`: (label, put, get) GB/s.
-pub(crate) fn objects(chunks: usize, chunk_bytes: usize) -> Result<Vec<(&'static str, f64, f64)>> {
+/// The object rows, in the order [`objects`] reports them.
+pub(crate) const OBJECT_ROWS: [&str; 3] = [
+    "raw NIXL OBJ (one batch)",
+    "object store (nixl-obj)",
+    "plain S3 client (object_store)",
+];
+
+/// Raw NIXL OBJ (one batch), the object store, and a plain S3 client of the same bytes (the
+/// `object_store` crate, every object in flight at once), `chunks` objects of `chunk_bytes`
+/// against one SeaweedFS, in `rounds` interleaved rounds: per row, (put, get) GB/s of each
+/// round. Every read is checked byte for byte.
+pub(crate) fn objects(
+    chunks: usize,
+    chunk_bytes: usize,
+    rounds: usize,
+) -> Result<Vec<Vec<(f64, f64)>>> {
     let server = S3Server::try_start().map_err(anyhow::Error::msg)?;
     let transport = s3_transport(&server)?;
     let pool = PoolConfig::new(chunk_bytes, (2 * chunks * chunk_bytes) as u64).build()?;
     let _memory = transport.register_pool(&pool)?;
     let bytes = (chunks * chunk_bytes) as f64;
+    let rate = |started: Instant| bytes / started.elapsed().as_secs_f64() / 1e9;
     let mut sources = pool.allocate_batch(chunks)?;
     for (i, page) in sources.iter_mut().enumerate() {
         fill(i, page);
     }
-
-    let registrations = (0..chunks)
-        .map(|i| transport.register_object(1_000_000 + i as u64, chunk_bytes))
-        .collect::<nixl_core::Result<Vec<_>>>()?;
-    let writes: Vec<_> = sources
-        .iter()
-        .zip(&registrations)
-        .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
-        .collect();
-    let started = Instant::now();
-    transport.write_pages(&writes, PageView::Exact)?;
-    let raw_put = bytes / started.elapsed().as_secs_f64() / 1e9;
     let mut targets = pool.allocate_batch(chunks)?;
-    let mut reads: Vec<_> = targets
-        .iter_mut()
-        .zip(&registrations)
-        .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
-        .collect();
-    let started = Instant::now();
-    transport.read_pages(&mut reads, PageView::Exact)?;
-    let raw_get = bytes / started.elapsed().as_secs_f64() / 1e9;
-    drop(reads);
-    ensure!(
+    let same = |targets: &[Page]| {
         sources
             .iter()
-            .zip(&targets)
-            .all(|(s, t)| s.as_slice() == t.as_slice()),
-        "raw OBJ read back wrong bytes"
-    );
-    drop(registrations);
-
+            .zip(targets)
+            .all(|(s, t)| s.as_slice() == t.as_slice())
+    };
+    // As the builder opens it: with the client that deletes, lists and asks for presence.
+    let params: std::collections::BTreeMap<String, String> = [
+        ("endpoint_override", server.endpoint.as_str()),
+        ("scheme", "http"),
+        ("bucket", &server.bucket),
+        ("access_key", &server.access_key),
+        ("secret_key", &server.secret_key),
+        ("region", "us-east-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
     let store = ObjectStore::open(
         Arc::clone(&transport),
         ObjectConfig::new(chunk_bytes).with_max_batch(chunks.min(16)),
-    )?;
+    )?
+    .with_control(nixl_obj::ObjectControl::s3(&params)?);
     let keys: Vec<Vec<u8>> = (0..chunks).map(|i| key(i).canonical()).collect();
-    let items: Vec<_> = keys.iter().map(Vec::as_slice).zip(&sources).collect();
-    let started = Instant::now();
-    for result in store.put(&items) {
-        result?;
-    }
-    let store_put = bytes / started.elapsed().as_secs_f64() / 1e9;
-    let mut items: Vec<_> = keys
-        .iter()
-        .map(Vec::as_slice)
-        .zip(targets.iter_mut())
-        .collect();
-    let started = Instant::now();
-    for result in store.get(&mut items) {
-        ensure!(result?, "object store lost a chunk");
-    }
-    let store_get = bytes / started.elapsed().as_secs_f64() / 1e9;
-    ensure!(
-        sources
+    let client = PlainS3::new(&server)?;
+    let mut figures = vec![Vec::with_capacity(rounds); OBJECT_ROWS.len()];
+    for round in 0..rounds {
+        // Fresh names every round, as a store of new keys writes.
+        let base = 1_000_000 + (round * chunks) as u64;
+        let registrations = (0..chunks)
+            .map(|i| transport.register_object(base + i as u64, chunk_bytes))
+            .collect::<nixl_core::Result<Vec<_>>>()?;
+        let writes: Vec<_> = sources
             .iter()
-            .zip(&targets)
-            .all(|(s, t)| s.as_slice() == t.as_slice()),
-        "object store read back wrong bytes"
-    );
-    Ok(vec![
-        ("raw NIXL OBJ (one batch)", raw_put, raw_get),
-        ("object store (nixl-obj)", store_put, store_get),
-    ])
+            .zip(&registrations)
+            .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
+            .collect();
+        let started = Instant::now();
+        transport.write_pages(&writes, PageView::Exact)?;
+        let raw_put = rate(started);
+        let mut reads: Vec<_> = targets
+            .iter_mut()
+            .zip(&registrations)
+            .map(|(p, r)| (p, StorageExtent::new(r.dev_id(), 0)))
+            .collect();
+        let started = Instant::now();
+        transport.read_pages(&mut reads, PageView::Exact)?;
+        let raw_get = rate(started);
+        drop(reads);
+        ensure!(same(&targets), "raw OBJ read back wrong bytes");
+        drop(registrations);
+        figures[0].push((raw_put, raw_get));
+
+        let round_keys: Vec<Vec<u8>> = keys
+            .iter()
+            .map(|k| [k.as_slice(), &(round as u64).to_be_bytes()].concat())
+            .collect();
+        let items: Vec<_> = round_keys.iter().map(Vec::as_slice).zip(&sources).collect();
+        let started = Instant::now();
+        for result in store.put(&items) {
+            result?;
+        }
+        let store_put = rate(started);
+        for page in targets.iter_mut() {
+            page.as_mut_slice().fill(0);
+        }
+        let mut items: Vec<_> = round_keys
+            .iter()
+            .map(Vec::as_slice)
+            .zip(targets.iter_mut())
+            .collect();
+        let started = Instant::now();
+        for result in store.get(&mut items) {
+            ensure!(result?, "object store lost a chunk");
+        }
+        let store_get = rate(started);
+        ensure!(same(&targets), "object store read back wrong bytes");
+        figures[1].push((store_put, store_get));
+
+        let names: Vec<String> = (0..chunks).map(|i| format!("plain-{round}-{i}")).collect();
+        let started = Instant::now();
+        client.put_all(&names, &sources)?;
+        let plain_put = rate(started);
+        let started = Instant::now();
+        let read = client.get_all(&names)?;
+        let plain_get = rate(started);
+        ensure!(
+            read.iter()
+                .zip(&sources)
+                .all(|(r, s)| r[..] == s.as_slice()[..]),
+            "the plain S3 client read back wrong bytes"
+        );
+        figures[2].push((plain_put, plain_get));
+    }
+    Ok(figures)
+}
+
+/// The `object_store` crate's S3 client on the test server: a baseline of what the cluster
+/// serves to an ordinary client, every object in flight at once.
+struct PlainS3 {
+    store: Arc<dyn object_store::ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl PlainS3 {
+    fn new(server: &S3Server) -> Result<Self> {
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&server.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&server.bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(&server.access_key)
+            .with_secret_access_key(&server.secret_key)
+            .build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            store: Arc::new(store),
+            runtime,
+        })
+    }
+
+    fn put_all(&self, names: &[String], pages: &[Page]) -> Result<()> {
+        use object_store::ObjectStoreExt as _;
+        let puts = names.iter().zip(pages).map(|(name, page)| {
+            let store = Arc::clone(&self.store);
+            let path = object_store::path::Path::from(name.as_str());
+            let payload = object_store::PutPayload::from(page.as_slice().to_vec());
+            async move { store.put(&path, payload).await }
+        });
+        self.runtime.block_on(async {
+            for done in futures::future::join_all(puts).await {
+                done?;
+            }
+            Ok(())
+        })
+    }
+
+    fn get_all(&self, names: &[String]) -> Result<Vec<Vec<u8>>> {
+        use object_store::ObjectStoreExt as _;
+        let gets = names.iter().map(|name| {
+            let store = Arc::clone(&self.store);
+            let path = object_store::path::Path::from(name.as_str());
+            async move { store.get(&path).await?.bytes().await }
+        });
+        self.runtime.block_on(async {
+            let mut read = Vec::with_capacity(names.len());
+            for done in futures::future::join_all(gets).await {
+                read.push(done?.to_vec());
+            }
+            Ok(read)
+        })
+    }
 }
 
 /// KV pages from a sender to a receiver over the NIXL channel (UCX, loopback), next to a raw

@@ -577,10 +577,10 @@ fn extras_report(args: &Args) -> Result<String> {
     let lookups = 100_000;
     eprintln!("bench: batched_contains over {lookups} keys");
     let rate = extras::lookup_rate(lookups)?;
-    let (object_chunks, object_bytes) = if args.quick {
-        (4, 4 << 20)
+    let (object_chunks, object_bytes, object_rounds) = if args.quick {
+        (4, 4 << 20, 1)
     } else {
-        (8, 32 << 20)
+        (8, 32 << 20, 5)
     };
     let mut object_table = String::from(
         "| chunk | engine | put GB/s | get GB/s | put vs raw | get vs raw |\n|---|---|---|---|---|---|\n",
@@ -590,15 +590,23 @@ fn extras_report(args: &Args) -> Result<String> {
             "bench: {chunks} x {} KiB objects through SeaweedFS",
             chunk_bytes >> 10
         );
-        match extras::objects(chunks, chunk_bytes) {
-            Ok(rows) => {
-                let (raw_put, raw_get) = (rows[0].1, rows[0].2);
-                for (label, put, get) in rows {
+        match extras::objects(chunks, chunk_bytes, object_rounds) {
+            Ok(figures) => {
+                let raw = &figures[0];
+                for (label, rounds) in extras::OBJECT_ROWS.iter().zip(&figures) {
+                    let puts: Vec<f64> = rounds.iter().map(|f| f.0).collect();
+                    let gets: Vec<f64> = rounds.iter().map(|f| f.1).collect();
+                    let raw_puts: Vec<f64> = raw.iter().map(|f| f.0).collect();
+                    let raw_gets: Vec<f64> = raw.iter().map(|f| f.1).collect();
+                    let put_ratio = paired(&puts, &raw_puts);
+                    let get_ratio = paired(&gets, &raw_gets);
                     object_table.push_str(&format!(
-                        "| {chunks} x {} KiB | {label} | {put:.3} | {get:.3} | {:.2}x | {:.2}x |\n",
+                        "| {chunks} x {} KiB | {label} | {:.3} | {:.3} | {} | {} |\n",
                         chunk_bytes >> 10,
-                        put / raw_put,
-                        get / raw_get
+                        median(&puts),
+                        median(&gets),
+                        ratio_text(put_ratio),
+                        ratio_text(get_ratio),
                     ));
                 }
             }
@@ -629,7 +637,7 @@ fn extras_report(args: &Args) -> Result<String> {
         ),
     };
     Ok(format!(
-        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (SeaweedFS S3 on 127.0.0.1, one pass)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{channel}",
+        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (SeaweedFS S3 on 127.0.0.1: medians of interleaved rounds, ratios to raw NIXL OBJ of the same round)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{channel}",
         rate / 1e6,
     ))
 }

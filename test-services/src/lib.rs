@@ -272,7 +272,7 @@ impl Weed {
         let started = Instant::now();
         loop {
             let error = match self.shell(&format!("s3.bucket.create -name {bucket}")) {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(error) => error,
             };
             if started.elapsed() > Duration::from_secs(30) {
@@ -283,7 +283,7 @@ impl Weed {
     }
 
     /// Runs one `weed shell` command, killed after 30 s (the shell waits for a missing master).
-    fn shell(&self, line: &str) -> Result<(), String> {
+    fn shell(&self, line: &str) -> Result<String, String> {
         weed_shell(self.root.path(), self.master, line)
     }
 }
@@ -296,8 +296,8 @@ fn weed_command(root: &Path) -> Command {
 }
 
 /// Runs one `weed shell` command against the master on `master`, from `root`, killed after 30 s
-/// (the shell waits for a missing master).
-fn weed_shell(root: &Path, master: u16, line: &str) -> Result<(), String> {
+/// (the shell waits for a missing master); what it printed.
+fn weed_shell(root: &Path, master: u16, line: &str) -> Result<String, String> {
     let output = root.join(format!("shell-{}.log", fresh_name("out")));
     let log = std::fs::File::create(&output).map_err(|e| e.to_string())?;
     let mut child = weed_command(root)
@@ -328,7 +328,7 @@ fn weed_shell(root: &Path, master: u16, line: &str) -> Result<(), String> {
     let said = std::fs::read_to_string(&output).unwrap_or_default();
     let _ = std::fs::remove_file(&output);
     match (status, written) {
-        (Some(status), Some(Ok(()))) if status.success() => Ok(()),
+        (Some(status), Some(Ok(()))) if status.success() => Ok(said),
         (None, _) => Err(format!(
             "weed shell did not finish `{line}` within 30 s: {said}"
         )),
@@ -429,6 +429,27 @@ impl S3Server {
             .expect("buckets are created only on a server the test started");
         weed.create_bucket(bucket)
             .unwrap_or_else(|error| panic!("{error}\n{}", log_tail(&weed.path("weed.log"))));
+    }
+
+    /// The objects in this test's bucket, `(name, bytes)`, as the filer lists them (through
+    /// `weed shell`, not through S3: independent of the clients under test).
+    pub fn objects(&self) -> Vec<(String, u64)> {
+        let weed = self
+            .weed
+            .as_ref()
+            .expect("objects are listed only on a server the test started");
+        let prefix = format!("/buckets/{}/", self.bucket);
+        let listing = weed
+            .shell(&format!("fs.ls -l {}", prefix.trim_end_matches('/')))
+            .unwrap_or_else(|error| panic!("{error}"));
+        listing
+            .lines()
+            .filter_map(|line| {
+                let (head, name) = line.split_once(&prefix)?;
+                let bytes = head.split_whitespace().last()?.parse().ok()?;
+                Some((name.trim().to_owned(), bytes))
+            })
+            .collect()
     }
 
     /// NIXL's OBJ plugin configured for this endpoint and bucket.
@@ -643,7 +664,7 @@ impl S3Cluster {
             loop {
                 let line = format!("s3.bucket.create -name {}", cluster.bucket);
                 let error = match weed_shell(cluster.root.path(), cluster.master.port, &line) {
-                    Ok(()) => return Ok(()),
+                    Ok(_) => return Ok(()),
                     Err(error) => error,
                 };
                 if started.elapsed() > Duration::from_secs(30) {

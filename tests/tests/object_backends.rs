@@ -402,3 +402,163 @@ fn server_restart_mid_run() {
     }
     assert_eq!(rig.get(&[2, 0, 1]), vec![true, true, false]);
 }
+
+/// A dynamic OBJ store with room for 8 chunks, from `--l2-adapter` JSON, evicting by LRU.
+fn evicting_object_store(server: &S3Server, extra: &str) -> kv_l2_adapter::Store {
+    let room_gb = (8 * CHUNK) as f64 / (1u64 << 30) as f64;
+    let json = format!(
+        r#"{{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{{"endpoint_override":"{}","scheme":"http","region":"us-east-1","bucket":"{}","access_key":"{}","secret_key":"{}","max_capacity_gb":"{room_gb}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.75,"eviction_ratio":0.5}}{extra}}}"#,
+        server.endpoint, server.bucket, server.access_key, server.secret_key,
+    );
+    StoreBuilder::from_l2_adapters([json])
+        .with_chunk_bytes(CHUNK)
+        .with_engine(Engine::Nixl)
+        .with_eviction_interval(Duration::from_millis(20))
+        .build()
+        .unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// The ids of the chunk objects the bucket holds, as the filer lists them.
+fn ids_in_bucket(server: &S3Server) -> Vec<u64> {
+    let mut ids: Vec<u64> = server
+        .objects()
+        .into_iter()
+        .map(|(name, bytes)| {
+            assert_eq!(
+                bytes,
+                (4096 + CHUNK) as u64,
+                "object {name}: header and chunk"
+            );
+            name.parse()
+                .unwrap_or_else(|_| panic!("object {name} is not named by an id"))
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Eviction on an object store deletes objects: 40 chunks stored one by one into room for 8
+/// leave at most 8 objects in the bucket, the very ones the store counts; a store opened again
+/// counts what the bucket holds, and serves it byte-exact.
+#[test]
+fn eviction_on_an_object_store_frees_bucket_space() {
+    use kv_l2_adapter::test_utils::{fill, key};
+    let server = S3Server::start();
+    let store = evicting_object_store(&server, "");
+    let mut page = store.pool().allocate().unwrap();
+    for i in 0..40u32 {
+        fill(i, &mut page);
+        let report = store.adapter().store(&[key(i, None)], &[&page]);
+        assert!(report.keys[0].is_stored(), "key {i}: {:?}", report.keys[0]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let kept: Vec<u32> = (0..40u32)
+        .filter(|&i| store.adapter().stored_size(&key(i, None)).is_some())
+        .collect();
+    let mut expected: Vec<u64> = kept
+        .iter()
+        .map(|&i| object_id(&key(i, None).canonical()))
+        .collect();
+    expected.sort_unstable();
+    assert!(kept.len() <= 8, "room for 8, {} counted", kept.len());
+    assert!(kept.contains(&39), "the newest key stays");
+    assert_eq!(
+        ids_in_bucket(&server),
+        expected,
+        "the bucket holds what the store counts"
+    );
+    let usage = store.adapter().usage();
+    assert_eq!(usage.used_bytes, (kept.len() * CHUNK) as u64);
+    store.close().unwrap();
+
+    let store = evicting_object_store(&server, "");
+    let usage = store.adapter().usage();
+    assert_eq!(
+        (usage.keys, usage.used_bytes),
+        (kept.len(), (kept.len() * CHUNK) as u64),
+        "a store opened again counts what the bucket holds"
+    );
+    let keys: Vec<_> = kept.iter().map(|&i| key(i, None)).collect();
+    let mut pages = store.pool().allocate_batch(keys.len()).unwrap();
+    assert!(store.adapter().lookup_and_pin(&keys).iter().all(|&hit| hit));
+    let mut targets: Vec<&mut Page> = pages.iter_mut().collect();
+    assert!(
+        store
+            .adapter()
+            .load(&keys, &mut targets)
+            .iter()
+            .all(|&hit| hit)
+    );
+    store.adapter().unlock(&keys);
+    for (&i, page) in kept.iter().zip(&pages) {
+        let mut expected = store.pool().allocate().unwrap();
+        fill(i, &mut expected);
+        assert!(
+            page.as_slice() == expected.as_slice(),
+            "key {i} read back wrong bytes"
+        );
+    }
+}
+
+/// `persist_enabled: false` on an object store: what it wrote is deleted from the bucket when
+/// it closes, and only that (an object another writer left stays).
+#[test]
+fn an_object_store_that_does_not_persist_empties_what_it_wrote() {
+    use kv_l2_adapter::test_utils::{fill, key};
+    let server = S3Server::start();
+    let other = rig(s3(&server));
+    for result in other.put(&[7]) {
+        result.unwrap();
+    }
+    let store = evicting_object_store(&server, r#","persist_enabled":false"#);
+    let mut page = store.pool().allocate().unwrap();
+    for i in 0..3u32 {
+        fill(i, &mut page);
+        assert!(store.adapter().store(&[key(i, None)], &[&page]).keys[0].is_stored());
+    }
+    assert_eq!(ids_in_bucket(&server).len(), 4);
+    store.close().unwrap();
+    assert_eq!(
+        ids_in_bucket(&server),
+        vec![object_id(&self::key(7))],
+        "only the other writer's object stays"
+    );
+}
+
+/// What `kvl2 ls` lists for an object store: the chunks in the bucket, read from their
+/// headers, oldest first; an object that is not a chunk (raw bytes under an id) is skipped.
+#[test]
+fn listing_a_bucket_reads_chunk_headers_and_skips_the_rest() {
+    use kv_l2_adapter::test_utils::{fill, key};
+    let server = S3Server::start();
+    let store = evicting_object_store(&server, "");
+    let mut page = store.pool().allocate().unwrap();
+    for i in [3u32, 1, 2] {
+        fill(i, &mut page);
+        assert!(store.adapter().store(&[key(i, None)], &[&page]).keys[0].is_stored());
+        // Last-modified times are kept to the second.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let raw = rig(s3(&server));
+    let foreign = raw.transport.register_object(12_345, CHUNK).unwrap();
+    let mut bytes = raw.pool.allocate().unwrap();
+    fill_chunk(99, bytes.as_mut_slice());
+    raw.transport
+        .write_pages(
+            &[(&bytes, StorageExtent::new(foreign.dev_id(), 0))],
+            PageView::Exact,
+        )
+        .unwrap();
+    let spec = store.tiers()[0].spec().unwrap();
+    let listed = kv_l2_adapter::list_objects(spec).unwrap();
+    let keys: Vec<_> = listed.iter().map(|o| o.key.clone()).collect();
+    assert_eq!(
+        keys,
+        vec![key(3, None), key(1, None), key(2, None)],
+        "oldest first"
+    );
+    assert!(listed.iter().all(|o| o.payload_len == CHUNK as u64));
+    let id = object_id(&key(3, None).canonical());
+    assert_eq!(listed[0].place, format!("s3://{}/{id}", server.bucket));
+    assert_eq!(server.objects().len(), 4, "the raw object is in the bucket");
+}

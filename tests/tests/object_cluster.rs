@@ -155,8 +155,8 @@ fn one_gateway_writes_the_other_reads() {
 
 #[test]
 #[ignore = "slow: SeaweedFS takes about 25 s per chunk held by a dead volume server, so this \
-            runs 60-110 s; run it with `cargo test -p kv-integration-tests --test object_cluster \
-            -- --ignored`"]
+            runs 60-110 s; `cargo xtask stress` runs it, as does `cargo test -p \
+            kv-integration-tests --test object_cluster -- --ignored`"]
 fn a_volume_server_killed_mid_run_gives_errors_or_misses_never_wrong_bytes() {
     let mut cluster = S3Cluster::start();
     let a = open(&cluster, 0);

@@ -657,7 +657,7 @@ impl DynamicAdapter {
         let adopted = fresh.len() - start;
         // Oldest first, so the LRU order is the storage's.
         for (key, bytes) in fresh.drain(start..) {
-            state.index.insert(key, bytes, 0);
+            state.index.insert_adopted(key, bytes);
         }
         adopted
     }
@@ -1000,7 +1000,8 @@ impl L2Adapter for DynamicAdapter {
             if self.shared.options.persist {
                 return Ok(());
             }
-            state.index.keys()
+            // As LMCache: what this process stored or looked up, not what it only found.
+            state.index.keys_used_here()
         };
         for key in &keys {
             if let Err(err) = self.shared.storage.delete(key) {

@@ -15,6 +15,9 @@ pub(crate) struct Entry {
     pub(crate) id: u64,
     /// Where a static adapter keeps it; unused by dynamic adapters.
     pub(crate) slot: u32,
+    /// Found in storage at open and neither stored nor looked up since: a store that does not
+    /// persist leaves it, as LMCache leaves files it never looked up.
+    adopted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +56,7 @@ impl Index {
         if let Some(entry) = self.entries.get_mut(key) {
             self.lru.remove(&entry.tick);
             entry.tick = tick;
+            entry.adopted = false;
             self.lru.insert(tick, key.clone());
             self.next_tick += 1;
         }
@@ -77,8 +81,20 @@ impl Index {
                 tick,
                 id: tick,
                 slot,
+                adopted: false,
             },
         );
+    }
+
+    /// Inserts a key found in storage at open (least recently used of those inserted so far).
+    pub(crate) fn insert_adopted(&mut self, key: ChunkKey, size: u64) {
+        if self.entries.contains_key(&key) {
+            return;
+        }
+        self.insert(key.clone(), size, 0);
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.adopted = true;
+        }
     }
 
     /// Removes a key, releasing its bytes.
@@ -183,8 +199,13 @@ impl Index {
         self.entries.values()
     }
 
-    pub(crate) fn keys(&self) -> Vec<ChunkKey> {
-        self.entries.keys().cloned().collect()
+    /// The keys stored or looked up since open (not those only adopted at open).
+    pub(crate) fn keys_used_here(&self) -> Vec<ChunkKey> {
+        self.entries
+            .iter()
+            .filter(|(_, entry)| !entry.adopted)
+            .map(|(key, _)| key.clone())
+            .collect()
     }
 }
 

@@ -55,8 +55,8 @@ pub use keys::{CacheEngineKey, ChunkKey, ObjectKey, PageKey};
 #[cfg(feature = "nixl")]
 pub use registry::nixl_config_for;
 pub use registry::{
-    AdapterConstructor, AdapterContext, AdapterFactory, BuiltAdapter, Engine, build_storage,
-    layout_in_use, segment_folders, transport_for,
+    AdapterConstructor, AdapterContext, AdapterFactory, BuiltAdapter, Engine, ListedObject,
+    build_storage, layout_in_use, list_objects, segment_folders, transport_for,
 };
 pub use static_adapter::{SlotStorage, StaticAdapter};
 pub use storage::{ChunkStorage, Objects};

@@ -322,6 +322,8 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                 .then_some(spec.capacity_bytes)
                 .flatten()
                 .map(|capacity| capacity / 16 / file_bytes * file_bytes);
+            // What a bucket already holds counts against the capacity, as files on disk do.
+            let mut found_in_bucket: Option<Vec<(ChunkKey, u64)>> = None;
             let storage: Box<dyn crate::storage::ChunkStorage> = match (kind, segments) {
                 (StorageKind::File, Some(store)) => Box::new(store),
                 (StorageKind::File, None) => Box::new(DynamicFileStore::open(
@@ -334,13 +336,13 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                             spare_bytes.unwrap_or(nixl_file::DEFAULT_RECYCLE_BYTES),
                         ),
                 )?),
-                (StorageKind::Object, _) => Box::new(Objects {
-                    store: ObjectStore::open(
-                        Arc::clone(&transport),
-                        ObjectConfig::new(page_bytes),
-                    )?,
-                    chunk_bytes: page_bytes as u64,
-                }),
+                (StorageKind::Object, _) => {
+                    let objects = open_objects(spec, &transport, page_bytes)?;
+                    if spec.capacity_bytes.is_some() || spec.eviction.is_some() {
+                        found_in_bucket = Some(objects.stored_oldest_first()?);
+                    }
+                    Box::new(objects)
+                }
             };
             let mut options = DynamicOptions::new(label)
                 .with_capacity(segment_capacity.or_else(|| {
@@ -364,7 +366,12 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                     .with_staging(Arc::clone(&context.memory));
             }
             let adapter = DynamicAdapter::new(storage, options);
-            if let Some(found) = found_in_segments {
+            if let Some(found) = found_in_bucket {
+                let adopted = adapter.adopt_stored(found, spec.eviction.is_some());
+                if adopted > 0 {
+                    tracing::info!(backend = %spec.backend, chunks = adopted, "indexed the chunks the bucket already holds");
+                }
+            } else if let Some(found) = found_in_segments {
                 // A segment store's index is rebuilt from its headers at open: oldest first.
                 adapter.adopt_stored(found, spec.eviction.is_some());
             } else if kind == StorageKind::File
@@ -414,6 +421,83 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
         adapter,
         _memory: memory,
     }))
+}
+
+/// One chunk object a bucket or container holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListedObject {
+    /// The key its header carries.
+    pub key: ChunkKey,
+    /// Payload bytes.
+    pub payload_len: u64,
+    /// `s3://bucket/ID` or `azure://container/ID`.
+    pub place: String,
+}
+
+/// The chunk objects in the bucket (OBJ) or container (AZURE_BLOB) of a dynamic object store,
+/// oldest first, read from their headers through the object client (`kvl2 ls`). Objects that
+/// are not chunks are skipped with a warning naming them.
+pub fn list_objects(spec: &StorageSpec) -> Result<Vec<ListedObject>> {
+    #[cfg(feature = "nixl")]
+    {
+        let control = object_control(spec)?;
+        Ok(control
+            .list()?
+            .into_iter()
+            .filter_map(|object| {
+                let key = nixl_file::FileKey::from_canonical(&object.key).ok()?;
+                Some(ListedObject {
+                    key: ChunkKey::from_file_key(key),
+                    payload_len: object.payload_len,
+                    place: format!("{}/{}", control.target(), object.id),
+                })
+            })
+            .collect())
+    }
+    #[cfg(not(feature = "nixl"))]
+    Err(Error::Setting {
+        key: "nixl_backend".to_owned(),
+        message: format!(
+            "{}: object stores need NIXL; build with feature nixl",
+            spec.backend
+        ),
+    })
+}
+
+/// The client that deletes and lists the objects of `spec`'s bucket or container, built from
+/// the plugin's own parameters.
+#[cfg(feature = "nixl")]
+fn object_control(spec: &StorageSpec) -> Result<nixl_obj::ObjectControl> {
+    let params = spec.backend_params.expose();
+    Ok(match spec.backend {
+        kv_config::Backend::Obj => nixl_obj::ObjectControl::s3(params)?,
+        kv_config::Backend::AzureBlob => nixl_obj::ObjectControl::azure(params)?,
+        other => {
+            return Err(Error::Setting {
+                key: "nixl_backend".to_owned(),
+                message: format!("{other}: no client deletes or lists its objects"),
+            });
+        }
+    })
+}
+
+/// A dynamic object store over `transport`, with the client that deletes and lists its
+/// objects (built from the plugin's own parameters), so that eviction frees bucket space.
+fn open_objects(
+    spec: &StorageSpec,
+    transport: &Arc<dyn Transport>,
+    page_bytes: usize,
+) -> Result<Objects> {
+    let store = ObjectStore::open(Arc::clone(transport), ObjectConfig::new(page_bytes))?;
+    #[cfg(feature = "nixl")]
+    let store = store.with_control(object_control(spec)?);
+    #[cfg(not(feature = "nixl"))]
+    let _ = spec;
+    Ok(Objects {
+        store,
+        chunk_bytes: page_bytes as u64,
+    })
 }
 
 /// The folders a dynamic segment store of `worker_id` writes: the configured ones for worker

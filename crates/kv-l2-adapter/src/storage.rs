@@ -142,6 +142,28 @@ pub struct Objects {
     pub chunk_bytes: u64,
 }
 
+impl Objects {
+    /// The chunks the bucket holds, oldest first, as `(key, payload bytes)`; empty where the
+    /// store has no client that lists. Objects whose header key is not a chunk key are
+    /// skipped with a warning.
+    pub(crate) fn stored_oldest_first(&self) -> Result<Vec<(ChunkKey, u64)>> {
+        #[cfg(feature = "nixl")]
+        if let Some(listed) = self.store.list()? {
+            return Ok(listed
+                .into_iter()
+                .filter_map(|object| match FileKey::from_canonical(&object.key) {
+                    Ok(key) => Some((ChunkKey::from_file_key(key), object.payload_len)),
+                    Err(err) => {
+                        tracing::warn!(object = object.id, error = %err, "object of a foreign key; skipped");
+                        None
+                    }
+                })
+                .collect());
+        }
+        Ok(Vec::new())
+    }
+}
+
 impl ChunkStorage for Objects {
     fn kind(&self) -> &'static str {
         "object"
@@ -186,6 +208,6 @@ impl ChunkStorage for Objects {
     }
 
     fn delete(&self, key: &ChunkKey) -> Result<bool> {
-        Ok(self.store.delete(&key.canonical()))
+        Ok(self.store.delete(&key.canonical())?)
     }
 }

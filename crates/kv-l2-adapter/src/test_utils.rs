@@ -142,22 +142,6 @@ pub fn pinned_keys_survive_delete(adapter: &dyn L2Adapter, pool: &Arc<PagePool>)
     assert_eq!(load(adapter, pool, &[20]), vec![false], "deleted keys miss");
 }
 
-/// For object stores, which keep data (NIXL cannot delete objects): delete forgets locally,
-/// skipping pinned keys, and usage follows.
-pub fn pinned_keys_survive_delete_objects(adapter: &dyn L2Adapter, pool: &Arc<PagePool>) {
-    store(adapter, pool, &[20, 21]);
-    let used = adapter.usage().used_bytes;
-    let (a, b) = (key(20, None), key(21, None));
-    assert_eq!(adapter.lookup_and_pin(std::slice::from_ref(&a)), vec![true]);
-    assert_eq!(adapter.delete(&[a.clone(), b]), 1, "the pinned key stays");
-    assert_eq!(
-        adapter.usage().used_bytes,
-        used - pool.page_bytes() as u64,
-        "usage is exact"
-    );
-    adapter.unlock(&[a]);
-}
-
 /// An LRU pass evicts the oldest unpinned keys and reports pinned ones as skipped.
 pub fn lru_eviction(adapter: &dyn L2Adapter, pool: &Arc<PagePool>) {
     store(adapter, pool, &[30, 31, 32, 33]);

@@ -156,12 +156,12 @@ pub(crate) fn rm(store: &StoreArgs, texts: &[String]) -> CliResult<()> {
     }
 }
 
-/// `kvl2 ls`: one JSON line per chunk of a file-based dynamic store.
+/// `kvl2 ls`: one JSON line per chunk of a dynamic store (files, segments or objects).
 pub(crate) fn ls(store: &StoreArgs) -> CliResult<()> {
     let opened = store.open(1, Access::Read)?;
     let Some(chunks) = opened.stored_chunks()? else {
         return Err(CliError::usage(
-            "ls lists dynamic stores over files (--dir, or nixl_store_dynamic on a file backend)",
+            "ls lists dynamic stores (--dir, or nixl_store_dynamic on a file or object backend)",
         ));
     };
     for chunk in chunks {
@@ -217,9 +217,9 @@ pub(crate) fn evict(store: &StoreArgs, ratio: f64) -> CliResult<()> {
         return Err(CliError::usage("--ratio must be in [0, 1]"));
     }
     let opened = store.open(1, Access::Write)?;
-    if let Some(folder) = &opened.folder {
-        // A fresh process knows nothing yet: recover what is on disk so LRU can see it.
-        let chunks = nixl_file::list_dir(folder).map_err(CliError::storage)?;
+    if opened.folder.is_some() || opened.lists_objects() {
+        // A fresh process knows nothing yet: recover what is stored so LRU can see it.
+        let chunks = opened.stored_chunks()?.unwrap_or_default();
         let keys: Vec<ChunkKey> = chunks
             .into_iter()
             .map(|c| ChunkKey::from_file_key(c.key))

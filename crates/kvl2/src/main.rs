@@ -67,7 +67,7 @@ enum Command {
         /// Keys to delete.
         keys: Vec<String>,
     },
-    /// List the chunks of a file-based dynamic store, one JSON object per line.
+    /// List the chunks of a dynamic store (files, segments or objects), one JSON object per line.
     Ls {
         #[command(flatten)]
         store: StoreArgs,

@@ -49,6 +49,8 @@ pub(crate) struct Opened {
     pub(crate) folder: Option<PathBuf>,
     /// The folders of a segment store (`layout: segments`), for listing.
     segments: Option<Vec<PathBuf>>,
+    /// The spec of a dynamic object store, for listing its bucket.
+    objects: Option<kv_config::StorageSpec>,
     /// The running store (its eviction controller among it), kept for as long as the command runs.
     _store: Store,
 }
@@ -159,11 +161,18 @@ impl StoreArgs {
         let folder = dynamic_files
             .filter(|spec| in_use(spec) == Layout::Files)
             .and_then(|spec| spec.path.clone());
+        let objects = store.tiers()[0]
+            .spec()
+            .filter(|spec| {
+                spec.mode == kv_config::Mode::Dynamic && spec.kind == StorageKind::Object
+            })
+            .cloned();
         Ok(Opened {
             adapter: Arc::clone(store.adapter()),
             pool: Arc::clone(store.pool()),
             folder,
             segments,
+            objects,
             _store: store,
         })
     }
@@ -178,9 +187,20 @@ pub(crate) struct Listed {
 }
 
 impl Opened {
-    /// The chunks on disk of a dynamic store over files, read from their headers (`None` for
-    /// other stores). Segments are read through a read-only open beside the store's writer.
+    /// Whether this is a dynamic object store, whose bucket [`stored_chunks`] lists.
+    ///
+    /// [`stored_chunks`]: Opened::stored_chunks
+    pub(crate) fn lists_objects(&self) -> bool {
+        self.objects.is_some()
+    }
+
+    /// The chunks of a dynamic store, read from their headers: on disk (files; segments through
+    /// a read-only open beside the store's writer) or in its bucket (objects); `None` for
+    /// static pools.
     pub(crate) fn stored_chunks(&self) -> CliResult<Option<Vec<Listed>>> {
+        if let Some(spec) = &self.objects {
+            return list_objects(spec).map(Some);
+        }
         if let Some(folder) = &self.folder {
             let chunks = nixl_file::list_dir(folder).map_err(CliError::storage)?;
             return Ok(Some(
@@ -213,6 +233,19 @@ impl Opened {
                 .collect(),
         ))
     }
+}
+
+/// The chunk objects in the bucket of `spec`, oldest first.
+fn list_objects(spec: &kv_config::StorageSpec) -> CliResult<Vec<Listed>> {
+    let objects = kv_l2_adapter::list_objects(spec).map_err(CliError::from_adapter)?;
+    Ok(objects
+        .into_iter()
+        .map(|object| Listed {
+            key: object.key.file_key().clone(),
+            bytes: object.payload_len,
+            place: object.place,
+        })
+        .collect())
 }
 
 /// A key on the command line: LMCache's canonical `model@ws@worker@hash_hex@dtype[@k%v]`, or

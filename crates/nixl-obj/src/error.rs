@@ -1,4 +1,6 @@
 use std::sync::Arc;
+#[cfg(feature = "control")]
+use std::time::Duration;
 
 /// Errors of the object backends.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +21,29 @@ pub enum Error {
     /// The configuration cannot work.
     #[error("invalid object backend configuration: {0}")]
     Config(String),
+
+    /// A delete or a listing failed at the store.
+    #[cfg(feature = "control")]
+    #[error("{target}: {source}")]
+    Control {
+        /// `s3://bucket` or `azure://container`.
+        target: String,
+        /// What the client said.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    /// A delete or a listing did not finish in time.
+    #[cfg(feature = "control")]
+    #[error("{target}: {what} did not finish within {after:?}")]
+    ControlTimeout {
+        /// `s3://bucket` or `azure://container`.
+        target: String,
+        /// `delete` or `list`.
+        what: String,
+        /// The bound it ran past.
+        after: Duration,
+    },
 }
 
 /// Result with this crate's [`Error`].

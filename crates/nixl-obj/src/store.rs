@@ -51,6 +51,9 @@ pub struct ObjectStore {
     /// Header + payload, contiguous: objects are written and read whole.
     staging: Arc<PagePool>,
     _registration: Registration,
+    /// Deletes and listings, which NIXL cannot do.
+    #[cfg(feature = "control")]
+    control: Option<crate::control::ObjectControl>,
 }
 
 /// The shared cause of a failure that fails every item of a batch.
@@ -94,7 +97,18 @@ impl ObjectStore {
             config,
             staging,
             _registration: registration,
+            #[cfg(feature = "control")]
+            control: None,
         })
+    }
+
+    /// Deletes and lists through `control` (a client of the same bucket or container): without
+    /// one, [`delete`](ObjectStore::delete) removes nothing and [`list`](ObjectStore::list)
+    /// knows nothing.
+    #[cfg(feature = "control")]
+    pub fn with_control(mut self, control: crate::control::ObjectControl) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// The object id (and name, in decimal) of a key.
@@ -210,8 +224,14 @@ impl ObjectStore {
         Ok(taken.into_iter().flatten().collect())
     }
 
-    /// Which keys have an object (one batched existence query: an S3 HEAD per key).
+    /// Which keys have an object: an S3 HEAD (or blob properties query) per key, all in flight
+    /// at once through the control client where there is one, else NIXL's batched query.
     pub fn contains(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        #[cfg(feature = "control")]
+        if let Some(control) = &self.control {
+            let ids: Vec<u64> = keys.iter().map(|k| object_id(k)).collect();
+            return control.exists(&ids);
+        }
         let names: Vec<StorageName<'_>> = keys
             .iter()
             .map(|k| StorageName::Object(object_id(k)))
@@ -325,13 +345,25 @@ impl ObjectStore {
             .collect())
     }
 
-    /// NIXL cannot delete objects: retention is the bucket's. This forgets nothing remotely and
-    /// says so; it exists so callers treat file and object stores alike.
-    pub fn delete(&self, key: &[u8]) -> bool {
+    /// Deletes a key's object. `Ok(false)` where this store has no control client (NIXL's
+    /// plugins cannot delete: retention is then the bucket's lifecycle rules).
+    pub fn delete(&self, key: &[u8]) -> Result<bool> {
+        #[cfg(feature = "control")]
+        if let Some(control) = &self.control {
+            control.delete(&[object_id(key)])?;
+            return Ok(true);
+        }
         tracing::debug!(
             object = object_id(key),
-            "object stores keep data; delete is a no-op"
+            "no object control client: delete removes nothing"
         );
-        false
+        Ok(false)
+    }
+
+    /// The chunk objects in the bucket, oldest first, read from their headers; `None` where
+    /// this store has no control client.
+    #[cfg(feature = "control")]
+    pub fn list(&self) -> Result<Option<Vec<crate::control::ListedObject>>> {
+        self.control.as_ref().map(|c| c.list()).transpose()
     }
 }
