@@ -2,7 +2,9 @@
 //! `enable_pd`, `pd_*` keys (the deprecated `nixl_peer_*` names are applied with a warning by the
 //! loader), `nixl_receiver_port` and `transfer_channel`.
 
-use serde::Serialize;
+use std::fmt;
+
+use serde::{Serialize, Serializer};
 
 use crate::engine::{EngineConfig, Loaded};
 use crate::error::{Error, Result, Warnings};
@@ -27,8 +29,9 @@ pub enum ChannelKind {
     MockMemory,
 }
 
-/// A validated channel configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A validated channel configuration. `Debug` and `Serialize` print its secret as
+/// `<redacted>`; only [`ChannelSpec::secret`] gives it, for the channel.
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ChannelSpec {
     /// `nixl` or `mock_memory`.
@@ -53,6 +56,33 @@ pub struct ChannelSpec {
     pub buffer_bytes: u64,
     /// Device of the transfer buffer.
     pub buffer_device: String,
+    /// The shared secret both ends of the channel prove they hold (`pd_secret`).
+    #[serde(serialize_with = "redacted")]
+    secret: Option<String>,
+}
+
+fn redacted<S: Serializer>(secret: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    secret.as_ref().map(|_| REDACTED).serialize(serializer)
+}
+
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for ChannelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChannelSpec")
+            .field("kind", &self.kind)
+            .field("role", &self.role)
+            .field("peer_host", &self.peer_host)
+            .field("port", &self.port)
+            .field("alloc_ports", &self.alloc_ports)
+            .field("init_ports", &self.init_ports)
+            .field("backends", &self.backends)
+            .field("proxy", &self.proxy)
+            .field("buffer_bytes", &self.buffer_bytes)
+            .field("buffer_device", &self.buffer_device)
+            .field("secret", &self.secret.as_ref().map(|_| REDACTED))
+            .finish()
+    }
 }
 
 impl ChannelSpec {
@@ -61,6 +91,17 @@ impl ChannelSpec {
     /// port for that worker.
     pub fn port_for(&self, worker_id: u32) -> Option<u16> {
         self.init_ports.get(worker_id as usize).copied()
+    }
+
+    /// Sets the channel secret; an empty one is none.
+    pub fn with_secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(secret.into()).filter(|secret| !secret.is_empty());
+        self
+    }
+
+    /// The channel secret, for handing to the channel: never for printing.
+    pub fn secret(&self) -> Option<&str> {
+        self.secret.as_deref()
     }
 }
 
@@ -177,6 +218,11 @@ impl EngineConfig {
                 },
                 buffer_bytes,
                 buffer_device,
+                secret: self
+                    .pd_secret
+                    .as_ref()
+                    .map(|secret| secret.expose().to_owned())
+                    .filter(|secret| !secret.is_empty()),
             },
             warnings: warnings.0,
         })

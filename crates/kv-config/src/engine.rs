@@ -10,7 +10,7 @@ use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result, Warning, Warnings};
-use crate::secret::{BackendParams, scalar_to_string};
+use crate::secret::{BackendParams, Secret, scalar_to_string};
 
 /// The environment variable naming the YAML file, read by [`ConfigLoader::with_process_env`].
 pub const CONFIG_FILE_VAR: &str = "LMCACHE_CONFIG_FILE";
@@ -139,6 +139,9 @@ pub struct EngineConfig {
     pub pd_buffer_device: Option<String>,
     /// Host of the PD peer.
     pub pd_peer_host: Option<String>,
+    /// The shared secret both ends of the transfer channel prove they hold (ours; also
+    /// `LMCACHE_PD_SECRET`). Without one the receiver listens on loopback only.
+    pub pd_secret: Option<Secret>,
     /// Initialisation port(s) of the PD peer.
     #[serde(deserialize_with = "ports")]
     pub pd_peer_init_port: Option<Vec<u16>>,
@@ -186,6 +189,7 @@ impl Default for EngineConfig {
             pd_buffer_size: None,
             pd_buffer_device: None,
             pd_peer_host: None,
+            pd_secret: None,
             pd_peer_init_port: None,
             pd_peer_alloc_port: None,
             pd_proxy_host: None,
@@ -241,6 +245,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("pd_buffer_size", Kind::Int),
     ("pd_buffer_device", Kind::Str),
     ("pd_peer_host", Kind::Str),
+    ("pd_secret", Kind::Str),
     ("pd_peer_init_port", Kind::List),
     ("pd_peer_alloc_port", Kind::List),
     ("pd_proxy_host", Kind::Str),

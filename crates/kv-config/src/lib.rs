@@ -41,7 +41,7 @@ pub use error::{Error, Result, Warning};
 pub use l2::{
     AdapterParams, AdapterRegistry, AdapterSpec, AdapterValidator, NIXL_STORE, NIXL_STORE_DYNAMIC,
 };
-pub use secret::{BackendParams, is_secret_key};
+pub use secret::{BackendParams, Secret, is_secret_key};
 pub use sglang::{
     AUTO_PRIORITY, DEFAULT_STORAGE_DIR, DIRECT_IO_VAR, HiCacheConfig, PLUGIN_VAR, PluginChoice,
     STORAGE_DIR_VAR,

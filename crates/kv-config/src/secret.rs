@@ -24,6 +24,25 @@ pub fn is_secret_key(key: &str) -> bool {
     .any(|needle| key == *needle || key.contains(needle))
 }
 
+/// A credential of its own key (`pd_secret`): `Debug` prints `<redacted>`; only
+/// [`Secret::expose`] gives the value.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for handing to what needs it: never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
 /// Parameters handed to a NIXL plugin (`nixl_backend_params`, `backend_params`).
 ///
 /// `Debug`, `Display` and `Serialize` print credentials (`secret_key`, `access_key`,

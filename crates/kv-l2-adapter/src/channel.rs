@@ -67,7 +67,7 @@ pub fn open_channel(
             ),
         })?;
     let pool = PoolConfig::new(chunk_bytes, spec.buffer_bytes).build()?;
-    let config = ChannelConfig::new(
+    let mut config = ChannelConfig::new(
         match spec.kind {
             ChannelKind::Nixl => ChannelType::Nixl,
             ChannelKind::MockMemory => ChannelType::MockMemory,
@@ -79,6 +79,9 @@ pub fn open_channel(
         spec.peer_host.clone(),
         port,
     );
+    if let Some(secret) = spec.secret() {
+        config = config.with_secret(secret);
+    }
     let channel = nixl_core::create_channel(config, Arc::clone(&pool))?;
     Ok((channel, pool))
 }

@@ -559,6 +559,69 @@ fn hostile(iterations: usize, summary: &mut Summary) -> Result<()> {
     Ok(())
 }
 
+/// The channel secret of the hostile-peer rounds.
+const CHANNEL_SECRET: &str = "kv-stress-channel-secret-93b1d7";
+
+/// Hostile peers on the transfer channel (two processes over NIXL UCX): a wrong secret, random
+/// bytes, a truncated frame, a frame announcing 4 GiB and a replayed handshake are each
+/// refused, and the receiver then gets every chunk of an honest sender intact.
+fn hostile_peers(rounds: usize, summary: &mut Summary) -> Result<()> {
+    let peer = sibling("kv_channel_peer")?;
+    let spawn = |args: &[&str]| {
+        Command::new(&peer)
+            .args(args)
+            .env("LMCACHE_PD_SECRET", CHANNEL_SECRET)
+            .env("UCX_TLS", "tcp,self,sm")
+            // UCX's ib modules load libnl, whose destructor crashes at exit without InfiniBand.
+            .env("UCX_MODULES", "^ib,rdmacm")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let mut refused = 0;
+    for round in 0..rounds {
+        let port = kv_integration_tests::services::free_port().to_string();
+        let shape = [port.as_str(), "65536", "4", "3"];
+        let receiver = spawn(&[&["receive"][..], &shape].concat())?;
+        let attacker = spawn(&[&["attack", "all"][..], &shape].concat())?;
+        let attacked = attacker.wait_with_output()?;
+        let received = receiver.wait_with_output()?;
+        let text = |output: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        };
+        let (attacker_text, receiver_text) = (text(&attacked), text(&received));
+        ensure!(
+            attacked.status.success() && received.status.success(),
+            "round {round}: attacker: {attacker_text}; receiver: {receiver_text}"
+        );
+        ensure!(
+            receiver_text.contains("ok 12"),
+            "round {round}: the receiver lost chunks: {receiver_text}"
+        );
+        ensure!(
+            !attacker_text.contains(CHANNEL_SECRET) && !receiver_text.contains(CHANNEL_SECRET),
+            "round {round}: the channel secret was printed"
+        );
+        refused += attacker_text
+            .lines()
+            .filter(|line| line.starts_with("refused "))
+            .count();
+    }
+    summary.add(
+        "hostile peers",
+        format!(
+            "{refused} hostile channel peers refused in {rounds} round(s) (wrong secret, random \
+             bytes, truncated frame, 4 GiB frame, replayed handshake); every honest chunk intact"
+        ),
+        true,
+    );
+    Ok(())
+}
+
 /// Secrets never appear in printed configs or logs, even at trace level.
 fn secrets(summary: &mut Summary) -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -600,10 +663,10 @@ fn secrets(summary: &mut Summary) -> Result<()> {
 fn main() -> Result<()> {
     let short = std::env::args().any(|a| a == "--short");
     let mut summary = Summary::default();
-    let (kills, keys, seconds, iterations, tortures) = if short {
-        (20, 10_000, 3, 2_000, 20_000)
+    let (kills, keys, seconds, iterations, tortures, peer_rounds) = if short {
+        (20, 10_000, 3, 2_000, 20_000, 1)
     } else {
-        (200, 100_000, 20, 50_000, 1_000_000)
+        (200, 100_000, 20, 50_000, 1_000_000, 5)
     };
     let sections: Vec<(&str, Section)> = vec![
         ("crash", Box::new(move |s| crash(kills, s))),
@@ -614,6 +677,10 @@ fn main() -> Result<()> {
         ("torture", Box::new(move |s| torture_rows(tortures, s))),
         ("multi-tenant", Box::new(multi_tenant)),
         ("hostile input", Box::new(move |s| hostile(iterations, s))),
+        (
+            "hostile peers",
+            Box::new(move |s| hostile_peers(peer_rounds, s)),
+        ),
         ("secrets", Box::new(secrets)),
     ];
     for (name, section) in sections {
