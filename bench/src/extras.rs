@@ -295,22 +295,52 @@ impl PlainS3 {
     }
 }
 
-/// KV pages from a sender to a receiver over the NIXL channel (UCX, loopback), next to a raw
-/// TCP copy of the same bytes: (channel GB/s, TCP GB/s). Both ends live in this process, in two
-/// NIXL agents that talk over UCX's TCP transport.
-pub(crate) fn channel(chunks: usize, chunk_bytes: usize, batch: usize) -> Result<(f64, f64)> {
-    use std::io::{Read, Write};
+/// The secret of the authenticated channel rows (any 16 bytes or more will do).
+const BENCH_CHANNEL_SECRET: &str = "kv-bench-channel-secret";
 
+/// KV pages from a sender to a receiver over the NIXL channel (UCX, loopback), without and
+/// with the shared secret (a handshake, then a MAC on every frame), next to a raw TCP copy of
+/// the same bytes, in `rounds` interleaved rounds: per round, (channel, authenticated channel,
+/// TCP) GB/s. Both ends live in this process, in two NIXL agents that talk over UCX's TCP
+/// transport.
+pub(crate) fn channel(
+    chunks: usize,
+    chunk_bytes: usize,
+    batch: usize,
+    rounds: usize,
+) -> Result<Vec<(f64, f64, f64)>> {
+    (0..rounds)
+        .map(|_| {
+            Ok((
+                channel_pass(chunks, chunk_bytes, batch, None)?,
+                channel_pass(chunks, chunk_bytes, batch, Some(BENCH_CHANNEL_SECRET))?,
+                tcp_copy(chunks, chunk_bytes, batch)?,
+            ))
+        })
+        .collect()
+}
+
+/// One pass over the channel: GB/s.
+fn channel_pass(
+    chunks: usize,
+    chunk_bytes: usize,
+    batch: usize,
+    secret: Option<&str>,
+) -> Result<f64> {
     use nixl_core::{ChannelConfig, ChannelType, Role, create_channel};
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let config = |role| {
+        let config = ChannelConfig::new(ChannelType::Nixl, role, "127.0.0.1", port);
+        match secret {
+            Some(secret) => config.with_secret(secret),
+            None => config,
+        }
+    };
     let receiver_pool = PoolConfig::new(chunk_bytes, (2 * batch * chunk_bytes) as u64).build()?;
-    let receiver = create_channel(
-        ChannelConfig::new(ChannelType::Nixl, Role::Receiver, "127.0.0.1", port),
-        receiver_pool,
-    )?;
+    let receiver = create_channel(config(Role::Receiver), receiver_pool)?;
     let batches = chunks / batch;
     let receiving = std::thread::spawn(move || -> Result<()> {
         for _ in 0..batches {
@@ -319,10 +349,7 @@ pub(crate) fn channel(chunks: usize, chunk_bytes: usize, batch: usize) -> Result
         Ok(())
     });
     let pool = PoolConfig::new(chunk_bytes, (batch * chunk_bytes) as u64).build()?;
-    let sender = create_channel(
-        ChannelConfig::new(ChannelType::Nixl, Role::Sender, "127.0.0.1", port),
-        Arc::clone(&pool),
-    )?;
+    let sender = create_channel(config(Role::Sender), Arc::clone(&pool))?;
     let mut pages = pool.allocate_batch(batch)?;
     for (i, page) in pages.iter_mut().enumerate() {
         fill(i, page);
@@ -336,7 +363,19 @@ pub(crate) fn channel(chunks: usize, chunk_bytes: usize, batch: usize) -> Result
     receiving
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))??;
+    Ok((batches * batch * chunk_bytes) as f64 / channel_seconds / 1e9)
+}
 
+/// The same bytes as [`channel_pass`] over one plain TCP connection on loopback: GB/s.
+fn tcp_copy(chunks: usize, chunk_bytes: usize, batch: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+
+    let batches = chunks / batch;
+    let pool = PoolConfig::new(chunk_bytes, (batch * chunk_bytes) as u64).build()?;
+    let mut pages = pool.allocate_batch(batch)?;
+    for (i, page) in pages.iter_mut().enumerate() {
+        fill(i, page);
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
     let total = batches * batch * chunk_bytes;
@@ -363,6 +402,5 @@ pub(crate) fn channel(chunks: usize, chunk_bytes: usize, batch: usize) -> Result
         .join()
         .map_err(|_| anyhow::anyhow!("the TCP reader panicked"))??;
     let tcp_seconds = started.elapsed().as_secs_f64();
-    let bytes = total as f64;
-    Ok((bytes / channel_seconds / 1e9, bytes / tcp_seconds / 1e9))
+    Ok(total as f64 / tcp_seconds / 1e9)
 }

@@ -625,19 +625,29 @@ fn extras_report(args: &Args) -> Result<String> {
         "bench: {channel_chunks} x {} KiB through the NIXL channel",
         channel_bytes >> 10
     );
-    let channel = match extras::channel(channel_chunks, channel_bytes, 4) {
-        Ok((nixl, tcp)) => format!(
-            "| {channel_chunks} x {} KiB | {nixl:.2} | {tcp:.2} | {:.2}x |\n",
-            channel_bytes >> 10,
-            nixl / tcp
-        ),
+    let channel_rounds = if args.quick { 1 } else { 3 };
+    let channel = match extras::channel(channel_chunks, channel_bytes, 4, channel_rounds) {
+        Ok(rounds) => {
+            let plain: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+            let signed: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+            let tcp: Vec<f64> = rounds.iter().map(|r| r.2).collect();
+            format!(
+                "| {channel_chunks} x {} KiB | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+                channel_bytes >> 10,
+                median(&plain),
+                median(&signed),
+                median(&tcp),
+                ratio_text(paired(&plain, &tcp)),
+                ratio_text(paired(&signed, &plain)),
+            )
+        }
         Err(err) => format!(
-            "| {channel_chunks} x {} KiB | skipped: {err:#} | | |\n",
+            "| {channel_chunks} x {} KiB | skipped: {err:#} | | | | |\n",
             channel_bytes >> 10
         ),
     };
     Ok(format!(
-        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (SeaweedFS S3 on 127.0.0.1: medians of interleaved rounds, ratios to raw NIXL OBJ of the same round)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback, one pass)\n\n| chunks | NIXL channel (UCX) GB/s | raw TCP copy GB/s | channel vs TCP |\n|---|---|---|---|\n{channel}",
+        "## Lookups\n\n`batched_contains` over {lookups} keys, presence cache on (adapter index path): {:.1} M keys/s\n\n## Object stores (SeaweedFS S3 on 127.0.0.1: medians of interleaved rounds, ratios to raw NIXL OBJ of the same round)\n\n{object_table}\n## Transfer channel (sender to receiver, loopback: medians of interleaved rounds)\n\n| chunks | NIXL channel (UCX) GB/s | with pd_secret GB/s | raw TCP copy GB/s | channel vs TCP | with secret vs without |\n|---|---|---|---|---|---|\n{channel}",
         rate / 1e6,
     ))
 }

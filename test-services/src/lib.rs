@@ -275,7 +275,7 @@ impl Weed {
                 Ok(_) => return Ok(()),
                 Err(error) => error,
             };
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > Duration::from_secs(60) {
                 return Err(format!("creating bucket {bucket}: {error}"));
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -667,7 +667,7 @@ impl S3Cluster {
                     Ok(_) => return Ok(()),
                     Err(error) => error,
                 };
-                if started.elapsed() > Duration::from_secs(30) {
+                if started.elapsed() > Duration::from_secs(60) {
                     return Err(format!("creating bucket {}: {error}", cluster.bucket));
                 }
                 std::thread::sleep(Duration::from_millis(200));

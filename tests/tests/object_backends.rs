@@ -562,3 +562,37 @@ fn listing_a_bucket_reads_chunk_headers_and_skips_the_rest() {
     assert_eq!(listed[0].place, format!("s3://{}/{id}", server.bucket));
     assert_eq!(server.objects().len(), 4, "the raw object is in the bucket");
 }
+
+/// A write that fails at the store (the server is down) is counted in
+/// `kv_l2_failed_transfers_total{direction="write"}`.
+#[test]
+fn a_failed_transfer_is_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let mut server = S3Server::start();
+    metrics::with_local_recorder(&recorder, || {
+        let rig = rig(s3(&server).with_timeout(Duration::from_secs(30)));
+        server.stop();
+        for result in rig.put(&[1]) {
+            assert!(result.is_err(), "the server is down: the write must fail");
+        }
+    });
+    let failed: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            key.key().name() == "kv_l2_failed_transfers_total"
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == "direction" && l.value() == "write")
+        })
+        .map(|(_, _, _, value)| match value {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(failed, 1, "one failed batch");
+}

@@ -216,7 +216,13 @@ impl StoreBuilder {
                         Tier::new(name, adapter, spec.eviction, spec.storage)
                     })
                     .collect();
-                return Store::start(pool, tiers, warnings, self.eviction_interval, self.evicting);
+                return Store::start(
+                    pool,
+                    tiers,
+                    warnings,
+                    (self.eviction_interval, self.evicting),
+                    deployment.worker_id,
+                );
             }
             Source::HiCache(config) => {
                 let backend = hicache_backend(config, self.engine)?;
@@ -235,7 +241,13 @@ impl StoreBuilder {
             let adapter = build_storage(&spec, &context)?;
             tiers.push(Tier::new(name, adapter, spec.eviction, Some(spec)));
         }
-        Store::start(pool, tiers, warnings, self.eviction_interval, self.evicting)
+        Store::start(
+            pool,
+            tiers,
+            warnings,
+            (self.eviction_interval, self.evicting),
+            deployment.worker_id,
+        )
     }
 }
 
@@ -346,8 +358,8 @@ impl Store {
         pool: Arc<PagePool>,
         mut tiers: Vec<Tier>,
         warnings: Vec<Warning>,
-        interval: Duration,
-        evicting: bool,
+        (interval, evicting): (Duration, bool),
+        worker_id: u32,
     ) -> Result<Store> {
         if tiers.is_empty() {
             return Err(Error::Setting {
@@ -370,6 +382,19 @@ impl Store {
                 passes.push(Box::new(move || for_controller.pass()));
                 tier.adapter = wrapped;
             }
+        }
+        // Outermost, so a key retried after an eviction counts once, with its final outcome.
+        for tier in &mut tiers {
+            let labels = match &tier.spec {
+                Some(spec) => crate::telemetry::Labels::of_spec(spec, worker_id),
+                None => crate::telemetry::Labels::of_status(&tier.adapter.status()),
+            };
+            let metrics = Arc::new(crate::telemetry::TierMetrics::new(&labels));
+            tier.adapter = Arc::new(crate::telemetry::Instrumented::new(
+                Arc::clone(&tier.adapter),
+                metrics,
+                labels,
+            ));
         }
         let eviction = if passes.is_empty() {
             None

@@ -186,6 +186,8 @@ struct Shared {
     staging: Arc<StagingBudget>,
     /// Held for an eviction pass.
     evicting: Mutex<()>,
+    /// Where evictions are counted, once the builder has named the tier.
+    metrics: std::sync::OnceLock<Arc<crate::telemetry::TierMetrics>>,
 }
 
 /// How many staging pages queued batches hold, against a cap: a quarter of the L1 pool, so
@@ -315,11 +317,15 @@ impl Shared {
         };
         let before = self.state().index.used();
         let evicted = self.delete(&candidates);
-        EvictionReport {
+        let report = EvictionReport {
             evicted,
             freed_bytes: before.saturating_sub(self.state().index.used()),
             skipped_pinned,
+        };
+        if let Some(metrics) = self.metrics.get() {
+            metrics.evicted(&report);
         }
+        report
     }
 
     /// [`write`](Shared::write), and where storage refused keys for want of room and
@@ -587,10 +593,15 @@ fn spawn_async(
         .spawn(move || {
             for job in rx {
                 let items = job.items();
+                let _span =
+                    tracing::debug_span!("kv_l2.background_put", keys = items.len()).entered();
                 for ((key, _), outcome) in items.iter().zip(shared.write_making_room(&items)) {
                     if let KeyOutcome::Failed(err) = outcome {
                         tracing::warn!(key = ?key, error = %err, "background put failed");
                     }
+                }
+                if let Some(metrics) = shared.metrics.get() {
+                    metrics.queued_puts(-(items.len() as f64));
                 }
             }
         });
@@ -662,6 +673,11 @@ impl DynamicAdapter {
         adopted
     }
 
+    /// Counts this adapter's evictions (every pass, a background put's included) in `metrics`.
+    pub(crate) fn count_evictions_in(&self, metrics: Arc<crate::telemetry::TierMetrics>) {
+        let _ = self.shared.metrics.set(metrics);
+    }
+
     /// An adapter over `storage`.
     pub fn new(storage: Box<dyn ChunkStorage>, options: DynamicOptions) -> Self {
         let depth = options.async_queue;
@@ -676,6 +692,7 @@ impl DynamicAdapter {
             settled: Condvar::new(),
             staging: Arc::new(StagingBudget::for_pool(staging_pages)),
             evicting: Mutex::new(()),
+            metrics: std::sync::OnceLock::new(),
         });
         let queue = if depth > 0 {
             spawn_async(Arc::clone(&shared), depth)
@@ -755,6 +772,10 @@ impl DynamicAdapter {
         outcomes: &mut [Option<KeyOutcome>],
     ) {
         let sizes: Vec<u64> = job.pages.iter().map(|p| p.len() as u64).collect();
+        // Counted before it is sent: the writer may take it off the queue at once.
+        if let Some(metrics) = self.shared.metrics.get() {
+            metrics.queued_puts(sizes.len() as f64);
+        }
         let sent = tx.try_send(job);
         // Not held through a write here: a flush waits for every sender to go.
         drop(tx);
@@ -765,6 +786,9 @@ impl DynamicAdapter {
                 }
             }
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                if let Some(metrics) = self.shared.metrics.get() {
+                    metrics.queued_puts(-(job.pages.len() as f64));
+                }
                 Self::record(reserved, self.shared.write(&job.items()), outcomes);
             }
         }

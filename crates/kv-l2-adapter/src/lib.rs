@@ -40,6 +40,7 @@ mod registry;
 mod static_adapter;
 mod storage;
 mod tasks;
+mod telemetry;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 

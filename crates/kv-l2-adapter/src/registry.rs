@@ -291,6 +291,11 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
             })
         })
     };
+    let tier_metrics = || {
+        Arc::new(crate::telemetry::TierMetrics::new(
+            &crate::telemetry::Labels::of_spec(spec, context.worker_id),
+        ))
+    };
     let adapter: Box<dyn L2Adapter> = match (spec.mode, spec.kind) {
         (Mode::Dynamic, kind) => {
             let segments = (kind == StorageKind::File
@@ -366,6 +371,7 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                     .with_staging(Arc::clone(&context.memory));
             }
             let adapter = DynamicAdapter::new(storage, options);
+            adapter.count_evictions_in(tier_metrics());
             if let Some(found) = found_in_bucket {
                 let adopted = adapter.adopt_stored(found, spec.eviction.is_some());
                 if adopted > 0 {
@@ -395,12 +401,10 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                 config = config.with_file_size(file_size);
             }
             let pool = StaticFilePool::open(Arc::clone(&transport), config)?;
-            Box::new(StaticAdapter::with_options(
-                Box::new(pool),
-                label,
-                page_bytes as u64,
-                options,
-            ))
+            let adapter =
+                StaticAdapter::with_options(Box::new(pool), label, page_bytes as u64, options);
+            adapter.count_evictions_in(tier_metrics());
+            Box::new(adapter)
         }
         (Mode::Static { pool_size }, StorageKind::Object) => {
             // Checked before the pool objects are registered.
@@ -409,12 +413,10 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
                 Error::Registry(format!("pool_size {pool_size} exceeds 2^32 object slots"))
             })?;
             let pool = StaticObjectPool::open(Arc::clone(&transport), slots, page_bytes)?;
-            Box::new(StaticAdapter::with_options(
-                Box::new(pool),
-                label,
-                page_bytes as u64,
-                options,
-            ))
+            let adapter =
+                StaticAdapter::with_options(Box::new(pool), label, page_bytes as u64, options);
+            adapter.count_evictions_in(tier_metrics());
+            Box::new(adapter)
         }
     };
     Ok(Arc::new(Registered {

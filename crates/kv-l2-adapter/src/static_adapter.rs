@@ -226,6 +226,8 @@ pub struct StaticAdapter {
     slot_bytes: u64,
     options: StaticOptions,
     state: Mutex<State>,
+    /// Where evictions are counted, once the builder has named the tier.
+    metrics: std::sync::OnceLock<std::sync::Arc<crate::telemetry::TierMetrics>>,
 }
 
 impl StaticAdapter {
@@ -258,7 +260,16 @@ impl StaticAdapter {
                 loads: HashMap::new(),
                 closed: false,
             }),
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts this adapter's evictions (watermark passes and the cache policy's victims).
+    pub(crate) fn count_evictions_in(
+        &self,
+        metrics: std::sync::Arc<crate::telemetry::TierMetrics>,
+    ) {
+        let _ = self.metrics.set(metrics);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -292,6 +303,13 @@ impl StaticAdapter {
                     policy = ?self.options.policy,
                     "evicted to make room in the static pool"
                 );
+            }
+            if let Some(metrics) = self.metrics.get() {
+                metrics.evicted(&EvictionReport {
+                    evicted: removed.len(),
+                    freed_bytes: removed.iter().map(|(_, e)| e.size).sum(),
+                    skipped_pinned: 0,
+                });
             }
             state.forget(&removed);
         }
@@ -532,11 +550,15 @@ impl L2Adapter for StaticAdapter {
         let before = state.index.used();
         let removed = state.index.remove_unpinned(&free);
         state.forget(&removed);
-        EvictionReport {
+        let report = EvictionReport {
             evicted: removed.len(),
             freed_bytes: before.saturating_sub(state.index.used()),
             skipped_pinned: pinned + read_now.len(),
+        };
+        if let Some(metrics) = self.metrics.get() {
+            metrics.evicted(&report);
         }
+        report
     }
 
     fn status(&self) -> Status {

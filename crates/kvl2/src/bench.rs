@@ -79,6 +79,14 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Serve the store's metrics in the Prometheus text format on this address (for example
+    /// 127.0.0.1:9464; path /metrics) while the bench runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// With --metrics: keep serving this many seconds after the run, so a scraper sees the
+    /// final figures.
+    #[arg(long, value_name = "SECS", default_value_t = 0, requires = "metrics")]
+    metrics_linger: u64,
 }
 
 fn word(chunk: usize, i: usize) -> u64 {
@@ -169,6 +177,16 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         return Err(CliError::usage(
             "--chunk-bytes, --chunks and --batch must be positive",
         ));
+    }
+    if let Some(addr) = args.metrics {
+        // Before the store is built: its metric handles bind to the recorder installed then.
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| CliError::usage(format!("--metrics {addr}: {e}")))?;
+        if !args.json {
+            eprintln!("kvl2 bench: metrics on http://{addr}/metrics");
+        }
     }
     let temp;
     let dir = match &args.dir {
@@ -309,8 +327,14 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         "cpu_seconds_per_gb": cpu / (2.0 * gb),
         "verified_chunks": args.chunks,
     });
+    let linger = Duration::from_secs(if args.metrics.is_some() {
+        args.metrics_linger
+    } else {
+        0
+    });
     if args.json {
         println!("{result}");
+        std::thread::sleep(linger);
         return Ok(());
     }
     let f = |k: &str| result[k].as_f64().unwrap_or(0.0);
@@ -348,5 +372,6 @@ pub(crate) fn run(args: &BenchArgs) -> CliResult<()> {
         f("cpu_seconds_per_gb")
     );
     println!("  verified         {} chunks, byte for byte", args.chunks);
+    std::thread::sleep(linger);
     Ok(())
 }

@@ -181,8 +181,45 @@ pub(crate) fn ls(store: &StoreArgs) -> CliResult<()> {
     Ok(())
 }
 
-/// `kvl2 stat`: usage, capacity, counts.
-pub(crate) fn stat(store: &StoreArgs) -> CliResult<()> {
+/// `kvl2 stat --json`: the metrics the store reports, read once through a recorder of this
+/// command's own.
+fn stat_metrics(store: &StoreArgs) -> CliResult<()> {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || -> CliResult<()> {
+        let opened = store.open(1, Access::Read)?;
+        opened.adapter.usage();
+        Ok(())
+    })?;
+    let mut figures: Vec<serde_json::Value> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let (kind, value) = match value {
+                DebugValue::Counter(n) => ("counter", json!(n)),
+                DebugValue::Gauge(g) => ("gauge", json!(g.into_inner())),
+                DebugValue::Histogram(samples) => ("histogram", json!(samples.len())),
+            };
+            let labels: serde_json::Map<String, serde_json::Value> = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), json!(l.value())))
+                .collect();
+            json!({ "name": key.key().name(), "type": kind, "labels": labels, "value": value })
+        })
+        .collect();
+    figures.sort_by_key(|f| f.to_string());
+    println!("{}", json!({ "metrics": figures }));
+    Ok(())
+}
+
+/// `kvl2 stat`: usage, capacity, counts (`--json`: the store's metrics).
+pub(crate) fn stat(store: &StoreArgs, as_metrics: bool) -> CliResult<()> {
+    if as_metrics {
+        return stat_metrics(store);
+    }
     let opened = store.open(1, Access::Read)?;
     let usage = opened.adapter.usage();
     let status = opened.adapter.status();
@@ -227,7 +264,9 @@ pub(crate) fn evict(store: &StoreArgs, ratio: f64) -> CliResult<()> {
         opened.adapter.lookup_and_pin(&keys);
         opened.adapter.unlock(&keys);
     }
+    let evicting = crate::store::working("evicting");
     let report = opened.adapter.evict(ratio, None);
+    evicting.finish_and_clear();
     println!(
         "{}",
         json!({ "evicted": report.evicted, "freed_bytes": report.freed_bytes, "skipped_pinned": report.skipped_pinned })

@@ -76,6 +76,10 @@ enum Command {
     Stat {
         #[command(flatten)]
         store: StoreArgs,
+        /// Print the store's metrics once, as JSON (each with its name, type, labels and
+        /// value: the figures `bench --metrics` serves), instead of the summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Run one LRU eviction pass now.
     Evict {
@@ -125,7 +129,7 @@ fn main() -> ExitCode {
         Command::Contains { store, keys } => commands::contains(store, keys),
         Command::Rm { store, keys } => commands::rm(store, keys),
         Command::Ls { store } => commands::ls(store),
-        Command::Stat { store } => commands::stat(store),
+        Command::Stat { store, json } => commands::stat(store, *json),
         Command::Evict { store, ratio } => commands::evict(store, *ratio),
     };
     match result {

@@ -89,6 +89,14 @@ pub(crate) fn default_adapter_json(dir: &std::path::Path, worker_id: u32) -> Str
     .to_string()
 }
 
+/// A spinner with `message` on standard error while long work runs; drawn only when standard
+/// error is a terminal (indicatif hides it otherwise).
+pub(crate) fn working(message: &'static str) -> indicatif::ProgressBar {
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(message);
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    spinner
+}
+
 /// What a command does to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -144,12 +152,16 @@ impl StoreArgs {
             Access::Read => builder.read_only(),
             Access::Write => builder,
         };
+        // Opening a large store reads every chunk header back: say so while it runs.
+        let opening = working("opening the store (indexing what it holds)");
         let store = builder
             .with_deployment(deployment)
             .with_engine(engine(&self.engine)?)
             .with_pool_bytes((pages.max(1) * self.chunk_bytes.next_multiple_of(4096)) as u64)
             .build()
-            .map_err(CliError::from_adapter)?;
+            .map_err(CliError::from_adapter);
+        opening.finish_and_clear();
+        let store = store?;
         let dynamic_files = store.tiers()[0]
             .spec()
             .filter(|spec| spec.mode == kv_config::Mode::Dynamic && spec.kind == StorageKind::File);

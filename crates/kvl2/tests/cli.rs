@@ -442,3 +442,132 @@ fn segment_layout_round_trips_and_lists() {
         "no file per key"
     );
 }
+
+/// GET `path` from `addr` over plain HTTP/1.0: the body, or `None` while nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.lines()
+        .next()?
+        .contains(" 200 ")
+        .then(|| body.to_owned())
+}
+
+/// `kvl2 bench --metrics` serves the Prometheus text format over HTTP on loopback while it
+/// runs (and `--metrics-linger` after): scraped, parsed, and the figures of the run are there.
+#[test]
+fn bench_serves_its_metrics_in_the_prometheus_format() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(KVL2)
+        .args([
+            "bench",
+            "--engine",
+            "uring",
+            "--chunk-bytes",
+            "65536",
+            "--chunks",
+            "16",
+            "--batch",
+            "4",
+            "--json",
+            "--metrics",
+            &addr,
+            "--metrics-linger",
+            "20",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .next()
+    };
+    let scrape = loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no complete scrape within 60 s"
+        );
+        if let Some(body) = http_get(&addr, "/metrics") {
+            let lines = body.lines().map(|l| Ok(l.to_owned()));
+            let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+            if value(&scrape, "kv_l2_load_hits_total", &[]) == Some(16.0) {
+                break scrape;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let tier = [
+        ("adapter", "nixl_store_dynamic"),
+        ("backend", "POSIX"),
+        ("layout", "segments"),
+    ];
+    let stored = [tier.as_slice(), &[("outcome", "stored")]].concat();
+    assert_eq!(
+        value(&scrape, "kv_l2_store_keys_total", &stored),
+        Some(16.0)
+    );
+    assert_eq!(
+        value(&scrape, "kv_l2_store_bytes_total", &tier),
+        Some((16 * 65536) as f64)
+    );
+    assert_eq!(
+        value(&scrape, "kv_l2_load_bytes_total", &tier),
+        Some((16 * 65536) as f64)
+    );
+    assert!(
+        scrape.samples.iter().any(
+            |s| s.metric == "kv_l2_batch_seconds" && s.labels.get("operation") == Some("store")
+        ),
+        "the batch latency of stores is served"
+    );
+}
+
+/// Long work shows progress only on a terminal: with standard error captured, opening a store
+/// and evicting print nothing there.
+#[test]
+fn progress_is_not_printed_when_stderr_is_not_a_terminal() {
+    let store = tempfile::tempdir().unwrap();
+    let data = store.path().join("chunk");
+    std::fs::write(&data, vec![7u8; 4096]).unwrap();
+    let put = run(
+        "put",
+        store.path(),
+        &["m@1@0@ab@bf16", &data.display().to_string()],
+    );
+    assert_eq!(code(&put), 0, "{}", stderr(&put));
+    for command in ["stat", "evict"] {
+        let out = run(command, store.path(), &[]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(
+            stderr(&out).is_empty(),
+            "{command} printed to a captured stderr: {:?}",
+            stderr(&out)
+        );
+    }
+}

@@ -151,9 +151,11 @@ pub fn verify(header: &[u8], key: &[u8], payload: &[u8]) -> Result<(), Refusal> 
 
 /// Verifies the payload against the checksum from [`check`].
 pub fn verify_payload(payload: &[u8], checksum: u64) -> Result<(), Refusal> {
+    let _span = tracing::trace_span!("kv_l2.checksum", bytes = payload.len()).entered();
     if xxh3_64(payload) == checksum {
         Ok(())
     } else {
+        metrics::counter!("kv_l2_checksum_failures_total").increment(1);
         Err(Refusal::PayloadChecksum)
     }
 }

@@ -26,5 +26,5 @@ pub use runtime::{NixlRuntime, RuntimeLocator};
 pub use table::{Lease, RegistrationTable, TableEntry};
 pub use transport::{
     Direction, FAILED_REQUEST_GRACE, MAX_ABANDONED_REQUESTS, PageBatch, PageView, PendingTransfer,
-    Registration, StorageExtent, StorageName, Transport, TransportExt,
+    Registration, StorageExtent, StorageName, Transport, TransportExt, count_failed_transfer,
 };

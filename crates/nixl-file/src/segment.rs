@@ -130,6 +130,8 @@ const REPLACE_HEADERS_AT: usize = MAX_BATCH;
 /// Threads that read headers at open: each walks one segment's chain of headers (one
 /// synchronous 4 KiB read per entry), so more threads keep more reads in flight.
 const SCAN_THREADS: usize = 32;
+/// How often a recovery that takes long says how far it has got.
+const SCAN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a header block is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2055,6 +2057,9 @@ fn check_segment_size(path: &Path, segment_bytes: u64) -> Result<()> {
 /// Scans every segment, a few at a time; an unreadable segment is empty, with a warning.
 fn scan_all(paths: Vec<PathBuf>, segment_bytes: Option<u64>) -> Vec<Option<Scan>> {
     let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    // Progress of a long recovery, every few seconds, as a log line (a library prints nothing).
+    let reported = Mutex::new(std::time::Instant::now());
     let slots: Vec<Mutex<Option<Scan>>> = paths.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..SCAN_THREADS.min(paths.len()) {
@@ -2074,6 +2079,17 @@ fn scan_all(paths: Vec<PathBuf>, segment_bytes: Option<u64>) -> Vec<Option<Scan>
                         }
                     };
                     *slots[id].lock().unwrap_or_else(|p| p.into_inner()) = scan;
+                    let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Ok(mut last) = reported.try_lock() {
+                        if last.elapsed() >= SCAN_PROGRESS_EVERY {
+                            *last = std::time::Instant::now();
+                            tracing::info!(
+                                segments = finished,
+                                of = paths.len(),
+                                "recovering the segment index from headers"
+                            );
+                        }
+                    }
                 }
             });
         }

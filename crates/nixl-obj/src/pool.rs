@@ -128,6 +128,7 @@ impl StaticObjectPool {
             // plugin may still read, and they come back to the pool once it can no longer.
             let batch: PageBatch = staging.into_iter().zip(extents).collect();
             if let (_, Err(err)) = self.transport.submit(Direction::Write, batch).wait() {
+                nixl_core::count_failed_transfer(Direction::Write);
                 return Err(Error::Batch(Arc::new(err)));
             }
         }

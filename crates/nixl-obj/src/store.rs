@@ -1,6 +1,7 @@
 //! Dynamic mode: one object per key, registered per operation.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nixl_core::header::{self, HEADER_BYTES, MAX_KEY_BYTES};
@@ -16,6 +17,41 @@ use crate::naming::object_id;
 const BUFFER_WAIT: Duration = Duration::from_secs(30);
 /// How long a batch waits for another batch to let go of an object id they both name.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
+/// How long a delete waits for this store's reads of the object to finish.
+#[cfg(feature = "control")]
+const DELETE_WAIT: Duration = Duration::from_secs(5);
+
+/// The objects this store is reading or deleting. A read of an object that vanishes fails its
+/// batch, whose staging buffers the transport then holds out of use for a grace period (the
+/// plugin's SDK may still write into them): so a delete waits for this store's reads of the
+/// object, and a read skips an object being deleted (a miss), instead of failing.
+#[derive(Debug, Default)]
+struct InUse {
+    readers: HashMap<u64, usize>,
+    deleting: HashSet<u64>,
+}
+
+/// Reads of some objects in progress: ended when dropped.
+struct Reading<'a> {
+    store: &'a ObjectStore,
+    ids: Vec<u64>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut in_use = self.store.in_use();
+        for id in &self.ids {
+            if let Some(count) = in_use.readers.get_mut(id) {
+                *count -= 1;
+                if *count == 0 {
+                    in_use.readers.remove(id);
+                }
+            }
+        }
+        drop(in_use);
+        self.store.settled.notify_all();
+    }
+}
 
 /// Configuration of an [`ObjectStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +90,9 @@ pub struct ObjectStore {
     /// Deletes and listings, which NIXL cannot do.
     #[cfg(feature = "control")]
     control: Option<crate::control::ObjectControl>,
+    in_use: Mutex<InUse>,
+    /// Signalled when reads end or a delete is done.
+    settled: Condvar,
 }
 
 /// The shared cause of a failure that fails every item of a batch.
@@ -99,7 +138,31 @@ impl ObjectStore {
             _registration: registration,
             #[cfg(feature = "control")]
             control: None,
+            in_use: Mutex::default(),
+            settled: Condvar::new(),
         })
+    }
+
+    fn in_use(&self) -> MutexGuard<'_, InUse> {
+        self.in_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts reading the objects of `keys`: whether each may be read (`false` for one being
+    /// deleted, which reads as a miss), and the guard that ends the reads.
+    fn begin_reads(&self, keys: &[&[u8]]) -> (Vec<bool>, Reading<'_>) {
+        let mut in_use = self.in_use();
+        let mut readable = Vec::with_capacity(keys.len());
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in keys {
+            let id = object_id(key);
+            let free = !in_use.deleting.contains(&id);
+            if free {
+                *in_use.readers.entry(id).or_insert(0) += 1;
+                ids.push(id);
+            }
+            readable.push(free);
+        }
+        (readable, Reading { store: self, ids })
     }
 
     /// Deletes and lists through `control` (a client of the same bucket or container): without
@@ -183,6 +246,7 @@ impl ObjectStore {
         // The batch owns the staging buffers: after a failure the transport keeps those the
         // plugin may still read, and they come back to the pool once it can no longer.
         if let (_, Err(err)) = self.transport.submit(Direction::Write, batch).wait() {
+            nixl_core::count_failed_transfer(Direction::Write);
             let err = Arc::new(err);
             for (i, _) in &ready {
                 results[*i] = Err(Error::Batch(Arc::clone(&err)));
@@ -252,8 +316,14 @@ impl ObjectStore {
 
     fn get_piece(&self, piece: &mut [(&[u8], &mut Page)]) -> Vec<Result<bool>> {
         let keys: Vec<&[u8]> = piece.iter().map(|(k, _)| *k).collect();
+        // From before the existence query to the end of the read: no delete of ours in between.
+        let (readable, _reading) = self.begin_reads(&keys);
         let present = match self.contains(&keys) {
-            Ok(present) => present,
+            Ok(present) => present
+                .into_iter()
+                .zip(&readable)
+                .map(|(p, r)| p && *r)
+                .collect::<Vec<_>>(),
             Err(err) => {
                 let err = batch_cause(err);
                 return piece
@@ -350,7 +420,12 @@ impl ObjectStore {
     pub fn delete(&self, key: &[u8]) -> Result<bool> {
         #[cfg(feature = "control")]
         if let Some(control) = &self.control {
-            control.delete(&[object_id(key)])?;
+            let id = object_id(key);
+            self.begin_delete(id);
+            let deleted = control.delete(&[id]);
+            self.in_use().deleting.remove(&id);
+            self.settled.notify_all();
+            deleted?;
             return Ok(true);
         }
         tracing::debug!(
@@ -358,6 +433,27 @@ impl ObjectStore {
             "no object control client: delete removes nothing"
         );
         Ok(false)
+    }
+
+    /// Marks `id` being deleted once this store's reads of it have ended (or after
+    /// [`DELETE_WAIT`], with a warning: a read that long is stuck, and may then fail).
+    #[cfg(feature = "control")]
+    fn begin_delete(&self, id: u64) {
+        let deadline = std::time::Instant::now() + DELETE_WAIT;
+        let mut in_use = self.in_use();
+        while in_use.readers.contains_key(&id) || in_use.deleting.contains(&id) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(object = id, "deleting an object still being read");
+                break;
+            }
+            in_use = self
+                .settled
+                .wait_timeout(in_use, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        in_use.deleting.insert(id);
     }
 
     /// The chunk objects in the bucket, oldest first, read from their headers; `None` where
