@@ -403,8 +403,9 @@ fn server_restart_mid_run() {
     assert_eq!(rig.get(&[2, 0, 1]), vec![true, true, false]);
 }
 
-/// A dynamic OBJ store with room for 8 chunks, from `--l2-adapter` JSON, evicting by LRU.
-fn evicting_object_store(server: &S3Server, extra: &str) -> kv_l2_adapter::Store {
+/// A dynamic OBJ store with room for 8 chunks, from `--l2-adapter` JSON, evicting by LRU
+/// (the controller's passes every `interval`).
+fn object_store_every(server: &S3Server, extra: &str, interval: Duration) -> kv_l2_adapter::Store {
     let room_gb = (8 * CHUNK) as f64 / (1u64 << 30) as f64;
     let json = format!(
         r#"{{"type":"nixl_store_dynamic","backend":"OBJ","backend_params":{{"endpoint_override":"{}","scheme":"http","region":"us-east-1","bucket":"{}","access_key":"{}","secret_key":"{}","max_capacity_gb":"{room_gb}"}},"eviction":{{"eviction_policy":"LRU","trigger_watermark":0.75,"eviction_ratio":0.5}}{extra}}}"#,
@@ -413,9 +414,14 @@ fn evicting_object_store(server: &S3Server, extra: &str) -> kv_l2_adapter::Store
     StoreBuilder::from_l2_adapters([json])
         .with_chunk_bytes(CHUNK)
         .with_engine(Engine::Nixl)
-        .with_eviction_interval(Duration::from_millis(20))
+        .with_eviction_interval(interval)
         .build()
         .unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// [`object_store_every`] 20 ms.
+fn evicting_object_store(server: &S3Server, extra: &str) -> kv_l2_adapter::Store {
+    object_store_every(server, extra, Duration::from_millis(20))
 }
 
 /// The ids of the chunk objects the bucket holds, as the filer lists them.
@@ -471,7 +477,8 @@ fn eviction_on_an_object_store_frees_bucket_space() {
     assert_eq!(usage.used_bytes, (kept.len() * CHUNK) as u64);
     store.close().unwrap();
 
-    let store = evicting_object_store(&server, "");
+    // Reopened with its controller idle, so what it counts at open is not evicted meanwhile.
+    let store = object_store_every(&server, "", Duration::from_secs(3600));
     let usage = store.adapter().usage();
     assert_eq!(
         (usage.keys, usage.used_bytes),

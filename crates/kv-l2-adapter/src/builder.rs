@@ -237,8 +237,8 @@ impl StoreBuilder {
             .with_eviction(self.evicting)
             .with_worker(deployment.worker_id);
         let mut tiers = Vec::new();
-        for (name, spec) in specs {
-            let adapter = build_storage(&spec, &context)?;
+        for (index, (name, spec)) in specs.into_iter().enumerate() {
+            let adapter = build_storage(&spec, &context.clone().at_tier(index))?;
             tiers.push(Tier::new(name, adapter, spec.eviction, Some(spec)));
         }
         Store::start(
@@ -384,11 +384,12 @@ impl Store {
             }
         }
         // Outermost, so a key retried after an eviction counts once, with its final outcome.
-        for tier in &mut tiers {
+        for (index, tier) in tiers.iter_mut().enumerate() {
             let labels = match &tier.spec {
                 Some(spec) => crate::telemetry::Labels::of_spec(spec, worker_id),
                 None => crate::telemetry::Labels::of_status(&tier.adapter.status()),
-            };
+            }
+            .at_tier(index);
             let metrics = Arc::new(crate::telemetry::TierMetrics::new(&labels));
             tier.adapter = Arc::new(crate::telemetry::Instrumented::new(
                 Arc::clone(&tier.adapter),

@@ -274,6 +274,22 @@ impl Shared {
         self.options.capacity_bytes.unwrap_or(0)
     }
 
+    /// Bytes stored and reserved, keys, pins.
+    fn usage(&self) -> Usage {
+        let state = self.state();
+        let mut usage = state.index.usage(self.capacity());
+        usage.used_bytes += state.reserved;
+        usage
+    }
+
+    /// Brings the usage gauges up to date after work no caller waits for (an eviction pass, a
+    /// background put).
+    fn refresh_gauges(&self) {
+        if let Some(metrics) = self.metrics.get() {
+            metrics.usage(&self.usage());
+        }
+    }
+
     /// Removes unpinned `keys` from the index and from storage; how many went.
     fn delete(&self, keys: &[ChunkKey]) -> usize {
         // The keys leave the index and stay busy until their storage is gone: a store of one
@@ -295,15 +311,21 @@ impl Shared {
             state.reserved += deleting;
             (removed, deleting)
         };
-        for (key, _) in &removed {
+        let mut kept = Vec::new();
+        for (key, entry) in &removed {
             if let Err(err) = self.storage.delete(key) {
-                tracing::warn!(key = ?key, error = %err, "deleting from storage failed");
+                // Still on storage: it stays indexed and counted, and a later pass tries again.
+                tracing::warn!(key = ?key, error = %err, "deleting from storage failed; the key stays");
+                kept.push((key.clone(), entry.size));
             }
         }
         let mut state = self.state();
         state.reserved = state.reserved.saturating_sub(deleting);
+        for (key, size) in &kept {
+            state.index.insert(key.clone(), *size, 0);
+        }
         self.settle(&mut state, removed.iter().map(|(key, _)| key));
-        removed.len()
+        removed.len() - kept.len()
     }
 
     /// An LRU pass over `ratio` of the keys (of `salt` when given), in whole units of space;
@@ -325,6 +347,7 @@ impl Shared {
         if let Some(metrics) = self.metrics.get() {
             metrics.evicted(&report);
         }
+        self.refresh_gauges();
         report
     }
 
@@ -480,6 +503,7 @@ impl Shared {
             if state.index.contains(key) || state.index.inflight.contains(key) || !batch.insert(key)
             {
                 // A key twice in one batch is written once; the second is the first's.
+                state.index.claim(key);
                 outcomes[i] = Some(KeyOutcome::AlreadyPresent);
                 continue;
             }
@@ -595,14 +619,17 @@ fn spawn_async(
                 let items = job.items();
                 let _span =
                     tracing::debug_span!("kv_l2.background_put", keys = items.len()).entered();
-                for ((key, _), outcome) in items.iter().zip(shared.write_making_room(&items)) {
+                let outcomes = shared.write_making_room(&items);
+                for ((key, _), outcome) in items.iter().zip(&outcomes) {
                     if let KeyOutcome::Failed(err) = outcome {
                         tracing::warn!(key = ?key, error = %err, "background put failed");
                     }
                 }
                 if let Some(metrics) = shared.metrics.get() {
                     metrics.queued_puts(-(items.len() as f64));
+                    metrics.background_outcomes(&outcomes);
                 }
+                shared.refresh_gauges();
             }
         });
     match spawned {
@@ -930,12 +957,13 @@ impl L2Adapter for DynamicAdapter {
         let mode = self.shared.options.presence_cache;
         let mut count = 0;
         {
-            let state = self.shared.state();
+            let mut state = self.shared.state();
             let writing = !state.index.inflight.is_empty();
             for key in keys {
                 if (writing && state.index.inflight.contains(key)) || state.busy.contains(key) {
                     return count;
                 }
+                state.index.claim(key);
                 let known = state.index.contains(key)
                     || (mode != PresenceCache::Off && state.present.contains(key));
                 if !known {
@@ -989,10 +1017,7 @@ impl L2Adapter for DynamicAdapter {
     /// and eviction must too, or they would see room that stores are refused. `keys`,
     /// `pinned` and `bytes_by_salt` count indexed keys only.
     fn usage(&self) -> Usage {
-        let state = self.shared.state();
-        let mut usage = state.index.usage(self.shared.capacity());
-        usage.used_bytes += state.reserved;
-        usage
+        self.shared.usage()
     }
 
     fn evict(&self, ratio: f64, salt: Option<&str>) -> EvictionReport {
@@ -1072,6 +1097,8 @@ mod tests {
         /// Background puts that have begun.
         entered: Mutex<usize>,
         failing: Mutex<Vec<ChunkKey>>,
+        /// Deletes fail while set, as a store that stopped answering.
+        deletes_fail: Mutex<bool>,
     }
 
     impl Gated {
@@ -1147,8 +1174,33 @@ mod tests {
         }
 
         fn delete(&self, key: &ChunkKey) -> Result<bool> {
+            if *self.deletes_fail.lock().unwrap() {
+                return Err(Error::Closed);
+            }
             Ok(self.data.lock().unwrap().remove(key).is_some())
         }
+    }
+
+    /// A delete the storage fails leaves the key stored, indexed and counted (the bytes are
+    /// still there), and a later delete removes it.
+    #[test]
+    fn a_failed_delete_keeps_the_key_counted() {
+        let pool = pool(8);
+        let storage = Arc::new(Gated::default());
+        let options = DynamicOptions::new("gated").with_capacity(Some(4 * PAGE as u64));
+        let adapter = DynamicAdapter::new(Box::new(Arc::clone(&storage)), options);
+        for i in 0..2 {
+            assert!(store_one(&adapter, &pool, i).is_stored());
+        }
+        *storage.deletes_fail.lock().unwrap() = true;
+        assert_eq!(adapter.delete(&[key(0, None)]), 0, "nothing was deleted");
+        assert_eq!(adapter.usage().used_bytes, 2 * PAGE as u64);
+        assert_eq!(adapter.usage().keys, 2);
+        assert!(storage.has(&key(0, None)));
+        assert_eq!(adapter.stored_size(&key(0, None)), Some(PAGE as u64));
+        *storage.deletes_fail.lock().unwrap() = false;
+        assert_eq!(adapter.delete(&[key(0, None)]), 1);
+        assert_eq!(adapter.usage().used_bytes, PAGE as u64);
     }
 
     fn pool(pages: u64) -> Arc<PagePool> {

@@ -86,6 +86,14 @@ impl Index {
         );
     }
 
+    /// Marks a key found at open as used here (stored or looked up again), so a store that
+    /// does not persist deletes it on close.
+    pub(crate) fn claim(&mut self, key: &ChunkKey) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.adopted = false;
+        }
+    }
+
     /// Inserts a key found in storage at open (least recently used of those inserted so far).
     pub(crate) fn insert_adopted(&mut self, key: ChunkKey, size: u64) {
         if self.entries.contains_key(&key) {

@@ -58,6 +58,8 @@ pub struct AdapterContext {
     /// store takes one writer per folder, so worker `N > 0` keeps its segments in
     /// `worker-N/` under it (see [`segment_folders`]).
     pub worker_id: u32,
+    /// The adapter's place among the tiers of its store, which labels its metrics.
+    pub(crate) tier: usize,
 }
 
 impl AdapterContext {
@@ -69,7 +71,14 @@ impl AdapterContext {
             read_only: false,
             evicting: false,
             worker_id: 0,
+            tier: 0,
         }
+    }
+
+    /// The same context for the tier at `index` of a store.
+    pub(crate) fn at_tier(mut self, index: usize) -> Self {
+        self.tier = index;
+        self
     }
 
     /// Chooses the engine.
@@ -293,7 +302,7 @@ pub fn build_storage(spec: &StorageSpec, context: &AdapterContext) -> Result<Arc
     };
     let tier_metrics = || {
         Arc::new(crate::telemetry::TierMetrics::new(
-            &crate::telemetry::Labels::of_spec(spec, context.worker_id),
+            &crate::telemetry::Labels::of_spec(spec, context.worker_id).at_tier(context.tier),
         ))
     };
     let adapter: Box<dyn L2Adapter> = match (spec.mode, spec.kind) {
@@ -725,9 +734,10 @@ impl AdapterFactory {
         let built = loaded
             .value
             .into_iter()
-            .map(|spec| {
+            .enumerate()
+            .map(|(tier, spec)| {
                 let adapter = match (&spec.storage, self.constructors.get(&spec.type_name)) {
-                    (Some(storage), _) => build_storage(storage, context)?,
+                    (Some(storage), _) => build_storage(storage, &context.clone().at_tier(tier))?,
                     (None, Some(constructor)) => constructor(&spec, context)?,
                     (None, None) => {
                         return Err(Error::Registry(format!(

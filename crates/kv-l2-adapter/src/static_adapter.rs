@@ -557,6 +557,11 @@ impl L2Adapter for StaticAdapter {
         };
         if let Some(metrics) = self.metrics.get() {
             metrics.evicted(&report);
+            metrics.usage(
+                &state
+                    .index
+                    .usage(self.storage.slots() as u64 * self.slot_bytes),
+            );
         }
         report
     }

@@ -22,6 +22,9 @@ pub(crate) struct Labels {
     pub(crate) backend: String,
     /// `segments`, `files`, `objects`, `pool`, or `custom`.
     pub(crate) layout: String,
+    /// The tier's place in its store (`0` for the first), so that two tiers alike keep
+    /// their own series.
+    pub(crate) tier: String,
 }
 
 impl Labels {
@@ -44,6 +47,7 @@ impl Labels {
             adapter: adapter.to_owned(),
             backend: spec.backend.plugin_name().to_owned(),
             layout: layout.to_owned(),
+            tier: "0".to_owned(),
         }
     }
 
@@ -53,7 +57,14 @@ impl Labels {
             adapter: status.adapter_type.clone(),
             backend: status.backend.clone(),
             layout: "custom".to_owned(),
+            tier: "0".to_owned(),
         }
+    }
+
+    /// The same labels for the tier at `index` of its store.
+    pub(crate) fn at_tier(mut self, index: usize) -> Self {
+        self.tier = index.to_string();
+        self
     }
 
     fn to_vec(&self) -> Vec<Label> {
@@ -61,6 +72,7 @@ impl Labels {
             Label::new("adapter", self.adapter.clone()),
             Label::new("backend", self.backend.clone()),
             Label::new("layout", self.layout.clone()),
+            Label::new("tier", self.tier.clone()),
         ]
     }
 }
@@ -192,6 +204,24 @@ impl TierMetrics {
         self.evicted_bytes.increment(report.freed_bytes);
     }
 
+    /// Counts how the background writes of queued keys ended: those that failed count again,
+    /// as `failed` with their reason (they were counted `queued` when accepted).
+    pub(crate) fn background_outcomes(&self, outcomes: &[KeyOutcome]) {
+        for outcome in outcomes {
+            if let KeyOutcome::Failed(error) = outcome {
+                self.failed(error);
+            }
+        }
+    }
+
+    fn failed(&self, error: &Error) {
+        self.failed_keys.increment(1);
+        let reason = refusal_reason(error);
+        if let Some((_, counter)) = self.refusals.iter().find(|(r, _)| *r == reason) {
+            counter.increment(1);
+        }
+    }
+
     fn store_report(&self, report: &StoreReport) {
         for outcome in &report.keys {
             match outcome {
@@ -204,22 +234,32 @@ impl TierMetrics {
                     self.stored_bytes.increment(*bytes);
                 }
                 KeyOutcome::AlreadyPresent => self.present_keys.increment(1),
-                KeyOutcome::Failed(error) => {
-                    self.failed_keys.increment(1);
-                    let reason = refusal_reason(error);
-                    if let Some((_, counter)) = self.refusals.iter().find(|(r, _)| *r == reason) {
-                        counter.increment(1);
-                    }
-                }
+                KeyOutcome::Failed(error) => self.failed(error),
             }
         }
     }
 
-    fn usage(&self, usage: &Usage) {
+    pub(crate) fn usage(&self, usage: &Usage) {
         self.used_bytes.set(usage.used_bytes as f64);
         self.capacity_bytes.set(usage.capacity_bytes as f64);
         self.stored_count.set(usage.keys as f64);
         self.pinned_keys.set(usage.pinned as f64);
+    }
+}
+
+/// One call counted in `kv_l2_inflight_batches` until dropped, a panic's unwinding included.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn start(gauge: &'a Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -266,11 +306,11 @@ impl Instrumented {
             outcome = tracing::field::Empty,
         );
         let _entered = span.enter();
-        self.metrics.inflight_batches.increment(1.0);
+        let in_flight = InFlight::start(&self.metrics.inflight_batches);
         let started = Instant::now();
         let result = run();
         let seconds = started.elapsed().as_secs_f64();
-        self.metrics.inflight_batches.decrement(1.0);
+        drop(in_flight);
         self.metrics.batch(operation).record(seconds);
         let outcome = finish(&result);
         span.record("outcome", outcome.as_str());
@@ -325,19 +365,23 @@ impl L2Adapter for Instrumented {
     }
 
     fn load(&self, keys: &[ChunkKey], pages: &mut [&mut Page]) -> Vec<bool> {
-        let lengths: Vec<u64> = pages.iter().map(|p| p.len() as u64).collect();
-        self.batch(
+        // Counted after the load: a store narrows each page it fills to the chunk's length.
+        let (hits, _) = self.batch(
             "load",
             keys.len(),
-            || self.inner.load(keys, pages),
-            |hits| {
-                let found = hits.iter().filter(|h| **h).count() as u64;
+            || {
+                let hits = self.inner.load(keys, pages);
                 let bytes: u64 = hits
                     .iter()
-                    .zip(&lengths)
+                    .zip(pages.iter())
                     .filter(|(hit, _)| **hit)
-                    .map(|(_, len)| len)
+                    .map(|(_, page)| page.len() as u64)
                     .sum();
+                (hits, bytes)
+            },
+            |(hits, bytes)| {
+                let bytes = *bytes;
+                let found = hits.iter().filter(|h| **h).count() as u64;
                 self.metrics.load_keys.increment(hits.len() as u64);
                 self.metrics.load_hits.increment(found);
                 self.metrics
@@ -346,7 +390,8 @@ impl L2Adapter for Instrumented {
                 self.metrics.loaded_bytes.increment(bytes);
                 format!("{found} hits, {bytes} bytes")
             },
-        )
+        );
+        hits
     }
 
     fn delete(&self, keys: &[ChunkKey]) -> usize {

@@ -89,6 +89,7 @@ impl Figures {
             ("adapter", "nixl_store_dynamic"),
             ("backend", "POSIX"),
             ("layout", "files"),
+            ("tier", "0"),
         ]
         .into_iter()
         .chain(extra.iter().copied())

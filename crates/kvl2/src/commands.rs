@@ -254,6 +254,13 @@ pub(crate) fn evict(store: &StoreArgs, ratio: f64) -> CliResult<()> {
         return Err(CliError::usage("--ratio must be in [0, 1]"));
     }
     let opened = store.open(1, Access::Write)?;
+    if !opened.persists {
+        // Its recovery below looks every stored chunk up, and a store that does not persist
+        // deletes what it looked up when it closes: the pass would empty the store.
+        return Err(CliError::usage(
+            "evict does not run on a store with persist_enabled: false (closing it would delete              every chunk the pass looks at)",
+        ));
+    }
     if opened.folder.is_some() || opened.lists_objects() {
         // A fresh process knows nothing yet: recover what is stored so LRU can see it.
         let chunks = opened.stored_chunks()?.unwrap_or_default();

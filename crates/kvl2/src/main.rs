@@ -77,7 +77,8 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
         /// Print the store's metrics once, as JSON (each with its name, type, labels and
-        /// value: the figures `bench --metrics` serves), instead of the summary.
+        /// value), instead of the summary: its gauges as the store opens (used, capacity,
+        /// stored and pinned keys); counters are this command's own, so zero.
         #[arg(long)]
         json: bool,
     },

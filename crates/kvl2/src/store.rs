@@ -51,6 +51,8 @@ pub(crate) struct Opened {
     segments: Option<Vec<PathBuf>>,
     /// The spec of a dynamic object store, for listing its bucket.
     objects: Option<kv_config::StorageSpec>,
+    /// Whether the store keeps its chunks when it closes (`persist_enabled`).
+    pub(crate) persists: bool,
     /// The running store (its eviction controller among it), kept for as long as the command runs.
     _store: Store,
 }
@@ -185,6 +187,7 @@ impl StoreArgs {
             folder,
             segments,
             objects,
+            persists: store.tiers()[0].spec().is_none_or(|spec| spec.persist),
             _store: store,
         })
     }

@@ -18,8 +18,11 @@ use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _, RetryCo
 
 use crate::error::{Error, Result};
 
-/// How long one control call (a delete, a listing, a header read) may take in all.
+/// How long one control call (a delete, an existence query) may take in all.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long listing a bucket and reading every object's header may take: a large bucket holds
+/// millions of objects (each request is still bounded by the client's own timeout).
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Requests in flight at once for existence queries and for the header reads of a listing.
 const HEADER_READS_IN_FLIGHT: usize = 32;
 
@@ -119,21 +122,33 @@ impl ObjectControl {
                 Error::Config("OBJ needs a bucket (bucket, or AWS_DEFAULT_BUCKET)".to_owned())
             })?;
         let scheme = param("scheme").unwrap_or("https");
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&bucket)
-            .with_region(param("region").unwrap_or("us-east-1"))
-            .with_virtual_hosted_style_request(param("use_virtual_addressing") == Some("true"))
-            .with_client_options(client_options(scheme == "http", param("ca_bundle"))?)
-            .with_retry(retry());
-        if let Some(endpoint) = param("endpoint_override")
+        let endpoint = param("endpoint_override")
             .map(str::to_owned)
             .or_else(|| env("AWS_ENDPOINT_OVERRIDE"))
-        {
-            let endpoint = if endpoint.contains("://") {
-                endpoint
-            } else {
-                format!("{scheme}://{endpoint}")
-            };
+            .map(|endpoint| {
+                if endpoint.contains("://") {
+                    endpoint
+                } else {
+                    format!("{scheme}://{endpoint}")
+                }
+            });
+        let allow_http = scheme == "http"
+            || endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"));
+        // The plugin's SDK takes the region from its default chain when none is given.
+        let region = param("region")
+            .map(str::to_owned)
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".to_owned());
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .with_region(region)
+            .with_virtual_hosted_style_request(param("use_virtual_addressing") == Some("true"))
+            .with_client_options(client_options(allow_http, param("ca_bundle"))?)
+            .with_retry(retry());
+        if let Some(endpoint) = endpoint {
             builder = builder.with_endpoint(endpoint);
         }
         if let Some(access_key) = param("access_key") {
@@ -195,8 +210,9 @@ impl ObjectControl {
                 builder = builder.with_endpoint((*endpoint).to_owned());
             }
         } else if let Some(url) = param("account_url") {
+            // `https://ACCOUNT.blob.core.windows.net`: the account comes from the host.
             allow_http = url.starts_with("http://");
-            builder = builder.with_endpoint(url);
+            builder = builder.with_url(url);
         }
         let builder =
             builder.with_client_options(client_options(allow_http, ca_bundle.as_deref())?);
@@ -227,12 +243,13 @@ impl ObjectControl {
         &self.target
     }
 
-    /// Runs `work` on the control runtime and waits for it, at most [`CONTROL_TIMEOUT`]. Safe
+    /// Runs `work` on the control runtime and waits for it, at most `bound`. Safe
     /// from any thread, an asynchronous caller's included (it waits on a channel, not on a
     /// runtime of its own).
     fn run<T: Send + 'static>(
         &self,
         what: &str,
+        bound: Duration,
         work: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
         let Some(runtime) = &self.runtime else {
@@ -242,14 +259,14 @@ impl ObjectControl {
         let task = runtime.spawn(async move {
             let _ = done.send(work.await);
         });
-        match result.recv_timeout(CONTROL_TIMEOUT) {
+        match result.recv_timeout(bound) {
             Ok(result) => result,
             Err(_) => {
                 task.abort();
                 Err(Error::ControlTimeout {
                     target: self.target.clone(),
                     what: what.to_owned(),
-                    after: CONTROL_TIMEOUT,
+                    after: bound,
                 })
             }
         }
@@ -264,7 +281,7 @@ impl ObjectControl {
         let store = Arc::clone(&self.store);
         let target = self.target.clone();
         let paths: Vec<Path> = ids.iter().map(|id| Path::from(id.to_string())).collect();
-        self.run("delete", async move {
+        self.run("delete", CONTROL_TIMEOUT, async move {
             let locations = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
             let mut deleted = store.delete_stream(locations);
             while let Some(outcome) = deleted.next().await {
@@ -288,7 +305,7 @@ impl ObjectControl {
         let store = Arc::clone(&self.store);
         let target = self.target.clone();
         let paths: Vec<Path> = ids.iter().map(|id| Path::from(id.to_string())).collect();
-        self.run("exists", async move {
+        self.run("exists", CONTROL_TIMEOUT, async move {
             let answers = futures::stream::iter(paths.into_iter().map(|path| {
                 let store = Arc::clone(&store);
                 async move { store.head(&path).await }
@@ -316,9 +333,10 @@ impl ObjectControl {
     pub fn list(&self) -> Result<Vec<ListedObject>> {
         let store = Arc::clone(&self.store);
         let target = self.target.clone();
-        self.run("list", async move {
+        self.run("list", LIST_TIMEOUT, async move {
             let mut metas = store.list(None);
             let mut found = Vec::new();
+            let mut foreign = 0usize;
             while let Some(meta) = metas.next().await {
                 let meta = meta.map_err(|source| Error::Control {
                     target: target.clone(),
@@ -326,12 +344,24 @@ impl ObjectControl {
                 })?;
                 match meta.location.as_ref().parse::<u64>() {
                     Ok(id) if id.to_string() == meta.location.as_ref() => found.push((id, meta)),
-                    _ => tracing::warn!(
-                        object = %meta.location,
-                        target = %target,
-                        "not a chunk object (not named by an id); skipped"
-                    ),
+                    _ => {
+                        if foreign == 0 {
+                            tracing::warn!(
+                                object = %meta.location,
+                                target = %target,
+                                "not a chunk object (not named by an id); skipped, as are any \
+                                 others (counted once the listing ends)"
+                            );
+                        }
+                        foreign += 1;
+                    }
                 }
+                if found.len() % 100_000 == 0 && !found.is_empty() {
+                    tracing::info!(objects = found.len(), target = %target, "listing the bucket");
+                }
+            }
+            if foreign > 0 {
+                tracing::warn!(objects = foreign, target = %target, "objects not named by an id skipped");
             }
             let heads = futures::stream::iter(found.into_iter().map(|(id, meta)| {
                 let store = Arc::clone(&store);
@@ -351,6 +381,7 @@ impl ObjectControl {
             .collect::<Vec<_>>()
             .await;
             let mut chunks = Vec::with_capacity(heads.len());
+            let mut unreadable = 0usize;
             for (id, meta, head) in heads {
                 let head = match head {
                     Ok(head) => head,
@@ -381,13 +412,22 @@ impl ObjectControl {
                         object_bytes: meta.size,
                         written: meta.last_modified.into(),
                     }),
-                    None => tracing::warn!(
-                        object = id,
-                        target = %target,
-                        bytes = meta.size,
-                        "object without a chunk header for its name; skipped"
-                    ),
+                    None => {
+                        if unreadable == 0 {
+                            tracing::warn!(
+                                object = id,
+                                target = %target,
+                                bytes = meta.size,
+                                "object without a chunk header for its name; skipped, as are \
+                                 any others (counted once the listing ends)"
+                            );
+                        }
+                        unreadable += 1;
+                    }
                 }
+            }
+            if unreadable > 0 {
+                tracing::warn!(objects = unreadable, target = %target, "objects without a chunk header skipped");
             }
             chunks.sort_by_key(|chunk| (chunk.written, chunk.id));
             Ok(chunks)

@@ -13,7 +13,7 @@
 //! Objects are written whole (the plugins refuse writes at an offset), so a store copies header
 //! and payload into one staging buffer; reads are ranged and land in the caller's page directly.
 //! NIXL's plugins can neither delete nor list objects. With feature `control`, an
-//! [`ObjectControl`] (the `object_store` crate's S3 and Azure clients, built from the plugin's
+//! `ObjectControl` (the `object_store` crate's S3 and Azure clients, built from the plugin's
 //! own parameters) does both, so eviction frees space in the bucket and a store's usage can be
 //! read back from what the bucket holds; without it, [`ObjectStore::delete`] removes nothing.
 #![forbid(unsafe_code)]
@@ -26,7 +26,7 @@ mod pool;
 mod store;
 
 #[cfg(feature = "control")]
-pub use control::{CONTROL_TIMEOUT, ListedObject, ObjectControl};
+pub use control::{CONTROL_TIMEOUT, LIST_TIMEOUT, ListedObject, ObjectControl};
 pub use error::{Error, Result};
 pub use naming::{doca_memos_name, object_id, static_doca_memos_name};
 pub use pool::StaticObjectPool;

@@ -1,6 +1,6 @@
 //! Dynamic mode: one object per key, registered per operation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,7 +28,8 @@ const DELETE_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 struct InUse {
     readers: HashMap<u64, usize>,
-    deleting: HashSet<u64>,
+    /// Deletes in progress per object.
+    deleting: HashMap<u64, usize>,
 }
 
 /// Reads of some objects in progress: ended when dropped.
@@ -155,7 +156,7 @@ impl ObjectStore {
         let mut ids = Vec::with_capacity(keys.len());
         for key in keys {
             let id = object_id(key);
-            let free = !in_use.deleting.contains(&id);
+            let free = !in_use.deleting.contains_key(&id);
             if free {
                 *in_use.readers.entry(id).or_insert(0) += 1;
                 ids.push(id);
@@ -294,7 +295,15 @@ impl ObjectStore {
         #[cfg(feature = "control")]
         if let Some(control) = &self.control {
             let ids: Vec<u64> = keys.iter().map(|k| object_id(k)).collect();
-            return control.exists(&ids);
+            match control.exists(&ids) {
+                Ok(found) => return Ok(found),
+                // NIXL's own query, which the plugin answers with its own configuration.
+                Err(err) => tracing::warn!(
+                    target = control.target(),
+                    error = %err,
+                    "existence query through the object client failed; asking NIXL"
+                ),
+            }
         }
         let names: Vec<StorageName<'_>> = keys
             .iter()
@@ -423,7 +432,14 @@ impl ObjectStore {
             let id = object_id(key);
             self.begin_delete(id);
             let deleted = control.delete(&[id]);
-            self.in_use().deleting.remove(&id);
+            let mut in_use = self.in_use();
+            if let Some(count) = in_use.deleting.get_mut(&id) {
+                *count -= 1;
+                if *count == 0 {
+                    in_use.deleting.remove(&id);
+                }
+            }
+            drop(in_use);
             self.settled.notify_all();
             deleted?;
             return Ok(true);
@@ -435,13 +451,15 @@ impl ObjectStore {
         Ok(false)
     }
 
-    /// Marks `id` being deleted once this store's reads of it have ended (or after
-    /// [`DELETE_WAIT`], with a warning: a read that long is stuck, and may then fail).
+    /// Marks `id` being deleted (new reads of it are refused) and waits until this store's
+    /// reads of it have ended, or for [`DELETE_WAIT`] with a warning: a read that long is
+    /// stuck, and may then fail.
     #[cfg(feature = "control")]
     fn begin_delete(&self, id: u64) {
         let deadline = std::time::Instant::now() + DELETE_WAIT;
         let mut in_use = self.in_use();
-        while in_use.readers.contains_key(&id) || in_use.deleting.contains(&id) {
+        *in_use.deleting.entry(id).or_insert(0) += 1;
+        while in_use.readers.contains_key(&id) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 tracing::warn!(object = id, "deleting an object still being read");
@@ -453,7 +471,6 @@ impl ObjectStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        in_use.deleting.insert(id);
     }
 
     /// The chunk objects in the bucket, oldest first, read from their headers; `None` where
