@@ -7,11 +7,11 @@
 //! before it proves anything itself; a captured handshake replayed on a new connection fails,
 //! because the receiver's nonce is new.
 //!
-//! Every later frame carries an HMAC under a key bound to this connection and direction
-//! (`HMAC(secret, "kv-channel" || sender nonce || receiver nonce || writer's side)`), over a
-//! per-direction sequence number, the tag, the length and the body: a frame from another
-//! connection, replayed, reordered, cut or altered fails. Frames are authenticated, not
-//! encrypted. Every MAC is checked with `hmac`'s constant-time comparison.
+//! Every later frame is sealed with ChaCha20-Poly1305 under a key bound to this connection and
+//! direction (`HMAC(secret, "kv-channel" || sender nonce || receiver nonce || writer's side)`),
+//! its nonce the per-direction sequence number and its tag the associated data: the body (agent
+//! metadata, page addresses) is hidden from a listener, and a frame from another connection,
+//! replayed, reordered, cut or altered fails. Every proof and tag is checked in constant time.
 //!
 //! Without a configured secret the key is empty: the same protocol runs, which binds frames
 //! to the connection but proves nothing about the peer (the channel then listens on loopback
@@ -21,6 +21,8 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Instant;
 
+use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -127,8 +129,8 @@ impl Write for Deadline<'_> {
 
 /// The authenticated state of one side-channel connection.
 pub(super) struct Session {
-    outgoing: HmacSha256,
-    incoming: HmacSha256,
+    outgoing: ChaCha20Poly1305,
+    incoming: ChaCha20Poly1305,
     sent: u64,
     received: u64,
 }
@@ -144,7 +146,8 @@ impl std::fmt::Debug for Session {
 
 fn keyed(key: &[u8]) -> HmacSha256 {
     // HMAC takes keys of any length, so the fallback (an all-zero key) is never taken.
-    HmacSha256::new_from_slice(key).unwrap_or_else(|_| HmacSha256::new(&Default::default()))
+    <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| <HmacSha256 as Mac>::new(&Default::default()))
 }
 
 fn proof(secret: &[u8], label: &[u8], sender_nonce: &[u8], receiver_nonce: &[u8]) -> HmacSha256 {
@@ -193,7 +196,7 @@ impl Session {
             mac.update(sender_nonce);
             mac.update(receiver_nonce);
             mac.update(side);
-            keyed(&mac.finalize().into_bytes())
+            ChaCha20Poly1305::new(&mac.finalize().into_bytes())
         };
         let (mine, theirs) = if sender {
             (SENDER_SIDE, RECEIVER_SIDE)
@@ -254,41 +257,49 @@ impl Session {
         Ok(Self::new(secret, sender_nonce, &receiver_nonce, false))
     }
 
-    fn frame_mac(key: &HmacSha256, sequence: u64, tag: u8, body: &[u8]) -> HmacSha256 {
-        let mut mac = key.clone();
-        mac.update(&sequence.to_le_bytes());
-        mac.update(&[tag]);
-        mac.update(&(body.len() as u64).to_le_bytes());
-        mac.update(body);
-        mac
+    /// The AEAD nonce of frame `sequence` of one direction: each key seals each number once.
+    fn frame_nonce(sequence: u64) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&sequence.to_le_bytes());
+        nonce.into()
     }
 
-    /// Sends one authenticated frame.
+    /// Sends one sealed frame.
     pub(super) fn send(
         &mut self,
         stream: &mut impl Write,
         tag: u8,
         body: &[u8],
     ) -> Result<(), WireError> {
-        let mac = Self::frame_mac(&self.outgoing, self.sent, tag, body).finalize();
-        let mut frame = encode_frame(tag, body);
-        frame.extend_from_slice(&mac.into_bytes());
+        let sealed = self
+            .outgoing
+            .encrypt(
+                &Self::frame_nonce(self.sent),
+                Payload {
+                    msg: body,
+                    aad: &[tag],
+                },
+            )
+            .map_err(|_| WireError::Malformed("a frame too large to seal".to_owned()))?;
         stream
-            .write_all(&frame)
+            .write_all(&encode_frame(tag, &sealed))
             .map_err(WireError::io("writing a frame"))?;
         self.sent += 1;
         Ok(())
     }
 
-    /// Reads one authenticated frame (at most `MAX_FRAME_BYTES` of body).
+    /// Reads one sealed frame (at most `MAX_FRAME_BYTES`, its tag included).
     pub(super) fn receive(&mut self, stream: &mut impl Read) -> Result<(u8, Vec<u8>), WireError> {
-        let (tag, body) = read_frame(stream).map_err(WireError::io("reading a frame"))?;
-        let mut mac = [0u8; MAC_BYTES];
-        stream
-            .read_exact(&mut mac)
-            .map_err(WireError::io("reading a frame's MAC"))?;
-        Self::frame_mac(&self.incoming, self.received, tag, &body)
-            .verify_slice(&mac)
+        let (tag, sealed) = read_frame(stream).map_err(WireError::io("reading a frame"))?;
+        let body = self
+            .incoming
+            .decrypt(
+                &Self::frame_nonce(self.received),
+                Payload {
+                    msg: &sealed,
+                    aad: &[tag],
+                },
+            )
             .map_err(|_| WireError::BadMac {
                 sequence: self.received,
             })?;
@@ -490,6 +501,21 @@ mod tests {
             matches!(err, WireError::BadMac { sequence: 0 }),
             "reordered: {err:?}"
         );
+    }
+
+    /// What a frame carries (agent metadata, page addresses) is hidden from a listener: the
+    /// body is nowhere in the bytes on the wire, and the peer reads it back.
+    #[test]
+    fn a_frame_body_is_sealed_on_the_wire() {
+        let (mut sender, mut receiver) = sessions();
+        let body = b"agent metadata and page addresses 0x7f00deadbeef";
+        let mut wire = Vec::new();
+        sender.send(&mut wire, 2, body).unwrap();
+        assert!(
+            !wire.windows(8).any(|w| body.windows(8).any(|b| b == w)),
+            "the body travels in clear"
+        );
+        assert_eq!(receiver.receive(&mut wire.as_slice()).unwrap().1, body);
     }
 
     /// A frame of one connection fails on another, even between the same two secrets.
