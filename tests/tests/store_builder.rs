@@ -349,6 +349,34 @@ fn pd_yaml(role: &str, channel: &str, port: u16, extra: &str) -> String {
     )
 }
 
+/// `pd_secret` from the LMCache YAML reaches the channel `open_channel` opens: a receiver on
+/// every address (`pd_peer_host: 0.0.0.0`) opens with it, and is refused by name without it.
+#[test]
+fn pd_secret_from_the_yaml_lets_a_receiver_listen_beyond_loopback() {
+    if !in_a_child_without_ib("pd_secret_from_the_yaml_lets_a_receiver_listen_beyond_loopback") {
+        return;
+    }
+    let spec = |extra: &str| {
+        let yaml = pd_yaml("receiver", "nixl", free_port(), extra)
+            .replace("pd_peer_host: 127.0.0.1", "pd_peer_host: 0.0.0.0");
+        lmcache(&yaml)
+            .channel_spec()
+            .unwrap_or_else(|err| panic!("{err}"))
+            .value
+    };
+    let refused = kv_l2_adapter::open_channel(&spec(""), 64 << 10, &Deployment::new())
+        .err()
+        .expect("a receiver on 0.0.0.0 without a secret is refused")
+        .to_string();
+    assert!(refused.contains("pd_secret"), "{refused}");
+    let opened = kv_l2_adapter::open_channel(
+        &spec("pd_secret: a-channel-secret-from-the-yaml\n"),
+        64 << 10,
+        &Deployment::new(),
+    );
+    assert!(opened.is_ok(), "with pd_secret: {:?}", opened.err());
+}
+
 /// PD from the LMCache keys: a sender and a receiver opened from their configurations move a
 /// batch over NIXL (UCX on loopback) into the receiver's pool of `pd_buffer_size` bytes.
 #[test]
