@@ -364,10 +364,10 @@ fn pd_secret_from_the_yaml_lets_a_receiver_listen_beyond_loopback() {
             .unwrap_or_else(|err| panic!("{err}"))
             .value
     };
-    let refused = kv_l2_adapter::open_channel(&spec(""), 64 << 10, &Deployment::new())
-        .err()
-        .expect("a receiver on 0.0.0.0 without a secret is refused")
-        .to_string();
+    let Err(refused) = kv_l2_adapter::open_channel(&spec(""), 64 << 10, &Deployment::new()) else {
+        panic!("a receiver on 0.0.0.0 without a secret must be refused");
+    };
+    let refused = refused.to_string();
     assert!(refused.contains("pd_secret"), "{refused}");
     let opened = kv_l2_adapter::open_channel(
         &spec("pd_secret: a-channel-secret-from-the-yaml\n"),
