@@ -453,16 +453,11 @@ pub fn list_objects(spec: &StorageSpec) -> Result<Vec<ListedObject>> {
     #[cfg(feature = "nixl")]
     {
         let control = object_control(spec)?;
-        Ok(control
-            .list()?
-            .into_iter()
-            .filter_map(|object| {
-                let key = nixl_file::FileKey::from_canonical(&object.key).ok()?;
-                Some(ListedObject {
-                    key: ChunkKey::from_file_key(key),
-                    payload_len: object.payload_len,
-                    place: format!("{}/{}", control.target(), object.id),
-                })
+        Ok(crate::storage::chunks_listed(control.list()?)
+            .map(|(key, object)| ListedObject {
+                key,
+                payload_len: object.payload_len,
+                place: format!("{}/{}", control.target(), object.id),
             })
             .collect())
     }

@@ -142,22 +142,31 @@ pub struct Objects {
     pub chunk_bytes: u64,
 }
 
+/// The chunk keys of a bucket's listing, in its order, each with its object; an object whose
+/// header key is not a chunk key is skipped with a warning.
+#[cfg(feature = "nixl")]
+pub(crate) fn chunks_listed(
+    listed: Vec<nixl_obj::ListedObject>,
+) -> impl Iterator<Item = (ChunkKey, nixl_obj::ListedObject)> {
+    listed
+        .into_iter()
+        .filter_map(|object| match FileKey::from_canonical(&object.key) {
+            Ok(key) => Some((ChunkKey::from_file_key(key), object)),
+            Err(err) => {
+                tracing::warn!(object = object.id, error = %err, "object of a foreign key; skipped");
+                None
+            }
+        })
+}
+
 impl Objects {
     /// The chunks the bucket holds, oldest first, as `(key, payload bytes)`; empty where the
-    /// store has no client that lists. Objects whose header key is not a chunk key are
-    /// skipped with a warning.
+    /// store has no client that lists.
     pub(crate) fn stored_oldest_first(&self) -> Result<Vec<(ChunkKey, u64)>> {
         #[cfg(feature = "nixl")]
         if let Some(listed) = self.store.list()? {
-            return Ok(listed
-                .into_iter()
-                .filter_map(|object| match FileKey::from_canonical(&object.key) {
-                    Ok(key) => Some((ChunkKey::from_file_key(key), object.payload_len)),
-                    Err(err) => {
-                        tracing::warn!(object = object.id, error = %err, "object of a foreign key; skipped");
-                        None
-                    }
-                })
+            return Ok(chunks_listed(listed)
+                .map(|(key, object)| (key, object.payload_len))
                 .collect());
         }
         Ok(Vec::new())

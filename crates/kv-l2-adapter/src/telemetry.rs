@@ -110,6 +110,25 @@ const REFUSAL_REASONS: [&str; 10] = [
 
 const OPERATIONS: [&str; 5] = ["store", "lookup", "load", "delete", "evict"];
 
+/// Keys asked for, found and not found, by lookups or by loads.
+#[derive(Debug)]
+struct HitCounters {
+    keys: Counter,
+    hits: Counter,
+    misses: Counter,
+}
+
+impl HitCounters {
+    /// Counts one call's answers; how many were hits.
+    fn count(&self, answers: &[bool]) -> u64 {
+        let found = answers.iter().filter(|hit| **hit).count() as u64;
+        self.keys.increment(answers.len() as u64);
+        self.hits.increment(found);
+        self.misses.increment(answers.len() as u64 - found);
+        found
+    }
+}
+
 /// The handles of one tier's metrics.
 #[derive(Debug)]
 pub(crate) struct TierMetrics {
@@ -119,12 +138,8 @@ pub(crate) struct TierMetrics {
     failed_keys: Counter,
     stored_bytes: Counter,
     refusals: Vec<(&'static str, Counter)>,
-    lookup_keys: Counter,
-    lookup_hits: Counter,
-    lookup_misses: Counter,
-    load_keys: Counter,
-    load_hits: Counter,
-    load_misses: Counter,
+    lookups: HitCounters,
+    loads: HitCounters,
     loaded_bytes: Counter,
     deleted_keys: Counter,
     evicted_keys: Counter,
@@ -162,12 +177,16 @@ impl TierMetrics {
                     )
                 })
                 .collect(),
-            lookup_keys: metrics::counter!("kv_l2_lookup_keys_total", base.clone()),
-            lookup_hits: metrics::counter!("kv_l2_lookup_hits_total", base.clone()),
-            lookup_misses: metrics::counter!("kv_l2_lookup_misses_total", base.clone()),
-            load_keys: metrics::counter!("kv_l2_load_keys_total", base.clone()),
-            load_hits: metrics::counter!("kv_l2_load_hits_total", base.clone()),
-            load_misses: metrics::counter!("kv_l2_load_misses_total", base.clone()),
+            lookups: HitCounters {
+                keys: metrics::counter!("kv_l2_lookup_keys_total", base.clone()),
+                hits: metrics::counter!("kv_l2_lookup_hits_total", base.clone()),
+                misses: metrics::counter!("kv_l2_lookup_misses_total", base.clone()),
+            },
+            loads: HitCounters {
+                keys: metrics::counter!("kv_l2_load_keys_total", base.clone()),
+                hits: metrics::counter!("kv_l2_load_hits_total", base.clone()),
+                misses: metrics::counter!("kv_l2_load_misses_total", base.clone()),
+            },
             loaded_bytes: metrics::counter!("kv_l2_load_bytes_total", base.clone()),
             deleted_keys: metrics::counter!("kv_l2_deleted_keys_total", base.clone()),
             evicted_keys: metrics::counter!("kv_l2_evicted_keys_total", base.clone()),
@@ -345,15 +364,7 @@ impl L2Adapter for Instrumented {
             "lookup",
             keys.len(),
             || self.inner.lookup_and_pin(keys),
-            |hits| {
-                let found = hits.iter().filter(|h| **h).count() as u64;
-                self.metrics.lookup_keys.increment(hits.len() as u64);
-                self.metrics.lookup_hits.increment(found);
-                self.metrics
-                    .lookup_misses
-                    .increment(hits.len() as u64 - found);
-                format!("{found} hits")
-            },
+            |hits| format!("{} hits", self.metrics.lookups.count(hits)),
         );
         self.after_change();
         hits
@@ -380,14 +391,8 @@ impl L2Adapter for Instrumented {
                 (hits, bytes)
             },
             |(hits, bytes)| {
-                let bytes = *bytes;
-                let found = hits.iter().filter(|h| **h).count() as u64;
-                self.metrics.load_keys.increment(hits.len() as u64);
-                self.metrics.load_hits.increment(found);
-                self.metrics
-                    .load_misses
-                    .increment(hits.len() as u64 - found);
-                self.metrics.loaded_bytes.increment(bytes);
+                let found = self.metrics.loads.count(hits);
+                self.metrics.loaded_bytes.increment(*bytes);
                 format!("{found} hits, {bytes} bytes")
             },
         );

@@ -196,28 +196,14 @@ pub trait TransportExt: Transport {
             .iter()
             .map(|(page, extent)| (view_of(page, view), *extent))
             .collect();
-        let bytes: usize = buffers.iter().map(|(b, _)| b.len()).sum();
-        let _span = tracing::debug_span!(
-            "kv_l2.transfer",
-            direction = "write",
-            pages = batch.len(),
-            bytes
-        )
-        .entered();
-        let started = std::time::Instant::now();
-        // SAFETY: on an abandoning error every page of the batch is abandoned below: no view of
-        // its memory is handed out again and it never returns to its pool, which stays mapped.
-        // For good, not for a grace period: the caller may still hold slices borrowed from these
-        // shared pages, which a later owner of the memory would alias.
-        let outcome = unsafe { self.write(&buffers) };
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            ok = outcome.is_ok(),
-            "transfer done"
-        );
-        if outcome.is_err() {
-            count_failed_transfer(Direction::Write);
-        }
+        let bytes = buffers.iter().map(|(b, _)| b.len()).sum();
+        let outcome = traced(Direction::Write, buffers.len(), bytes, || {
+            // SAFETY: on an abandoning error every page of the batch is abandoned below: no
+            // view of its memory is handed out again and it never returns to its pool, which
+            // stays mapped. For good, not for a grace period: the caller may still hold slices
+            // borrowed from these shared pages, which a later owner of the memory would alias.
+            unsafe { self.write(&buffers) }
+        });
         if outcome.as_ref().is_err_and(crate::Error::memory_abandoned) {
             batch.iter().for_each(|(page, _)| page.abandon());
         }
@@ -239,26 +225,15 @@ pub trait TransportExt: Transport {
                 (buffer, *extent)
             })
             .collect();
-        let bytes: usize = buffers.iter().map(|(b, _)| b.len()).sum();
-        let _span = tracing::debug_span!(
-            "kv_l2.transfer",
-            direction = "read",
-            pages = buffers.len(),
-            bytes
-        )
-        .entered();
-        let started = std::time::Instant::now();
-        // SAFETY: as in `write_pages`; the buffers' borrows end before the pages are handed
-        // over, and a handed-over page never shows its memory again.
-        let outcome = unsafe { self.read(&mut buffers) };
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            ok = outcome.is_ok(),
-            "transfer done"
-        );
+        let bytes = buffers.iter().map(|(b, _)| b.len()).sum();
+        let pages = buffers.len();
+        let outcome = traced(Direction::Read, pages, bytes, || {
+            // SAFETY: as in `write_pages`; the buffers' borrows end before the pages are handed
+            // over, and a handed-over page never shows its memory again.
+            unsafe { self.read(&mut buffers) }
+        });
         drop(buffers);
         if let Err(err) = &outcome {
-            count_failed_transfer(Direction::Read);
             if err.memory_abandoned() {
                 let held = batch
                     .iter()
@@ -271,14 +246,47 @@ pub trait TransportExt: Transport {
     }
 }
 
+/// Runs one transfer of `pages` pages and `bytes` bytes under its `kv_l2.transfer` span, says
+/// how long it took, and counts it in `kv_l2_failed_transfers_total` if it failed.
+fn traced(
+    direction: Direction,
+    pages: usize,
+    bytes: usize,
+    transfer: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let _span = tracing::debug_span!(
+        "kv_l2.transfer",
+        direction = direction_label(direction),
+        pages,
+        bytes
+    )
+    .entered();
+    let started = std::time::Instant::now();
+    let outcome = transfer();
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        ok = outcome.is_ok(),
+        "transfer done"
+    );
+    if outcome.is_err() {
+        count_failed_transfer(direction);
+    }
+    outcome
+}
+
 /// Counts one failed batch in `kv_l2_failed_transfers_total{direction}`: the transfer helpers
 /// here do it themselves; callers that wait on [`Transport::submit`] call it on a failure.
 pub fn count_failed_transfer(direction: Direction) {
-    let direction = match direction {
+    metrics::counter!("kv_l2_failed_transfers_total", "direction" => direction_label(direction))
+        .increment(1);
+}
+
+/// `read` or `write`, as spans and metrics name a direction.
+fn direction_label(direction: Direction) -> &'static str {
+    match direction {
         Direction::Read => "read",
         Direction::Write => "write",
-    };
-    metrics::counter!("kv_l2_failed_transfers_total", "direction" => direction).increment(1);
+    }
 }
 
 fn view_of(page: &Page, view: PageView) -> &[u8] {

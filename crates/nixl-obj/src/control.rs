@@ -36,8 +36,6 @@ pub struct ListedObject {
     pub key: Vec<u8>,
     /// Payload bytes its header announces.
     pub payload_len: u64,
-    /// Bytes of the whole object (header and payload), as the store reports them.
-    pub object_bytes: u64,
     /// When the store last wrote it.
     pub written: SystemTime,
 }
@@ -83,6 +81,11 @@ fn client_options(allow_http: bool, ca_bundle: Option<&str>) -> Result<ClientOpt
         }
     }
     Ok(options)
+}
+
+/// The object names of `ids` (their decimal form, as NIXL names them).
+fn paths(ids: &[u64]) -> Vec<Path> {
+    ids.iter().map(|id| Path::from(id.to_string())).collect()
 }
 
 fn retry() -> RetryConfig {
@@ -280,7 +283,7 @@ impl ObjectControl {
         }
         let store = Arc::clone(&self.store);
         let target = self.target.clone();
-        let paths: Vec<Path> = ids.iter().map(|id| Path::from(id.to_string())).collect();
+        let paths = paths(ids);
         self.run("delete", CONTROL_TIMEOUT, async move {
             let locations = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
             let mut deleted = store.delete_stream(locations);
@@ -304,7 +307,7 @@ impl ObjectControl {
     pub fn exists(&self, ids: &[u64]) -> Result<Vec<bool>> {
         let store = Arc::clone(&self.store);
         let target = self.target.clone();
-        let paths: Vec<Path> = ids.iter().map(|id| Path::from(id.to_string())).collect();
+        let paths = paths(ids);
         self.run("exists", CONTROL_TIMEOUT, async move {
             let answers = futures::stream::iter(paths.into_iter().map(|path| {
                 let store = Arc::clone(&store);
@@ -343,7 +346,12 @@ impl ObjectControl {
                     source: Box::new(source),
                 })?;
                 match meta.location.as_ref().parse::<u64>() {
-                    Ok(id) if id.to_string() == meta.location.as_ref() => found.push((id, meta)),
+                    Ok(id) if id.to_string() == meta.location.as_ref() => {
+                        found.push((id, meta));
+                        if found.len() % 100_000 == 0 {
+                            tracing::info!(objects = found.len(), target = %target, "listing the bucket");
+                        }
+                    }
                     _ => {
                         if foreign == 0 {
                             tracing::warn!(
@@ -355,9 +363,6 @@ impl ObjectControl {
                         }
                         foreign += 1;
                     }
-                }
-                if found.len() % 100_000 == 0 && !found.is_empty() {
-                    tracing::info!(objects = found.len(), target = %target, "listing the bucket");
                 }
             }
             if foreign > 0 {
@@ -409,7 +414,6 @@ impl ObjectControl {
                         id,
                         key: key.to_vec(),
                         payload_len,
-                        object_bytes: meta.size,
                         written: meta.last_modified.into(),
                     }),
                     None => {

@@ -32,6 +32,18 @@ struct InUse {
     deleting: HashMap<u64, usize>,
 }
 
+/// Takes one use of each of `ids` off `uses`, forgetting the objects no longer in use.
+fn release(uses: &mut HashMap<u64, usize>, ids: &[u64]) {
+    for id in ids {
+        if let Some(count) = uses.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                uses.remove(id);
+            }
+        }
+    }
+}
+
 /// Reads of some objects in progress: ended when dropped.
 struct Reading<'a> {
     store: &'a ObjectStore,
@@ -40,16 +52,22 @@ struct Reading<'a> {
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        let mut in_use = self.store.in_use();
-        for id in &self.ids {
-            if let Some(count) = in_use.readers.get_mut(id) {
-                *count -= 1;
-                if *count == 0 {
-                    in_use.readers.remove(id);
-                }
-            }
-        }
-        drop(in_use);
+        release(&mut self.store.in_use().readers, &self.ids);
+        self.store.settled.notify_all();
+    }
+}
+
+/// A delete of one object in progress: ended when dropped.
+#[cfg(feature = "control")]
+struct Deleting<'a> {
+    store: &'a ObjectStore,
+    id: u64,
+}
+
+#[cfg(feature = "control")]
+impl Drop for Deleting<'_> {
+    fn drop(&mut self) {
+        release(&mut self.store.in_use().deleting, &[self.id]);
         self.store.settled.notify_all();
     }
 }
@@ -430,18 +448,8 @@ impl ObjectStore {
         #[cfg(feature = "control")]
         if let Some(control) = &self.control {
             let id = object_id(key);
-            self.begin_delete(id);
-            let deleted = control.delete(&[id]);
-            let mut in_use = self.in_use();
-            if let Some(count) = in_use.deleting.get_mut(&id) {
-                *count -= 1;
-                if *count == 0 {
-                    in_use.deleting.remove(&id);
-                }
-            }
-            drop(in_use);
-            self.settled.notify_all();
-            deleted?;
+            let _deleting = self.begin_delete(id);
+            control.delete(&[id])?;
             return Ok(true);
         }
         tracing::debug!(
@@ -451,11 +459,11 @@ impl ObjectStore {
         Ok(false)
     }
 
-    /// Marks `id` being deleted (new reads of it are refused) and waits until this store's
-    /// reads of it have ended, or for [`DELETE_WAIT`] with a warning: a read that long is
-    /// stuck, and may then fail.
+    /// Marks `id` being deleted (new reads of it are refused) until the guard returned is
+    /// dropped, and waits until this store's reads of it have ended, or for [`DELETE_WAIT`]
+    /// with a warning: a read that long is stuck, and may then fail.
     #[cfg(feature = "control")]
-    fn begin_delete(&self, id: u64) {
+    fn begin_delete(&self, id: u64) -> Deleting<'_> {
         let deadline = std::time::Instant::now() + DELETE_WAIT;
         let mut in_use = self.in_use();
         *in_use.deleting.entry(id).or_insert(0) += 1;
@@ -471,6 +479,7 @@ impl ObjectStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        Deleting { store: self, id }
     }
 
     /// The chunk objects in the bucket, oldest first, read from their headers; `None` where
